@@ -1,0 +1,187 @@
+"""Dataclass configs for every option, loaded from YAML with dotted overrides.
+
+Each dataclass validates itself in ``validate()``; errors name the option by its
+dotted key (``parallel.tp``) so a user can find it in their YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad option; the message names the dotted key."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel size
+    vpp: int | None = None  # virtual pipeline stages per pipeline rank (interleaved 1F1B)
+    sequence_parallel: bool = False
+
+    def validate(self, world_size: int | None = None, prefix: str = "parallel") -> None:
+        _require(isinstance(self.tp, int) and self.tp >= 1, f"{prefix}.tp", f"must be an integer >= 1, got {self.tp!r}")
+        _require(isinstance(self.pp, int) and self.pp >= 1, f"{prefix}.pp", f"must be an integer >= 1, got {self.pp!r}")
+        if self.vpp is not None:
+            _require(isinstance(self.vpp, int) and self.vpp >= 1, f"{prefix}.vpp", f"must be an integer >= 1 or null, got {self.vpp!r}")
+            _require(self.pp > 1 or self.vpp == 1, f"{prefix}.vpp", f"needs parallel.pp > 1, got pp={self.pp}, vpp={self.vpp}")
+        _require(not self.sequence_parallel or self.tp > 1, f"{prefix}.sequence_parallel", "needs parallel.tp > 1")
+        if world_size is not None:
+            _require(
+                world_size % (self.tp * self.pp) == 0,
+                f"{prefix}.tp",
+                f"tp x pp = {self.tp} x {self.pp} does not divide the world size {world_size}",
+            )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.tp * self.pp)
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-shaped decoder. ``preset`` fills the sizes by name (see models/presets.py)."""
+
+    preset: str | None = None
+    num_layers: int = 4
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    vocab_size: int = 256  # true vocabulary; padded to a multiple of make_vocab_size_divisible_by x tp
+    make_vocab_size_divisible_by: int = 16
+    seq_length: int = 64
+    rotary_base: float = 10000.0
+    rope_scaling: dict | None = None  # Llama-3 style: {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
+    norm_epsilon: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    qk_layernorm: bool = False
+    init_method_std: float = 0.02
+    params_dtype: str = "fp32"  # fp32 | bf16 | fp16
+    transformer_impl: str = "local"  # local | transformer_engine
+
+    def validate(self, parallel: ParallelConfig | None = None, prefix: str = "model") -> None:
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size", "seq_length"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, f"{prefix}.{name}", f"must be a positive integer, got {value!r}")
+        _require(
+            self.hidden_size % self.num_attention_heads == 0,
+            f"{prefix}.hidden_size",
+            f"{self.hidden_size} is not divisible by model.num_attention_heads={self.num_attention_heads}",
+        )
+        _require(
+            self.num_attention_heads % self.num_query_groups == 0,
+            f"{prefix}.num_query_groups",
+            f"model.num_attention_heads={self.num_attention_heads} is not divisible by {self.num_query_groups}",
+        )
+        _require(self.params_dtype in ("fp32", "bf16", "fp16"), f"{prefix}.params_dtype", f"must be fp32, bf16 or fp16, got {self.params_dtype!r}")
+        _require(
+            self.transformer_impl in ("local", "transformer_engine"),
+            f"{prefix}.transformer_impl",
+            f"must be 'local' or 'transformer_engine', got {self.transformer_impl!r}",
+        )
+        if parallel is not None:
+            _require(
+                self.num_attention_heads % parallel.tp == 0,
+                f"{prefix}.num_attention_heads",
+                f"{self.num_attention_heads} is not divisible by parallel.tp={parallel.tp}",
+            )
+            _require(
+                self.num_query_groups % parallel.tp == 0,
+                f"{prefix}.num_query_groups",
+                f"{self.num_query_groups} is not divisible by parallel.tp={parallel.tp}",
+            )
+            _require(
+                self.ffn_hidden_size % parallel.tp == 0,
+                f"{prefix}.ffn_hidden_size",
+                f"{self.ffn_hidden_size} is not divisible by parallel.tp={parallel.tp}",
+            )
+            stages = parallel.pp * (parallel.vpp or 1)
+            _require(
+                self.num_layers % stages == 0,
+                f"{prefix}.num_layers",
+                f"{self.num_layers} is not divisible by parallel.pp x parallel.vpp = {stages}",
+            )
+
+    def padded_vocab_size(self, tp: int) -> int:
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+
+def _dataclass_from_dict(cls, data: dict[str, Any], prefix: str):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in (data or {}).items():
+        if key not in known:
+            raise ConfigError(f"{prefix + '.' if prefix else ''}{key}: unknown option (known: {', '.join(sorted(known))})")
+        f = known[key]
+        sub = _nested_dataclass(f)
+        if sub is not None and isinstance(value, dict):
+            value = _dataclass_from_dict(sub, value, f"{prefix + '.' if prefix else ''}{key}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _nested_dataclass(f: dataclasses.Field):
+    default_factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+    if default_factory is not None and dataclasses.is_dataclass(default_factory):
+        return default_factory
+    return None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], parsed value). Values are parsed as YAML scalars."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else None
+
+
+def merge_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply dotted ``key=value`` overrides to a nested dict (returns a new dict)."""
+    import copy
+
+    data = copy.deepcopy(data or {})
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: invalid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def build(cls, data: dict, prefix: str = ""):
+    """Build a (possibly nested) config dataclass from a dict, rejecting unknown keys."""
+    return _dataclass_from_dict(cls, data, prefix)

@@ -1,0 +1,1 @@
+"""Building Megatron GPT models (student, reference, snapshot) and their layer specs."""

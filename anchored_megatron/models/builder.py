@@ -1,0 +1,105 @@
+"""Build Llama-shaped Megatron-Core GPT models for any TP / PP / virtual-PP layout."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from anchored_megatron.config import ModelConfig, ParallelConfig
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = _DTYPES[model.params_dtype]
+    vpp = parallel.vpp if (parallel.vpp or 1) > 1 else None
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.hidden_size // model.num_attention_heads,
+        # Without these two every pipeline stage silently builds all layers.
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        microbatch_group_size_per_vp_stage=parallel.pp if vpp else None,
+        sequence_parallel=parallel.sequence_parallel,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.qkv_bias,
+        qk_layernorm=model.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        pipeline_dtype=dtype,
+        # Fused kernels need apex/TE; the trainer turns them on where they exist.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        bias_dropout_fusion=False,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )
+
+
+def layer_spec(model: ModelConfig):
+    if model.transformer_impl == "transformer_engine":
+        from anchored_megatron.models.te import te_layer_spec
+
+        return te_layer_spec(model)
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+
+
+def build_model_chunk(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    vp_stage: int | None = None,
+    config=None,
+):
+    """One GPTModel holding this rank's layers (for ``vp_stage`` when interleaved)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    config = config or transformer_config(model, parallel)
+    pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    rope = model.rope_scaling or {}
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(model),
+        vocab_size=model.padded_vocab_size(parallel.tp),
+        max_sequence_length=model.seq_length,
+        pre_process=pre,
+        post_process=post,
+        parallel_output=True,
+        share_embeddings_and_output_weights=model.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(model.rotary_base),
+        rope_scaling=bool(rope),
+        rope_scaling_factor=float(rope.get("factor", 8.0)),
+        vp_stage=vp_stage,
+    )
+    if not torch.cuda.is_available():
+        return gpt
+    return gpt.cuda(torch.cuda.current_device())
+
+
+def build_model_chunks(model: ModelConfig, parallel: ParallelConfig) -> list:
+    """All model chunks this rank owns: one, or ``vpp`` when the schedule is interleaved."""
+    config = transformer_config(model, parallel)
+    if (parallel.vpp or 1) > 1:
+        return [build_model_chunk(model, parallel, vp_stage=i, config=config) for i in range(parallel.vpp)]
+    return [build_model_chunk(model, parallel, config=config)]

@@ -1,0 +1,112 @@
+"""One entry point that brings up torch.distributed, Megatron's parallel state and seeds."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+from anchored_megatron.config import ParallelConfig
+from anchored_megatron.platform import cpu_shim, optimizer_fixes
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    cpu_shim_active: bool
+    data_parallel_size: int
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value in (None, "") else int(value)
+
+
+def initialize(
+    parallel: ParallelConfig,
+    seed: int = 1234,
+    timeout_minutes: float = 30.0,
+) -> RuntimeInfo:
+    """Initialise torch.distributed (from torchrun's env vars), Megatron parallel state and RNGs.
+
+    On a machine without CUDA, Megatron-Core's CUDA assumptions are neutralised first
+    and the gloo backend is used; with CUDA, NCCL and the local GPU are used and
+    nothing is patched.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    shim_active = cpu_shim.install()
+    optimizer_fixes.apply()
+
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    parallel.validate(world_size)
+
+    if shim_active:
+        device, backend = torch.device("cpu"), "gloo"
+    else:
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        torch.distributed.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp if (parallel.vpp or 1) > 1 else None,
+    )
+    seed_everything(seed)
+    return RuntimeInfo(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        device=device,
+        backend=backend,
+        cpu_shim_active=shim_active,
+        data_parallel_size=parallel.data_parallel_size(world_size),
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch; each pipeline stage gets its own stream, TP ranks
+    share the default stream and get distinct model-parallel streams (Megatron's tracker)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    try:
+        import numpy as np
+
+        np.random.seed(stage_seed % (2**32))
+    except ImportError:
+        pass
+    torch.manual_seed(stage_seed)
+    model_parallel_cuda_manual_seed(stage_seed)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
