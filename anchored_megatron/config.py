@@ -185,3 +185,26 @@ def load_yaml(path: str) -> dict:
 def build(cls, data: dict, prefix: str = ""):
     """Build a (possibly nested) config dataclass from a dict, rejecting unknown keys."""
     return _dataclass_from_dict(cls, data, prefix)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    lr_schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
+    warmup_fraction: float = 0.05  # of the steps of one schedule (a stage when reset per iteration)
+    weight_decay: float = 0.0  # not applied to biases and norm weights
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # 0 disables clipping
+    distributed_optimizer: bool = True
+
+    def validate(self, prefix: str = "optim") -> None:
+        _require(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
+        _require(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", f"must be in [0, optim.lr], got {self.min_lr}")
+        _require(self.lr_schedule in ("cosine", "linear", "constant"), f"{prefix}.lr_schedule", f"must be cosine, linear or constant, got {self.lr_schedule!r}")
+        _require(0 <= self.warmup_fraction < 1, f"{prefix}.warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}")
+        _require(self.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, f"{prefix}.adam_beta1", "betas must be in [0, 1)")
+        _require(self.clip_grad >= 0, f"{prefix}.clip_grad", f"must be >= 0, got {self.clip_grad}")

@@ -27,6 +27,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=vpp,
         microbatch_group_size_per_vp_stage=parallel.pp if vpp else None,
+        # Megatron-Core 0.16.1's interleaved schedule gives silently wrong results for
+        # later microbatches with batched P2P (measured: grad error 1.4 at PP=2, VPP=2).
+        batch_p2p_comm=vpp is None,
         sequence_parallel=parallel.sequence_parallel,
         normalization="RMSNorm",
         layernorm_epsilon=model.norm_epsilon,

@@ -42,6 +42,16 @@ def partition_dim(param: torch.Tensor) -> int | None:
     return None
 
 
+def full_shape(param: torch.Tensor, tp_size: int) -> torch.Size:
+    """The TP=1 shape of a parameter whose local slice is ``param``."""
+    dim = partition_dim(param)
+    if dim is None:
+        return param.shape
+    shape = list(param.shape)
+    shape[dim] *= tp_size
+    return torch.Size(shape)
+
+
 def shard(full: torch.Tensor, name: str, param: torch.Tensor, tp_rank: int, tp_size: int, gated: bool = True) -> torch.Tensor:
     """This TP rank's slice of ``full`` for the parameter ``param`` named ``name``."""
     dim = partition_dim(param)
@@ -65,17 +75,22 @@ def unshard(shards: list[torch.Tensor], name: str, param: torch.Tensor, gated: b
     return torch.cat(shards, dim=dim)
 
 
-def gather_full(chunk_param: torch.Tensor, name: str, group=None) -> torch.Tensor:
-    """All-gather a TP-sharded tensor into its full form (on every rank of ``group``)."""
+def gather_full(tensor: torch.Tensor, name: str, param: torch.Tensor | None = None, group=None) -> torch.Tensor:
+    """All-gather the TP slices of ``tensor`` into the full tensor (on every rank of ``group``).
+
+    ``tensor`` is the parameter ``param`` itself or laid out like it (its grad, an optimizer
+    moment); the split dimension is read from ``param``.
+    """
     from megatron.core import parallel_state
 
+    param = tensor if param is None else param
     group = group or parallel_state.get_tensor_model_parallel_group()
     size = torch.distributed.get_world_size(group)
-    if partition_dim(chunk_param) is None or size == 1:
-        return chunk_param.detach().clone()
-    pieces = [torch.empty_like(chunk_param) for _ in range(size)]
-    torch.distributed.all_gather(pieces, chunk_param.detach().contiguous(), group=group)
-    return unshard(pieces, name, chunk_param)
+    if partition_dim(param) is None or size == 1:
+        return tensor.detach().clone()
+    pieces = [torch.empty_like(tensor) for _ in range(size)]
+    torch.distributed.all_gather(pieces, tensor.detach().contiguous(), group=group)
+    return unshard(pieces, name, param)
 
 
 def load_full_state(chunks, full_state: dict[str, torch.Tensor], strict: bool = True) -> None:

@@ -35,8 +35,12 @@ def _rank_main(rank, world_size, port, fn, args, kwargs, results, stack_dir, thr
     os.environ.update(extra_env or {})
     stack_file = open(os.path.join(stack_dir, f"rank{rank}.stack"), "w")
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+    import warnings
+
     import torch
 
+    # Megatron warns on every import that apex/TE are absent; keep rank output readable.
+    warnings.filterwarnings("ignore", category=UserWarning)
     torch.set_num_threads(threads)
     try:
         value = fn(*args, **kwargs)
@@ -67,7 +71,7 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 300.0, threads: in
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
     stack_dir = tempfile.mkdtemp(prefix="ranks-")
     procs = [
-        ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, kwargs, results, stack_dir, threads, env), daemon=True)
+        ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, kwargs, results, stack_dir, threads, env), daemon=False)
         for r in range(world_size)
     ]
     for p in procs:

@@ -1,0 +1,13 @@
+"""The method alone: the vocab-parallel anchored loss and the anchor-strength schedules."""
+
+from anchored_megatron.anchor.loss import DIVERGENCES, INTERPOLATIONS, METRIC_NAMES, vocab_parallel_anchored_loss
+from anchored_megatron.anchor.schedules import ALPHA_SCHEDULES, alpha_at
+
+__all__ = [
+    "ALPHA_SCHEDULES",
+    "DIVERGENCES",
+    "INTERPOLATIONS",
+    "METRIC_NAMES",
+    "alpha_at",
+    "vocab_parallel_anchored_loss",
+]

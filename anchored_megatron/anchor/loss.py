@@ -1,0 +1,246 @@
+"""The Anchored Learning loss on vocab-parallel logits (Megatron's ``parallel_output=True``).
+
+Public entry point: :func:`vocab_parallel_anchored_loss`. The per-shard arithmetic
+lives in ``vocab_passes``; this module validates the call, finds the tensor-parallel
+group and wires the analytic gradient into autograd.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.distributed as dist
+
+from anchored_megatron.anchor import vocab_passes
+from anchored_megatron.anchor.vocab_passes import LossSpec, ShardLayout
+
+INTERPOLATIONS = ("logit", "prob")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+METRIC_NAMES = ("kl_step", "kl_bound", "kl_reference", "entropy")
+
+# Auto chunking keeps every [chunk, V_local] temporary near this many elements
+# (4 MiB in fp32): small enough that the temporaries stay a few percent of one
+# shard, large enough that per-chunk Python overhead stays small.
+_AUTO_CHUNK_ELEMENTS = 1 << 20
+
+
+def _check_unit_interval(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _resolve_group(group):
+    """(group, rank, size): the given group, else Megatron's TP group if set up, else one process."""
+    if group is None and dist.is_available() and dist.is_initialized():
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            group = parallel_state.get_tensor_model_parallel_group()
+    if group is None:
+        return None, 0, 1
+    return group, dist.get_rank(group), dist.get_world_size(group)
+
+
+def _build_spec(alpha, interpolation, divergence, jsd_beta, temperature, ce_weight, ignore_index, live_anchor, with_metrics, labels) -> LossSpec:
+    alpha = _check_unit_interval("alpha", alpha)
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    jsd_beta = _check_unit_interval("jsd_beta", jsd_beta)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not float(temperature) > 0.0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    ce_weight = _check_unit_interval("ce_weight", ce_weight)
+    if ce_weight > 0.0 and labels is None:
+        raise ValueError(f"labels are required when ce_weight > 0, got ce_weight={ce_weight} and labels=None")
+    return LossSpec(
+        alpha=alpha, interpolation=interpolation, divergence=divergence, jsd_beta=jsd_beta,
+        temperature=float(temperature), ce_weight=ce_weight, ignore_index=int(ignore_index),
+        live_anchor=live_anchor, with_metrics=with_metrics,
+    )
+
+
+def _check_tensors(student, reference, anchor, labels) -> None:
+    for name, tensor in (("student_logits", student), ("reference_logits", reference), ("anchor_logits", anchor)):
+        if tensor is None and name == "anchor_logits":
+            continue
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {type(tensor).__name__} "
+                             f"{getattr(tensor, 'dtype', '')}")
+        if tensor.dim() < 1:
+            raise ValueError(f"{name} must have a vocabulary dimension, got shape {tuple(tensor.shape)}")
+    for name, tensor in (("reference_logits", reference), ("anchor_logits", anchor)):
+        if tensor is not None and tensor.shape != student.shape:
+            raise ValueError(f"{name} shape {tuple(tensor.shape)} does not match student_logits shape {tuple(student.shape)}")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', type(labels).__name__)}")
+        if labels.shape != student.shape[:-1]:
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match the logits' leading shape {tuple(student.shape[:-1])}")
+
+
+def _check_label_range(labels, vocab_size: int, ignore_index: int) -> None:
+    # One host sync; pass check_labels=False once the data pipeline guarantees the range.
+    bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
+    if bool(bad.any()):
+        example = labels[bad][0].item()
+        raise ValueError(f"labels must be in [0, vocab_size={vocab_size}) or ignore_index={ignore_index}, got {example}")
+
+
+class _AnchoredLoss(torch.autograd.Function):
+    """Per-token loss; the gradient w.r.t. the student logits is computed in forward."""
+
+    @staticmethod
+    def forward(ctx, student, reference, anchor, labels, spec: LossSpec, layout: ShardLayout, chunk_tokens: int):
+        dtype = torch.float64 if torch.float64 in (student.dtype, reference.dtype, getattr(anchor, "dtype", None)) else torch.float32
+        leading_shape = student.shape[:-1]
+        flat = lambda x: None if x is None else x.reshape(-1, x.shape[-1])  # noqa: E731 - a view for contiguous inputs
+        sources = {"student": flat(student), "reference": flat(reference), "anchor": flat(anchor),
+                   "labels": None if labels is None else labels.reshape(-1)}
+
+        plan = vocab_passes.plan_stats(spec)
+        # The gradient buffer doubles as pass A's scratch for one distribution's exp().
+        grad = torch.empty(sources["student"].shape, dtype=dtype, device=student.device) if ctx.needs_input_grad[0] else None
+        local = vocab_passes.local_stats(sources, plan, layout, spec, dtype, chunk_tokens, keep=grad)
+        stats = vocab_passes.merge_stats(vocab_passes.all_slots(local, layout), plan)
+        lse, expect = stats.lse, stats.expect
+        canon = spec.canon
+
+        def log_z(name):
+            return lse[canon(name)]
+
+        def mean(weight, plus, minus=None):
+            return expect[(canon(weight), canon(plus), canon(minus) if minus else None)]
+
+        mixture_names = vocab_passes.plan_mixture_sums(spec)
+        mixture = {}
+        if mixture_names:
+            local_mix = vocab_passes.local_mixture_sums(sources, mixture_names, stats, layout, spec, dtype, chunk_tokens)
+            summed = vocab_passes.sum_over_ranks(local_mix, layout)
+            mixture = {name: summed[:, i] for i, name in enumerate(mixture_names)}
+
+        num_tokens = sources["student"].shape[0]
+        loss = torch.zeros(num_tokens, dtype=dtype, device=student.device)
+        divergence_value = kl_p_m = None
+        if spec.need_divergence:
+            if spec.divergence == "jsd":
+                kl_p_m = mixture["kl_p_m"]
+                divergence_value = spec.jsd_beta * mixture["kl_q_m"] + (1.0 - spec.jsd_beta) * kl_p_m
+            elif spec.interpolation == "prob":
+                divergence_value = mixture["forward_prob" if spec.divergence == "forward_kl" else "reverse_prob"]
+            elif spec.divergence == "forward_kl":  # KL(q||p) = E_q[a - u] - lse(a) + lse(u)
+                divergence_value = mean("a", "a", "u") - log_z("a") + log_z("u")
+            else:  # KL(p||q) = E_p[u - a] - lse(u) + lse(a)
+                divergence_value = mean("u", "u", "a") - log_z("u") + log_z("a")
+            loss = loss + ((1.0 - spec.ce_weight) * spec.temperature**2) * divergence_value
+        if spec.need_ce:
+            kept = sources["labels"] != spec.ignore_index
+            cross_entropy = torch.where(kept, log_z("z") - stats.label_logit, 0.0)
+            loss = loss + spec.ce_weight * cross_entropy
+
+        ctx.grad_buffer = None
+        ctx.student_dtype = student.dtype
+        ctx.student_shape = student.shape
+        if grad is not None:
+            vocab_passes.fill_gradient(grad, local, plan, sources, stats, divergence_value, kl_p_m, layout, spec, dtype, chunk_tokens)
+            ctx.grad_buffer = grad
+        ctx.backward_done = False
+
+        outputs = [loss.view(leading_shape)]
+        if spec.with_metrics:
+            if spec.interpolation == "logit":
+                kl_step = mean("a", "a", "s") - log_z("a") + log_z("s")
+                kl_bound = spec.alpha * (mean("r", "r", "s") - mean("s", "r", "s"))
+            else:
+                kl_step = mixture["step_prob"]
+                kl_bound = spec.alpha * (mean("r", "r", "s") - log_z("r") + log_z("s"))
+            kl_reference = mean("r", "r", "u") - log_z("r") + log_z("u")
+            entropy = log_z("u") - mean("u", "u")
+            metrics = [m.view(leading_shape) for m in (kl_step, kl_bound, kl_reference, entropy)]
+            ctx.mark_non_differentiable(*metrics)
+            outputs += metrics
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused_metric_grads):
+        if ctx.backward_done:
+            raise RuntimeError("vocab_parallel_anchored_loss: backward ran twice on one call (retain_graph is not supported)")
+        ctx.backward_done = True
+        grad = ctx.grad_buffer
+        ctx.grad_buffer = None
+        if grad is None:
+            return (None,) * 7
+        # In place: the buffer is ours and used once; no second shard-sized tensor.
+        grad.mul_(grad_loss.reshape(-1, 1).to(grad.dtype))
+        return grad.view(ctx.student_shape).to(ctx.student_dtype), None, None, None, None, None, None
+
+
+def vocab_parallel_anchored_loss(
+    student_logits: torch.Tensor,
+    reference_logits: torch.Tensor,
+    anchor_logits: torch.Tensor | None = None,
+    *,
+    alpha: float,
+    interpolation: str = "logit",
+    divergence: str = "forward_kl",
+    jsd_beta: float = 0.5,
+    temperature: float = 1.0,
+    labels: torch.Tensor | None = None,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    group=None,
+    return_metrics: bool = False,
+    chunk_tokens: int | None = None,
+    check_labels: bool = True,
+):
+    """Per-token Anchored Learning loss on vocab-sharded logits ``[..., V_local]``.
+
+    loss = (1 - ce_weight) * tau^2 * D(q, p_theta) + ce_weight * CE(labels) (CE at tau = 1),
+    with p_theta = softmax(student / tau) and the anchor q built from the snapshot logits
+    (``anchor_logits``; None = the live student, detached) and the reference logits:
+    "logit": q = softmax(((1-alpha) z_s + alpha z_r) / tau); "prob": q = (1-alpha) p_s + alpha p_r.
+    D is "forward_kl" KL(q||p), "reverse_kl" KL(p||q) or "jsd" beta KL(q||m) + (1-beta) KL(p||m),
+    m = beta q + (1-beta) p.
+
+    Returns the loss with the logits' leading shape (no reduction, fp32 or fp64), and with
+    ``return_metrics`` also a dict of per-token tensors without grad (all at temperature tau):
+    kl_step = KL(q||p_s), kl_bound = alpha (KL(p_r||p_s) + KL(p_s||p_r)) ("logit") or
+    alpha KL(p_r||p_s) ("prob") so that kl_step <= kl_bound, kl_reference = KL(p_r||p_theta),
+    entropy = H(p_theta).
+
+    Only ``student_logits`` receives a gradient. ``vocab_size`` (default: the padded size)
+    excludes padded columns. ``chunk_tokens`` bounds the [chunk, V_local] temporaries (None:
+    about 1M elements each). ``check_labels=False`` skips the label range check (a host sync).
+    """
+    _check_tensors(student_logits, reference_logits, anchor_logits, labels)
+    spec = _build_spec(alpha, interpolation, divergence, jsd_beta, temperature, ce_weight, ignore_index,
+                       anchor_logits is None, bool(return_metrics), labels)
+    group, rank, size = _resolve_group(group)
+    local_vocab = student_logits.shape[-1]
+    padded_vocab = local_vocab * size
+    if vocab_size is None:
+        vocab_size = padded_vocab
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or not 0 < vocab_size <= padded_vocab:
+        raise ValueError(f"vocab_size must be an integer in [1, padded vocabulary {padded_vocab} = {local_vocab} x tp {size}], got {vocab_size!r}")
+    if chunk_tokens is None:
+        chunk_tokens = max(1, _AUTO_CHUNK_ELEMENTS // max(1, local_vocab))
+    elif isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, numbers.Integral) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be an integer >= 1 or None, got {chunk_tokens!r}")
+    if labels is not None and check_labels:
+        _check_label_range(labels, vocab_size, spec.ignore_index)
+    vocab_start = rank * local_vocab
+    layout = ShardLayout(group=group, rank=rank, size=size, local_vocab=local_vocab,
+                         valid_local=max(0, min(local_vocab, vocab_size - vocab_start)), vocab_start=vocab_start)
+
+    # The live anchor is the student's value without its graph; reference and anchor are
+    # detached so that no gradient can reach them whatever the caller passed.
+    outputs = _AnchoredLoss.apply(
+        student_logits, reference_logits.detach(), None if anchor_logits is None else anchor_logits.detach(),
+        None if labels is None else labels.detach(), spec, layout, int(chunk_tokens),
+    )
+    if not return_metrics:
+        return outputs[0]
+    return outputs[0], dict(zip(METRIC_NAMES, outputs[1:]))

@@ -1,0 +1,84 @@
+"""The ``data:`` section of the YAML config."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+from anchored_megatron.config import ConfigError
+
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
+BAD_RECORD_POLICIES = ("error", "skip")
+
+
+@dataclass
+class DataConfig:
+    """Where the SFT data lives and how it becomes training sequences.
+
+    ``weights[i]`` is how many times each record of ``paths[i]`` appears per epoch:
+    1.0 = once, 2.0 = twice, 0.5 = a seeded half of its records. ``None`` = all 1.0.
+
+    ``chat_template``: ``None`` uses the tokenizer's own template when it has one,
+    else the built-in default (see ``chat_template.py``); ``"default"`` forces the
+    built-in one; otherwise a Jinja template string or the path of a file holding one.
+    """
+
+    paths: list[str] = field(default_factory=list)
+    weights: list[float] | None = None
+    tokenizer: str | None = None  # sentencepiece .model file, or an HF tokenizer directory (tokenizer.json)
+    chat_template: str | None = None
+    packing: bool = True  # several documents per sequence (block-diagonal attention); False = one per sequence, padded
+    on_bad_record: str = "error"  # error | skip
+    truncate: bool = False  # cut documents longer than seq_length instead of rejecting them
+    cache_dir: str | None = None  # tokenised data lives here; default ~/.cache/anchored_megatron/sft
+
+    def validate(self, prefix: str = "data") -> None:
+        if not isinstance(self.paths, (list, tuple)) or not self.paths:
+            raise ConfigError(f"{prefix}.paths: must be a non-empty list of local files, got {self.paths!r}")
+        for i, path in enumerate(self.paths):
+            key = f"{prefix}.paths[{i}]"
+            if not isinstance(path, str) or not path:
+                raise ConfigError(f"{key}: must be a file path, got {path!r}")
+            if not path.endswith(SUPPORTED_SUFFIXES):
+                raise ConfigError(f"{key}: {path}: unsupported file type (expected one of {', '.join(SUPPORTED_SUFFIXES)})")
+            if not os.path.isfile(path):
+                raise ConfigError(f"{key}: {path}: file not found")
+        if self.weights is not None:
+            if not isinstance(self.weights, (list, tuple)) or len(self.weights) != len(self.paths):
+                raise ConfigError(
+                    f"{prefix}.weights: needs one weight per entry of {prefix}.paths ({len(self.paths)}), got {self.weights!r}"
+                )
+            for i, weight in enumerate(self.weights):
+                ok = isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight) and weight > 0
+                if not ok:
+                    raise ConfigError(f"{prefix}.weights[{i}]: must be a finite number > 0, got {weight!r}")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise ConfigError(f"{prefix}.tokenizer: required: a sentencepiece .model file or an HF tokenizer directory")
+        if not os.path.exists(self.tokenizer):
+            raise ConfigError(f"{prefix}.tokenizer: {self.tokenizer}: not found")
+        if os.path.isdir(self.tokenizer) and not any(
+            os.path.isfile(os.path.join(self.tokenizer, name)) for name in ("tokenizer.json", "tokenizer.model")
+        ):
+            raise ConfigError(f"{prefix}.tokenizer: {self.tokenizer}: directory has neither tokenizer.json nor tokenizer.model")
+        if self.chat_template is not None:
+            if not isinstance(self.chat_template, str) or not self.chat_template:
+                raise ConfigError(f"{prefix}.chat_template: must be 'default', a Jinja template or a file path, got {self.chat_template!r}")
+            from anchored_megatron.data.chat_template import looks_like_jinja
+
+            if self.chat_template != "default" and not looks_like_jinja(self.chat_template) and not os.path.isfile(self.chat_template):
+                raise ConfigError(
+                    f"{prefix}.chat_template: {self.chat_template!r} is neither 'default', a Jinja template, nor an existing file"
+                )
+        for name in ("packing", "truncate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{prefix}.{name}: must be true or false, got {getattr(self, name)!r}")
+        if self.on_bad_record not in BAD_RECORD_POLICIES:
+            raise ConfigError(f"{prefix}.on_bad_record: must be 'error' or 'skip', got {self.on_bad_record!r}")
+        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir):
+            raise ConfigError(f"{prefix}.cache_dir: must be a directory path or null, got {self.cache_dir!r}")
+
+    def resolved_cache_dir(self) -> str:
+        if self.cache_dir:
+            return self.cache_dir
+        return os.path.join(os.path.expanduser("~"), ".cache", "anchored_megatron", "sft")

@@ -1,0 +1,1 @@
+"""The trainer: forward step, pipeline schedule glue, optimizer, checkpoints, logging."""

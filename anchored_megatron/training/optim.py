@@ -1,0 +1,70 @@
+"""Megatron DDP wrapping, the (distributed) optimizer and its LR / weight-decay schedule."""
+
+from __future__ import annotations
+
+import torch
+
+from anchored_megatron.config import OptimConfig
+
+
+def wrap_ddp(chunks, use_distributed_optimizer: bool):
+    """Wrap trainable chunks in Megatron DDP (fp32 grad buffers and reductions)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        # Only the first chunk's buckets start immediately: Megatron-LM's convention.
+        wrapped.append(
+            DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+        )
+    return wrapped
+
+
+def build_optimizer(wrapped_chunks, cfg: OptimConfig, params_dtype: torch.dtype, total_steps: int):
+    """Megatron optimizer + its scheduler for ``total_steps`` steps (warm-up then ``cfg.lr_schedule``)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=cfg.lr,
+            min_lr=cfg.min_lr,
+            weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1,
+            adam_beta2=cfg.adam_beta2,
+            adam_eps=cfg.adam_eps,
+            clip_grad=cfg.clip_grad,
+            use_distributed_optimizer=cfg.distributed_optimizer,
+            bf16=params_dtype == torch.bfloat16,
+            fp16=params_dtype == torch.float16,
+            params_dtype=params_dtype,
+        ),
+        wrapped_chunks,
+    )
+    return optimizer, build_scheduler(optimizer, cfg, total_steps)
+
+
+def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    total_steps = max(1, total_steps)
+    warmup = min(int(round(cfg.warmup_fraction * total_steps)), total_steps - 1)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup else cfg.lr,
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr if cfg.lr_schedule != "constant" else cfg.lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=total_steps if cfg.lr_schedule != "constant" else warmup + 1,
+        lr_decay_style=cfg.lr_schedule,
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=total_steps,
+        wd_incr_style="constant",
+    )
