@@ -18,6 +18,9 @@ setup(
         "pyyaml",
         "psutil",
         "tqdm",
+        "tokenizers",
+        "jinja2",
+        "pyarrow",
     ],
     extras_require={
         "hf": ["transformers>=4.45", "safetensors"],
@@ -29,6 +32,8 @@ setup(
     entry_points={
         "console_scripts": [
             "anchored-sft=anchored_megatron.cli:train_main",
+            "anchored-convert=anchored_megatron.convert.cli:main",
+            "anchored-train-tokenizer=anchored_megatron.data.train_tokenizer:main",
         ],
     },
 )

@@ -7,6 +7,7 @@ dotted key (``parallel.tp``) so a user can find it in their YAML.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,7 @@ class ModelConfig:
     ffn_hidden_size: int = 128
     num_attention_heads: int = 4
     num_query_groups: int = 2
+    kv_channels: int | None = None  # per-head dimension; None = hidden_size / num_attention_heads (Qwen3 sets 128)
     vocab_size: int = 256  # true vocabulary; padded to a multiple of make_vocab_size_divisible_by x tp
     make_vocab_size_divisible_by: int = 16
     seq_length: int = 64
@@ -72,11 +74,14 @@ class ModelConfig:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size", "seq_length"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, f"{prefix}.{name}", f"must be a positive integer, got {value!r}")
-        _require(
-            self.hidden_size % self.num_attention_heads == 0,
-            f"{prefix}.hidden_size",
-            f"{self.hidden_size} is not divisible by model.num_attention_heads={self.num_attention_heads}",
-        )
+        if self.kv_channels is None:
+            _require(
+                self.hidden_size % self.num_attention_heads == 0,
+                f"{prefix}.hidden_size",
+                f"{self.hidden_size} is not divisible by model.num_attention_heads={self.num_attention_heads} (or set model.kv_channels)",
+            )
+        else:
+            _require(isinstance(self.kv_channels, int) and self.kv_channels >= 1, f"{prefix}.kv_channels", f"must be a positive integer or null, got {self.kv_channels!r}")
         _require(
             self.num_attention_heads % self.num_query_groups == 0,
             f"{prefix}.num_query_groups",
@@ -110,6 +115,10 @@ class ModelConfig:
                 f"{prefix}.num_layers",
                 f"{self.num_layers} is not divisible by parallel.pp x parallel.vpp = {stages}",
             )
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_attention_heads
 
     def padded_vocab_size(self, tp: int) -> int:
         multiple = self.make_vocab_size_divisible_by * tp
@@ -208,3 +217,161 @@ class OptimConfig:
         _require(self.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, f"{prefix}.adam_beta1", "betas must be in [0, 1)")
         _require(self.clip_grad >= 0, f"{prefix}.clip_grad", f"must be >= 0, got {self.clip_grad}")
+
+
+OBJECTIVES = ("anchored", "sft", "sft_kl", "distill")
+
+
+@dataclass
+class AnchorConfig:
+    """The method. ``anchored`` trains T outer iterations x K epochs toward the moving anchor;
+    the baselines (``sft``, ``sft_kl``, ``distill``) run the same T x K epochs, one stage each
+    unless T is set."""
+
+    objective: str = "anchored"  # anchored | sft | sft_kl | distill
+    alpha: float = 0.5
+    alpha_schedule: str = "constant"  # constant | linear (from alpha to alpha_end over the iterations)
+    alpha_end: float | None = None
+    source: str = "snapshot"  # snapshot: frozen copy refreshed per iteration | live: the student, detached
+    interpolation: str = "logit"  # logit | prob
+    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    jsd_beta: float = 0.5
+    temperature: float = 1.0
+    ce_weight: float = 0.0  # anchored/distill: loss = (1-w) divergence + w CE
+    kl_weight: float = 0.1  # sft_kl: loss = CE + kl_weight * KL(p_base || p_student)
+    outer_iterations: int = 5  # T
+    epochs_per_iteration: int = 5  # K
+    reset_optimizer_per_iteration: bool = False
+
+    def validate(self, prefix: str = "anchor") -> None:
+        _require(self.objective in OBJECTIVES, f"{prefix}.objective", f"must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        for name in ("alpha", "jsd_beta", "ce_weight"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0,
+                f"{prefix}.{name}",
+                f"must be in [0, 1], got {value!r}",
+            )
+        _require(self.alpha_schedule in ("constant", "linear"), f"{prefix}.alpha_schedule", f"must be constant or linear, got {self.alpha_schedule!r}")
+        if self.alpha_schedule == "linear":
+            _require(
+                isinstance(self.alpha_end, (int, float)) and 0.0 <= self.alpha_end <= 1.0,
+                f"{prefix}.alpha_end",
+                f"must be in [0, 1] with alpha_schedule=linear, got {self.alpha_end!r}",
+            )
+        _require(self.source in ("snapshot", "live"), f"{prefix}.source", f"must be snapshot or live, got {self.source!r}")
+        _require(self.interpolation in ("logit", "prob"), f"{prefix}.interpolation", f"must be logit or prob, got {self.interpolation!r}")
+        _require(
+            self.divergence in ("forward_kl", "reverse_kl", "jsd"),
+            f"{prefix}.divergence",
+            f"must be forward_kl, reverse_kl or jsd, got {self.divergence!r}",
+        )
+        _require(self.temperature > 0, f"{prefix}.temperature", f"must be > 0, got {self.temperature}")
+        _require(self.kl_weight >= 0, f"{prefix}.kl_weight", f"must be >= 0, got {self.kl_weight}")
+        for name in ("outer_iterations", "epochs_per_iteration"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{prefix}.{name}", f"must be an integer >= 1, got {value!r}")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.objective != "sft"
+
+    @property
+    def needs_snapshot(self) -> bool:
+        return self.objective == "anchored" and self.source == "snapshot"
+
+
+@dataclass
+class CheckpointRef:
+    """A model to load: a converted / trainer checkpoint directory (None = random init, tests only)."""
+
+    checkpoint: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    log_interval: int = 1
+    save_interval: int = 0  # steps between checkpoints; 0 = only at each outer-iteration end
+    save_at_iteration_end: bool = True
+    keep_checkpoints: int = 2  # newest trainer checkpoints kept on disk
+    max_nonfinite_in_a_row: int = 5  # skipped updates before the run aborts
+    max_steps: int | None = None  # stop early (tests, smoke runs); None = all T x K epochs
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+    def validate(self, prefix: str = "train") -> None:
+        for name in ("micro_batch_size", "global_batch_size", "log_interval", "keep_checkpoints", "max_nonfinite_in_a_row"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, f"{prefix}.{name}", f"must be an integer >= 1, got {value!r}")
+        _require(isinstance(self.save_interval, int) and self.save_interval >= 0, f"{prefix}.save_interval", f"must be an integer >= 0, got {self.save_interval!r}")
+        if self.max_steps is not None:
+            _require(isinstance(self.max_steps, int) and self.max_steps >= 1, f"{prefix}.max_steps", f"must be an integer >= 1 or null, got {self.max_steps!r}")
+
+    def num_microbatches(self, data_parallel_size: int, prefix: str = "train") -> int:
+        per_step = self.micro_batch_size * data_parallel_size
+        _require(
+            self.global_batch_size % per_step == 0,
+            f"{prefix}.global_batch_size",
+            f"{self.global_batch_size} is not divisible by train.micro_batch_size x data-parallel size = "
+            f"{self.micro_batch_size} x {data_parallel_size}",
+        )
+        return self.global_batch_size // per_step
+
+
+from anchored_megatron.data.config import DataConfig  # noqa: E402 - data.config needs ConfigError above
+
+
+@dataclass
+class RunConfig:
+    """The whole run: one YAML file (+ dotted overrides) maps onto this tree."""
+
+    output_dir: str = ""
+    seed: int = 1234
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    student: CheckpointRef = field(default_factory=CheckpointRef)
+    reference: CheckpointRef = field(default_factory=CheckpointRef)
+    data: DataConfig = field(default_factory=DataConfig)
+    anchor: AnchorConfig = field(default_factory=AnchorConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, world_size: int) -> None:
+        """Everything that can be checked before a process group exists."""
+        _require(isinstance(self.output_dir, str) and self.output_dir != "", "output_dir", "is required (where metrics and checkpoints go)")
+        self.parallel.validate(world_size)
+        self.model.validate(self.parallel)
+        self.anchor.validate()
+        self.optim.validate()
+        self.train.validate()
+        self.data.validate()
+        self.train.num_microbatches(self.parallel.data_parallel_size(world_size))
+        if self.anchor.needs_reference:
+            _require(
+                self.reference.checkpoint is not None or self.student.checkpoint is None,
+                "reference.checkpoint",
+                f"is required for anchor.objective={self.anchor.objective} (the frozen teacher"
+                + (", i.e. the base model, for sft_kl)" if self.anchor.objective == "sft_kl" else ")"),
+            )
+        for key, ref in (("student.checkpoint", self.student), ("reference.checkpoint", self.reference)):
+            if ref.checkpoint is not None:
+                _require(os.path.isdir(ref.checkpoint), key, f"{ref.checkpoint}: not a directory")
+        if self.parallel.pp > 1 and (self.parallel.vpp or 1) > 1 and self.anchor.objective != "sft":
+            raise ConfigError(
+                "parallel.vpp: the interleaved pipeline schedule cannot carry the frozen roles' hidden states "
+                "(Megatron-Core 0.16.1 ignores adjust_tensor_shapes_fn there); use parallel.vpp: null with "
+                f"anchor.objective={self.anchor.objective}, or anchor.objective=sft"
+            )
+
+
+def load_run_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
+    """YAML file (optional) + dotted ``key=value`` overrides -> RunConfig with its preset resolved."""
+    data = load_yaml(path) if path else {}
+    data = merge_overrides(data, overrides or [])
+    config = build(RunConfig, data)
+    from anchored_megatron.models.presets import resolve
+
+    config.model = resolve(config.model)
+    return config

@@ -101,9 +101,10 @@ class _AnchoredLoss(torch.autograd.Function):
                    "labels": None if labels is None else labels.reshape(-1)}
 
         plan = vocab_passes.plan_stats(spec)
+        work = vocab_passes.Workspace(min(chunk_tokens, sources["student"].shape[0]), layout.valid_local, dtype, student.device)
         # The gradient buffer doubles as pass A's scratch for one distribution's exp().
         grad = torch.empty(sources["student"].shape, dtype=dtype, device=student.device) if ctx.needs_input_grad[0] else None
-        local = vocab_passes.local_stats(sources, plan, layout, spec, dtype, chunk_tokens, keep=grad)
+        local = vocab_passes.local_stats(sources, plan, layout, spec, work, chunk_tokens, keep=grad)
         stats = vocab_passes.merge_stats(vocab_passes.all_slots(local, layout), plan)
         lse, expect = stats.lse, stats.expect
         canon = spec.canon
@@ -117,7 +118,7 @@ class _AnchoredLoss(torch.autograd.Function):
         mixture_names = vocab_passes.plan_mixture_sums(spec)
         mixture = {}
         if mixture_names:
-            local_mix = vocab_passes.local_mixture_sums(sources, mixture_names, stats, layout, spec, dtype, chunk_tokens)
+            local_mix = vocab_passes.local_mixture_sums(sources, mixture_names, stats, layout, spec, work, chunk_tokens)
             summed = vocab_passes.sum_over_ranks(local_mix, layout)
             mixture = {name: summed[:, i] for i, name in enumerate(mixture_names)}
 
@@ -144,7 +145,7 @@ class _AnchoredLoss(torch.autograd.Function):
         ctx.student_dtype = student.dtype
         ctx.student_shape = student.shape
         if grad is not None:
-            vocab_passes.fill_gradient(grad, local, plan, sources, stats, divergence_value, kl_p_m, layout, spec, dtype, chunk_tokens)
+            vocab_passes.fill_gradient(grad, local, plan, sources, stats, divergence_value, kl_p_m, layout, spec, work, chunk_tokens)
             ctx.grad_buffer = grad
         ctx.backward_done = False
 

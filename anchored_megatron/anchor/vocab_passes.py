@@ -162,34 +162,62 @@ def plan_mixture_sums(spec: LossSpec) -> tuple[str, ...]:
     return tuple(names)
 
 
+class Workspace:
+    """Chunk-sized scratch tensors, allocated once per call and reused by every chunk.
+
+    A fresh [chunk, V_local] allocation per op is slow on CPU (new pages fault in on first
+    touch) and churns the caching allocator on GPU; each key names one temporary whose
+    lifetime is a single chunk, so reuse across chunks is safe.
+    """
+
+    def __init__(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device):
+        self.rows, self.cols, self.dtype, self.device = rows, cols, dtype, device
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, n: int) -> torch.Tensor:
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = torch.empty(self.rows, self.cols, dtype=self.dtype, device=self.device)
+        return buffer[:n]
+
+
 class TokenChunk:
-    """Lazily built compute-dtype views of rows [start, stop) of the valid vocab prefix.
+    """Lazily built compute-dtype tensors for rows ``rows`` of the valid vocab prefix.
 
     The tensors it hands out may alias the caller's logits: never modify them in place.
     """
 
-    def __init__(self, sources: dict, rows: slice, layout: ShardLayout, spec: LossSpec, dtype: torch.dtype):
-        self._sources, self._rows, self._layout, self._spec, self._dtype = sources, rows, layout, spec, dtype
+    def __init__(self, sources: dict, rows: slice, layout: ShardLayout, spec: LossSpec, work: Workspace):
+        self._sources, self.rows, self._layout, self.spec, self.work = sources, rows, layout, spec, work
+        self.n = rows.stop - rows.start
         self._cache: dict[str, torch.Tensor] = {}
 
-    def _scaled(self, source: str, temperature: float) -> torch.Tensor:
-        x = self._sources[source][self._rows, : self._layout.valid_local].to(self._dtype)
-        return x if temperature == 1.0 else x / temperature
+    def scratch(self, key: str) -> torch.Tensor:
+        return self.work.get(key, self.n)
+
+    def _scaled(self, source: str, temperature: float, key: str) -> torch.Tensor:
+        x = self._sources[source][self.rows, : self._layout.valid_local]
+        if x.dtype != self.work.dtype:  # convert first so that the division runs in fp32
+            x = self.scratch(key).copy_(x)
+            return x if temperature == 1.0 else x.div_(temperature)
+        if temperature != 1.0:
+            return torch.div(x, temperature, out=self.scratch(key))
+        return x  # the caller's own tensor: read only
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        spec = self._spec
+        spec = self.spec
         name = spec.canon(name)
         if name not in self._cache:
             if name == "u":
-                value = self._scaled("student", spec.temperature)
+                value = self._scaled("student", spec.temperature, "u")
             elif name == "z":
-                value = self._scaled("student", 1.0)
+                value = self._scaled("student", 1.0, "z")
             elif name == "s":
-                value = self._scaled("anchor", spec.temperature)
+                value = self._scaled("anchor", spec.temperature, "s")
             elif name == "r":
-                value = self._scaled("reference", spec.temperature)
-            elif name == "a":  # s + alpha (r - s): one op once r - s exists, and r - s is reused below
-                value = torch.add(self["s"], self.difference("r", "s")[0], alpha=spec.alpha)
+                value = self._scaled("reference", spec.temperature, "r")
+            elif name == "a":  # s + alpha (r - s): one op once r - s exists, and r - s is reused
+                value = torch.add(self["s"], self.difference("r", "s")[0], alpha=spec.alpha, out=self.scratch("a"))
             else:
                 raise KeyError(name)
             self._cache[name] = value
@@ -197,18 +225,18 @@ class TokenChunk:
 
     def difference(self, plus: str, minus: str) -> tuple[torch.Tensor, float]:
         """(d, c) with plus - minus = c * d, reusing r - s for a - s = alpha (r - s)."""
-        spec = self._spec
+        spec = self.spec
         plus, minus = spec.canon(plus), spec.canon(minus)
         if plus == spec.canon("a") == "a" and minus == spec.canon("s"):
             return self.difference("r", "s")[0], spec.alpha
         key = f"{plus}-{minus}"
         if key not in self._cache:
-            self._cache[key] = self[plus] - self[minus]
+            self._cache[key] = torch.sub(self[plus], self[minus], out=self.scratch(key))
         return self._cache[key], 1.0
 
-
-def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (x * y).sum(dim=-1)
+    def row_dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """sum(x * y, -1) through a scratch product."""
+        return torch.mul(x, y, out=self.scratch("dot")).sum(dim=-1)
 
 
 def chunk_rows(num_tokens: int, chunk_tokens: int):
@@ -223,41 +251,40 @@ def _owned_label_index(labels, layout: ShardLayout, spec: LossSpec):
     return local_index.clamp(0, layout.valid_local - 1), owned
 
 
-def local_stats(sources, plan: StatsPlan, layout: ShardLayout, spec: LossSpec, dtype, chunk_tokens: int, keep=None) -> torch.Tensor:
+def local_stats(sources, plan: StatsPlan, layout: ShardLayout, spec: LossSpec, work: Workspace, chunk_tokens: int, keep=None) -> torch.Tensor:
     """Pass A on this rank: [tokens, plan.width] of (max, sum-exp) per dist, linear sums, label logit.
 
     ``keep`` (the gradient buffer, or None) receives exp(x - local max) of ``plan.stored``.
     """
     student = sources["student"]
     num_tokens = student.shape[0]
-    out = torch.zeros(num_tokens, plan.width, dtype=dtype, device=student.device)
+    out = torch.zeros(num_tokens, plan.width, dtype=work.dtype, device=student.device)
     num_dists = len(plan.dists)
     if layout.valid_local == 0:  # this rank holds only padding
         out[:, :num_dists] = -math.inf
         return out
     for rows in chunk_rows(num_tokens, chunk_tokens):
-        chunk = TokenChunk(sources, rows, layout, spec, dtype)
+        chunk = TokenChunk(sources, rows, layout, spec, work)
         for d_index, name in enumerate(plan.dists):
             x = chunk[name]
             row_max = x.amax(dim=-1, keepdim=True)
             if keep is not None and name == plan.stored:
-                weights = torch.sub(x, row_max, out=keep[rows, : layout.valid_local])
+                target = keep[rows, : layout.valid_local]
             else:
-                weights = x - row_max
-            weights.exp_()
+                target = chunk.scratch("weights")
+            weights = torch.sub(x, row_max, out=target).exp_()
             out[rows, d_index] = row_max.squeeze(-1)
             out[rows, num_dists + d_index] = weights.sum(dim=-1)
             for t_index, (weight, plus, minus) in enumerate(plan.terms):
                 if weight != name or plus == minus:
                     continue
                 value, factor = (chunk[plus], 1.0) if minus is None else chunk.difference(plus, minus)
-                dot = _row_dot(weights, value)
+                dot = chunk.row_dot(weights, value)
                 out[rows, 2 * num_dists + t_index] = dot if factor == 1.0 else dot * factor
-            del weights
         if plan.with_label:
             local_index, owned = _owned_label_index(sources["labels"][rows], layout, spec)
             picked = student[rows].gather(-1, local_index.unsqueeze(-1)).squeeze(-1)
-            out[rows, -1] = torch.where(owned, picked.to(dtype), 0.0)
+            out[rows, -1] = torch.where(owned, picked.to(work.dtype), 0.0)
     return out
 
 
@@ -303,22 +330,26 @@ def merge_stats(slots: torch.Tensor, plan: StatsPlan) -> GlobalStats:
 class NormalisedChunk:
     """Log-probabilities of one chunk once the global log-sum-exps are known."""
 
-    def __init__(self, chunk: TokenChunk, stats: GlobalStats, rows: slice, spec: LossSpec):
-        self.chunk, self.stats, self.rows, self.spec = chunk, stats, rows, spec
+    def __init__(self, chunk: TokenChunk, stats: GlobalStats):
+        self.chunk, self.stats, self.spec = chunk, stats, chunk.spec
         self._cache: dict[str, torch.Tensor] = {}
+
+    def _row_lse(self, name: str) -> torch.Tensor:
+        return self.stats.lse[name][self.chunk.rows].unsqueeze(-1)
 
     def logp(self, name: str) -> torch.Tensor:
         name = self.spec.canon(name)
         if name not in self._cache:
-            self._cache[name] = self.chunk[name] - self.stats.lse[name][self.rows].unsqueeze(-1)
+            self._cache[name] = torch.sub(self.chunk[name], self._row_lse(name), out=self.chunk.scratch(f"logp_{name}"))
         return self._cache[name]
 
-    def probs(self, name: str) -> torch.Tensor:
-        """exp(log-probs) as a fresh tensor (safe to modify in place)."""
+    def probs(self, name: str, key: str) -> torch.Tensor:
+        """softmax of ``name`` in scratch ``key`` (the caller may modify it in place)."""
         name = self.spec.canon(name)
+        out = self.chunk.scratch(key)
         if name in self._cache:
-            return self._cache[name].exp()
-        return (self.chunk[name] - self.stats.lse[name][self.rows].unsqueeze(-1)).exp_()
+            return torch.exp(self._cache[name], out=out)
+        return torch.sub(self.chunk[name], self._row_lse(name), out=out).exp_()
 
     def log_anchor(self) -> torch.Tensor:
         """log q."""
@@ -326,17 +357,19 @@ class NormalisedChunk:
         if spec.interpolation == "logit" or spec.alpha in (0.0, 1.0):
             return self.logp("a")
         if "log_q" not in self._cache:
-            self._cache["log_q"] = torch.logaddexp(
-                self.logp("s") + math.log1p(-spec.alpha), self.logp("r") + math.log(spec.alpha)
-            )
+            work = self.chunk.scratch("log_q")
+            shifted_r = torch.add(self.logp("r"), math.log(spec.alpha), out=self.chunk.scratch("log_q_tmp"))
+            torch.add(self.logp("s"), math.log1p(-spec.alpha), out=work)
+            self._cache["log_q"] = torch.logaddexp(work, shifted_r, out=work)
         return self._cache["log_q"]
 
-    def anchor_probs(self) -> torch.Tensor:
-        """q, as the mixture itself for "prob" (cheaper and exact, no log round trip)."""
+    def anchor_probs(self, key: str) -> torch.Tensor:
+        """q in scratch ``key``; the mixture itself for "prob" (exact, no log round trip)."""
         spec = self.spec
         if spec.interpolation == "logit" or spec.alpha in (0.0, 1.0):
-            return self.probs("a")
-        return self.probs("s").mul_(1.0 - spec.alpha).add_(self.probs("r"), alpha=spec.alpha)
+            return self.probs("a", key)
+        mixed = self.probs("s", key).mul_(1.0 - spec.alpha)
+        return mixed.add_(self.probs("r", "anchor_probs_tmp"), alpha=spec.alpha)
 
     def log_middle(self) -> torch.Tensor:
         """log m for JSD, m = beta q + (1 - beta) p."""
@@ -346,29 +379,36 @@ class NormalisedChunk:
         if beta == 1.0:
             return self.log_anchor()
         if "log_m" not in self._cache:
-            self._cache["log_m"] = torch.logaddexp(self.log_anchor() + math.log(beta), self.logp("u") + math.log1p(-beta))
+            work = self.chunk.scratch("log_m")
+            shifted_p = torch.add(self.logp("u"), math.log1p(-beta), out=self.chunk.scratch("log_m_tmp"))
+            torch.add(self.log_anchor(), math.log(beta), out=work)
+            self._cache["log_m"] = torch.logaddexp(work, shifted_p, out=work)
         return self._cache["log_m"]
 
+    def log_ratio(self, plus: torch.Tensor, minus: torch.Tensor) -> torch.Tensor:
+        return torch.sub(plus, minus, out=self.chunk.scratch("log_ratio"))
 
-def local_mixture_sums(sources, names, stats, layout, spec, dtype, chunk_tokens) -> torch.Tensor:
+
+def local_mixture_sums(sources, names, stats, layout, spec, work: Workspace, chunk_tokens) -> torch.Tensor:
     """Pass B on this rank: [tokens, len(names)] partial sums over the local valid columns."""
     num_tokens = sources["student"].shape[0]
-    out = torch.zeros(num_tokens, len(names), dtype=dtype, device=sources["student"].device)
+    out = torch.zeros(num_tokens, len(names), dtype=work.dtype, device=sources["student"].device)
     if layout.valid_local == 0:
         return out
     for rows in chunk_rows(num_tokens, chunk_tokens):
-        norm = NormalisedChunk(TokenChunk(sources, rows, layout, spec, dtype), stats, rows, spec)
+        chunk = TokenChunk(sources, rows, layout, spec, work)
+        norm = NormalisedChunk(chunk, stats)
         for col, name in enumerate(names):
             if name == "forward_prob":  # KL(q || p)
-                value = _row_dot(norm.anchor_probs(), norm.log_anchor() - norm.logp("u"))
+                value = chunk.row_dot(norm.anchor_probs("q"), norm.log_ratio(norm.log_anchor(), norm.logp("u")))
             elif name == "reverse_prob":  # KL(p || q)
-                value = _row_dot(norm.probs("u"), norm.logp("u") - norm.log_anchor())
+                value = chunk.row_dot(norm.probs("u", "p"), norm.log_ratio(norm.logp("u"), norm.log_anchor()))
             elif name == "kl_q_m":
-                value = _row_dot(norm.anchor_probs(), norm.log_anchor() - norm.log_middle())
+                value = chunk.row_dot(norm.anchor_probs("q"), norm.log_ratio(norm.log_anchor(), norm.log_middle()))
             elif name == "kl_p_m":
-                value = _row_dot(norm.probs("u"), norm.logp("u") - norm.log_middle())
+                value = chunk.row_dot(norm.probs("u", "p"), norm.log_ratio(norm.logp("u"), norm.log_middle()))
             elif name == "step_prob":  # KL(q || p_s)
-                value = _row_dot(norm.anchor_probs(), norm.log_anchor() - norm.logp("s"))
+                value = chunk.row_dot(norm.anchor_probs("q"), norm.log_ratio(norm.log_anchor(), norm.logp("s")))
             else:
                 raise KeyError(name)
             out[rows, col] = value
@@ -377,12 +417,11 @@ def local_mixture_sums(sources, names, stats, layout, spec, dtype, chunk_tokens)
 
 def sum_over_ranks(local: torch.Tensor, layout: ShardLayout) -> torch.Tensor:
     if layout.size > 1:
-        local = local.clone()
         dist.all_reduce(local, op=dist.ReduceOp.SUM, group=layout.group)
     return local
 
 
-def fill_gradient(grad, local, plan, sources, stats, divergence_value, kl_p_m, layout, spec, dtype, chunk_tokens) -> None:
+def fill_gradient(grad, local, plan, sources, stats, divergence_value, kl_p_m, layout, spec, work: Workspace, chunk_tokens) -> None:
     """Pass C: grad[:, :valid] = d(per-token loss)/d z_theta; grad[:, valid:] = 0.
 
     forward KL:  tau (p - q)
@@ -401,18 +440,19 @@ def fill_gradient(grad, local, plan, sources, stats, divergence_value, kl_p_m, l
     stored_index = plan.dists.index(plan.stored)
     to_probs = (local[:, stored_index] - stats.lse[plan.stored]).exp().unsqueeze(-1)
     for rows in chunk_rows(num_tokens, chunk_tokens):
-        norm = NormalisedChunk(TokenChunk(sources, rows, layout, spec, dtype), stats, rows, spec)
+        chunk = TokenChunk(sources, rows, layout, spec, work)
+        norm = NormalisedChunk(chunk, stats)
         out = grad[rows, : layout.valid_local]
         ce_row_weight = None  # w on kept tokens, 0 on ignored ones: [n, 1]
         if spec.need_ce:
             labels = sources["labels"][rows]
-            ce_row_weight = (labels != spec.ignore_index).to(dtype).mul_(w).unsqueeze(-1)
+            ce_row_weight = (labels != spec.ignore_index).to(work.dtype).mul_(w).unsqueeze(-1)
         ce_probs_done = False
-        if not spec.need_divergence:  # CE only: out = softmax(z)
+        if not spec.need_divergence:  # CE only: out = w softmax(z)
             out.mul_(to_probs[rows] * ce_row_weight)
             ce_probs_done = True
         elif plan.stored != "u":  # forward KL, logit: out holds q's weights
-            p = norm.probs("u")
+            p = norm.probs("u", "p")
             out.mul_(to_probs[rows] * -k).add_(p, alpha=k)
             if spec.need_ce and tau == 1.0:
                 out.addcmul_(p, ce_row_weight)
@@ -421,14 +461,13 @@ def fill_gradient(grad, local, plan, sources, stats, divergence_value, kl_p_m, l
             out.mul_(to_probs[rows])
             ce_here = spec.need_ce and tau == 1.0
             if spec.divergence == "forward_kl":
-                q = norm.anchor_probs()
-                out.mul_(k + ce_row_weight if ce_here else k).sub_(q, alpha=k)
+                out.mul_(k + ce_row_weight if ce_here else k).sub_(norm.anchor_probs("q"), alpha=k)
             else:
                 if spec.divergence == "reverse_kl":
-                    shift = norm.logp("u") - norm.log_anchor()
+                    shift = norm.log_ratio(norm.logp("u"), norm.log_anchor())
                     shift.sub_(divergence_value[rows].unsqueeze(-1)).mul_(k)
                 else:
-                    shift = norm.logp("u") - norm.log_middle()
+                    shift = norm.log_ratio(norm.logp("u"), norm.log_middle())
                     shift.sub_(kl_p_m[rows].unsqueeze(-1)).mul_(k * (1.0 - spec.jsd_beta))
                 if ce_here:
                     shift.add_(ce_row_weight)
@@ -436,6 +475,6 @@ def fill_gradient(grad, local, plan, sources, stats, divergence_value, kl_p_m, l
             ce_probs_done = ce_here
         if spec.need_ce:
             if not ce_probs_done:
-                out.addcmul_(norm.probs("z"), ce_row_weight)
+                out.addcmul_(norm.probs("z", "p_ce"), ce_row_weight)
             local_index, owned = _owned_label_index(sources["labels"][rows], layout, spec)
-            out.scatter_add_(-1, local_index.unsqueeze(-1), owned.to(dtype).mul_(-w).unsqueeze(-1))
+            out.scatter_add_(-1, local_index.unsqueeze(-1), owned.to(work.dtype).mul_(-w).unsqueeze(-1))

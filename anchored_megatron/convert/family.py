@@ -70,14 +70,11 @@ def to_model_config(family: Family, cfg: dict, where: str, dtype: str, transform
     hidden = int(_get(cfg, "hidden_size", where))
     heads = int(_get(cfg, "num_attention_heads", where))
     groups = int(_get(cfg, "num_key_value_heads", where, default=heads))
-    if hidden % heads != 0:
-        raise ConvertError(f"{where}: hidden_size={hidden} is not divisible by num_attention_heads={heads}")
     head_dim = cfg.get("head_dim")
-    if head_dim is not None and int(head_dim) != hidden // heads:
-        raise ConvertError(
-            f"{where}: head_dim={head_dim} differs from hidden_size/num_attention_heads={hidden // heads}; "
-            "ModelConfig has no kv_channels option yet, so this model cannot be expressed"
-        )
+    if head_dim is None and hidden % heads != 0:
+        raise ConvertError(f"{where}: hidden_size={hidden} is not divisible by num_attention_heads={heads}")
+    # An explicit head_dim (Qwen3: 128 whatever the width) becomes kv_channels.
+    kv_channels = int(head_dim) if head_dim is not None and int(head_dim) != hidden // heads else None
     if heads % groups != 0:
         raise ConvertError(f"{where}: num_attention_heads={heads} is not divisible by num_key_value_heads={groups}")
     act = cfg.get("hidden_act", "silu")
@@ -94,6 +91,7 @@ def to_model_config(family: Family, cfg: dict, where: str, dtype: str, transform
         ffn_hidden_size=int(_get(cfg, "intermediate_size", where)),
         num_attention_heads=heads,
         num_query_groups=groups,
+        kv_channels=kv_channels,
         vocab_size=int(_get(cfg, "vocab_size", where)),
         seq_length=int(_get(cfg, "max_position_embeddings", where, default=4096)),
         rotary_base=theta,
@@ -125,7 +123,7 @@ def to_hf_config(family: Family, model: ModelConfig, dtype: str) -> dict:
         "num_hidden_layers": model.num_layers,
         "num_attention_heads": model.num_attention_heads,
         "num_key_value_heads": model.num_query_groups,
-        "head_dim": model.hidden_size // model.num_attention_heads,
+        "head_dim": model.head_dim,
         "vocab_size": model.vocab_size,
         "max_position_embeddings": model.seq_length,
         "rms_norm_eps": model.norm_epsilon,

@@ -136,7 +136,7 @@ def is_vocab_key(key: str) -> bool:
 def hf_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Shape of every HF tensor ``model`` implies (to validate a checkpoint from headers alone)."""
     hidden, ffn, vocab = model.hidden_size, model.ffn_hidden_size, model.vocab_size
-    head_dim = hidden // model.num_attention_heads
+    head_dim = model.head_dim
     q_rows, kv_rows = model.num_attention_heads * head_dim, model.num_query_groups * head_dim
     shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
     if not model.tie_embeddings:
@@ -165,7 +165,7 @@ def hf_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
 def megatron_shapes(model: ModelConfig, vocab_rows: int | None = None) -> dict[str, tuple[int, ...]]:
     """Global shape of every dist-checkpoint tensor key (layers stacked on axis 0)."""
     hidden, ffn, layers = model.hidden_size, model.ffn_hidden_size, model.num_layers
-    head_dim = hidden // model.num_attention_heads
+    head_dim = model.head_dim
     qkv_rows = (model.num_attention_heads + 2 * model.num_query_groups) * head_dim
     rows = vocab_rows or model.vocab_size
     shapes = {

@@ -27,7 +27,7 @@ import torch
 
 from anchored_megatron.config import ModelConfig, build
 from anchored_megatron.convert.errors import ConvertError
-from anchored_megatron.convert.mapping import EXTRA_STATE_LINEARS, Rule, is_vocab_key
+from anchored_megatron.convert.mapping import EXTRA_STATE_LINEARS, Rule
 
 MODEL_CONFIG_NAME = "model_config.yaml"
 HF_CONFIG_NAME = "hf_config.json"  # the source config.json, kept so export can reproduce it exactly
@@ -191,7 +191,11 @@ def load_megatron_weights(chunks, ckpt_dir: str) -> None:
     loaded = dist_checkpointing.load(requested, ckpt_dir)
     for i, chunk in enumerate(chunks):
         state = loaded["model"] if len(chunks) == 1 else loaded[f"model{i}"]
-        chunk.load_state_dict(state, strict=False)
+        # Non-strict only for ``_extra_state`` (GPTModel drops output_layer's from its sharded dict).
+        result = chunk.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise ConvertError(f"{ckpt_dir}: loading chunk {i} left missing={missing} unexpected={result.unexpected_keys}")
 
 
 def save_megatron_weights(chunks, ckpt_dir: str, model: ModelConfig) -> None:

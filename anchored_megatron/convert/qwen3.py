@@ -2,8 +2,8 @@
 
 Megatron-Core 0.16.1's local layer spec supports this (``qk_layernorm=True`` with
 RMSNorm builds ``self_attention.q_layernorm`` / ``k_layernorm`` over head_dim).
-Real Qwen3 checkpoints set head_dim=128 independently of hidden_size; those are
-refused until ModelConfig grows a kv_channels option (family.to_model_config).
+Real Qwen3 checkpoints set head_dim=128 independently of hidden_size; it maps onto
+ModelConfig.kv_channels (family.to_model_config).
 """
 
 from anchored_megatron.convert.errors import ConvertError

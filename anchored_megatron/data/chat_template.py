@@ -106,8 +106,9 @@ def jinja_pieces(messages: list[dict], template: str, bos_token: str, eos_token:
         # The whitespace after the response (e.g. a newline after <|im_end|>) stays untrained.
         done = full[: len(full) - (len(response) - len(stripped))]
     full = render(len(messages), False)
-    if full.startswith(done) and len(full) > len(done):
-        pieces.append((full[len(done):], False))
+    if not full.startswith(done):
+        raise ConfigError("data.chat_template: the template's full rendering does not extend its rendering up to the last assistant turn")
+    pieces.append((full[len(done):], False))
     return [(text, trained) for text, trained in pieces if text]
 
 

@@ -6,7 +6,6 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from anchored_megatron.config import ConfigError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
 BAD_RECORD_POLICIES = ("error", "skip")
@@ -34,6 +33,9 @@ class DataConfig:
     cache_dir: str | None = None  # tokenised data lives here; default ~/.cache/anchored_megatron/sft
 
     def validate(self, prefix: str = "data") -> None:
+        # Imported here: anchored_megatron.config imports this module to nest DataConfig in RunConfig.
+        from anchored_megatron.config import ConfigError
+
         if not isinstance(self.paths, (list, tuple)) or not self.paths:
             raise ConfigError(f"{prefix}.paths: must be a non-empty list of local files, got {self.paths!r}")
         for i, path in enumerate(self.paths):

@@ -60,7 +60,7 @@ def iter_file(path: str) -> Iterator[tuple[Location, object] | BadRecord]:
         yield from _iter_parquet(path)
         return
     with open(path, "rb") as fh:
-        head = fh.read(4096).lstrip()
+        head = fh.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
     if path.endswith(".json") and head.startswith(b"["):
         yield from _iter_json_array(path)
     else:  # JSON Lines (also a .json file holding one object per line, as `datasets` accepts)
@@ -76,6 +76,8 @@ def _iter_jsonl(path: str):
             except UnicodeDecodeError as exc:
                 yield BadRecord(location, NOT_UTF8, f"invalid byte 0x{raw[exc.start]:02x} at byte {exc.start} of the line")
                 continue
+            if number == 1:
+                text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not part of the record
             if not text.strip():
                 continue  # blank lines (a trailing newline) are not records
             try:

@@ -21,7 +21,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
         ffn_hidden_size=model.ffn_hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups,
-        kv_channels=model.hidden_size // model.num_attention_heads,
+        kv_channels=model.head_dim,
         # Without these two every pipeline stage silently builds all layers.
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
@@ -95,9 +95,14 @@ def build_model_chunk(
         rope_scaling_factor=float(rope.get("factor", 8.0)),
         vp_stage=vp_stage,
     )
-    if not torch.cuda.is_available():
-        return gpt
-    return gpt.cuda(torch.cuda.current_device())
+    if torch.cuda.is_available():
+        gpt = gpt.cuda(torch.cuda.current_device())
+    if config.bf16 or config.fp16:
+        from megatron.core.transformer.module import Float16Module
+
+        # Casts the first stage's inputs and the last stage's logits; params stay low precision.
+        gpt = Float16Module(config, gpt)
+    return gpt
 
 
 def build_model_chunks(model: ModelConfig, parallel: ParallelConfig) -> list:

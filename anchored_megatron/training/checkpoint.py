@@ -70,8 +70,18 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint(root: str, iteration: int, chunks, optimizer=None, common_state: dict | None = None) -> str:
-    """Save model (+ optimizer) + ``common_state`` (plain python / tensors, identical on all ranks)."""
+RANK_STATE_DIR = "rank_state"
+
+
+def _rank_state_path(directory: str, rank: int) -> str:
+    return os.path.join(directory, RANK_STATE_DIR, f"rank_{rank:05d}.pt")
+
+
+def save_checkpoint(
+    root: str, iteration: int, chunks, optimizer=None, common_state: dict | None = None, rank_state: dict | None = None
+) -> str:
+    """Save model (+ optimizer) + ``common_state`` (plain values, identical on all ranks)
+    + ``rank_state`` (plain values / tensors of this rank, e.g. RNG streams)."""
     from megatron.core import dist_checkpointing
 
     final_dir = os.path.join(root, checkpoint_name(iteration))
@@ -86,6 +96,10 @@ def save_checkpoint(root: str, iteration: int, chunks, optimizer=None, common_st
         state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=False, metadata=OPTIMIZER_METADATA)
     state["trainer"] = dict(common_state or {})
     dist_checkpointing.save(state, tmp_dir, content_metadata=OPTIMIZER_METADATA)
+    if rank_state is not None:
+        path = _rank_state_path(tmp_dir, _rank())
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(rank_state, path)
     _barrier()
     if _rank() == 0:
         shutil.rmtree(final_dir, ignore_errors=True)
@@ -109,8 +123,12 @@ def latest_checkpoint(root: str) -> str | None:
     return path
 
 
-def load_checkpoint(path: str, chunks, optimizer=None, strict: bool = True) -> dict:
-    """Load into ``chunks`` (any TP/PP layout) and ``optimizer``; return the trainer's common state."""
+def load_checkpoint(path: str, chunks, optimizer=None, strict: bool = True, rank_state_loader=None) -> dict:
+    """Load into ``chunks`` (any TP/PP layout) and ``optimizer``; return the common state.
+
+    ``rank_state_loader(state_or_None, common)`` receives this rank's saved rank state, if any.
+    Everything is read with ``weights_only`` loads: no arbitrary pickle is executed.
+    """
     from megatron.core import dist_checkpointing
 
     state = model_sharded_state_dict(chunks)
@@ -124,4 +142,21 @@ def load_checkpoint(path: str, chunks, optimizer=None, strict: bool = True) -> d
         _unwrap(chunk).load_state_dict(loaded[key], strict=strict)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
-    return loaded.get("trainer", {})
+    common = loaded.get("trainer", {})
+    if rank_state_loader is not None:
+        rank_file = _rank_state_path(path, _rank())
+        rank_state_loader(torch.load(rank_file, weights_only=True) if os.path.exists(rank_file) else None, common)
+    return common
+
+
+def prune(root: str, keep: int) -> None:
+    """Delete all but the ``keep`` newest complete checkpoints (and stale .tmp folders)."""
+    current = latest_checkpoint(root)
+    names = sorted(n for n in os.listdir(root) if n.startswith("iter_"))
+    complete = [n for n in names if not n.endswith(".tmp")]
+    doomed = [n for n in names if n.endswith(".tmp")] + complete[: max(0, len(complete) - keep)]
+    for name in doomed:
+        path = os.path.join(root, name)
+        if current is not None and os.path.samefile(path, current):
+            continue
+        shutil.rmtree(path, ignore_errors=True)

@@ -55,7 +55,7 @@ def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int):
 
     total_steps = max(1, total_steps)
     warmup = min(int(round(cfg.warmup_fraction * total_steps)), total_steps - 1)
-    return OptimizerParamScheduler(
+    scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if warmup else cfg.lr,
         max_lr=cfg.lr,
@@ -68,3 +68,24 @@ def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int):
         wd_incr_steps=total_steps,
         wd_incr_style="constant",
     )
+    # Megatron's warm-up gives lr = 0 at step 0; start at step 1 so no update is wasted.
+    scheduler.step(increment=1)
+    return scheduler
+
+
+def reset_optimizer_state(optimizer) -> None:
+    """Forget Adam's moments and step counts (a fresh optimizer for a new stage), keeping the
+    master weights. Works for plain, distributed and chained Megatron optimizers."""
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    for opt in inner:
+        torch_opt = opt.optimizer
+        for state in torch_opt.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    value.zero_()
+
+
+def load_scheduler_state(scheduler, state: dict) -> None:
+    """Megatron's scheduler *adds* the saved step count to its own on load; start from 0."""
+    scheduler.num_steps = 0
+    scheduler.load_state_dict(state)

@@ -26,7 +26,7 @@ def make_hf_model(family: str, out_dir: str, seed: int = 0, **overrides) -> str:
         tie_word_embeddings=False,
     )
     if family == "qwen3":
-        kwargs["head_dim"] = 8
+        kwargs["head_dim"] = 16  # like real Qwen3: not hidden_size / num_attention_heads (8)
     if family == "mistral":
         kwargs["sliding_window"] = None
     kwargs.update(overrides)

@@ -133,3 +133,16 @@ def test_yaml_section_maps_onto_config(tmp_path, sp_dir):
     assert cfg.packing is False and cfg.on_bad_record == "error"
     with pytest.raises(ConfigError, match=r"^data\.shuffle: unknown option"):
         build_config(DataConfig, {"shuffle": True}, "data")
+
+
+def test_prefix_unstable_chat_template_is_refused(tmp_path, sp_dir):
+    path = write_json(tmp_path / "d.json", prompt_records(2, high=3))
+    template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ConfigError, match=r"^data\.chat_template: .*not a prefix"):
+        build_ds(path, sp_dir, tmp_path, chat_template=template)
+
+
+def test_byte_order_mark_is_not_a_bad_record(tmp_path, sp_dir):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(GOOD) + b"\n")
+    assert build_ds(str(path), sp_dir, tmp_path).stats["num_documents"] == len(GOOD)

@@ -1,0 +1,34 @@
+"""The ``anchored-*`` commands: parse, then call the library. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="anchored-sft",
+        description="Anchored Learning (or an SFT baseline) on Megatron-Core. Launch with torchrun for several ranks.",
+    )
+    parser.add_argument("--config", help="YAML run config")
+    parser.add_argument("--dry-run", action="store_true", help="validate the config, print the layout and memory estimate, exit")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. parallel.tp=2 anchor.alpha=0.3")
+    args = parser.parse_args(argv)
+
+    from anchored_megatron.config import ConfigError, load_run_config
+
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+        if args.dry_run:
+            from anchored_megatron.planning import dry_run
+
+            print(dry_run(cfg))
+            return 0
+        from anchored_megatron.training.trainer import train
+
+        train(cfg)
+    except ConfigError as exc:
+        print(f"anchored-sft: config error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,112 @@
+"""The three co-sharded roles and the wrapper that runs them in lock-step through the pipeline.
+
+- student: trainable, wrapped in Megatron DDP.
+- reference: the frozen teacher (for ``sft_kl``: the base), loaded from its own checkpoint.
+- snapshot: a frozen copy of the student, refreshed in place at outer-iteration boundaries.
+
+Every role is built with the same TP/PP layout, so on a pipeline stage all roles hold the
+same layers. ``RoleStack`` is what Megatron's schedule sees as "the model": its forward runs
+the student with autograd and the frozen roles under ``no_grad``; between stages the roles'
+hidden states travel concatenated along the hidden dimension in ONE P2P tensor
+(``adjust_tensor_shapes`` widens the schedule's shapes to match).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def unwrap(module):
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def freeze(chunks) -> None:
+    for chunk in chunks:
+        chunk.eval()
+        for param in chunk.parameters():
+            param.requires_grad_(False)
+
+
+@torch.no_grad()
+def copy_weights(source_chunks, target_chunks) -> None:
+    """In-place copy between identically laid-out chunks (no rebuild, no deepcopy)."""
+    for source, target in zip(source_chunks, target_chunks, strict=True):
+        src = dict(unwrap(source).named_parameters())
+        for name, param in unwrap(target).named_parameters():
+            param.copy_(src[name])
+
+
+def weights_equal(a_chunks, b_chunks) -> bool:
+    for a, b in zip(a_chunks, b_chunks, strict=True):
+        b_params = dict(unwrap(b).named_parameters())
+        for name, param in unwrap(a).named_parameters():
+            if not torch.equal(param, b_params[name]):
+                return False
+    return True
+
+
+class RoleStack(torch.nn.Module):
+    """One pipeline chunk of the student plus the same chunk of each frozen role.
+
+    Attribute lookups that Megatron makes through ``.module`` (config, set_input_tensor of
+    wrapped models, post_process, ...) fall through to the student; the frozen chunks are
+    held in a plain list so DDP, the optimizer and checkpoints never see them.
+    """
+
+    def __init__(self, student, frozen: list):
+        super().__init__()
+        self.module = student
+        self.frozen = list(frozen)
+        self.config = unwrap(student).config
+        self.frozen_logits: list[torch.Tensor] = []
+
+    def __getattr__(self, name):
+        # DDP's grad-sync hooks (finish_grad_sync, no_sync, ...) are the student's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("module"), name)
+
+    @property
+    def is_last_stage(self) -> bool:
+        return unwrap(self.module).post_process
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        student = unwrap(self.module)
+        if input_tensor is None or not self.frozen:
+            student.set_input_tensor(input_tensor)
+            for role in self.frozen:
+                unwrap(role).set_input_tensor(input_tensor)
+            return
+        parts = torch.chunk(input_tensor, 1 + len(self.frozen), dim=-1)
+        student.set_input_tensor(parts[0])
+        for role, part in zip(self.frozen, parts[1:]):
+            unwrap(role).set_input_tensor(part.detach())
+
+    def forward(self, *args, **kwargs):
+        output = self.module(*args, **kwargs)
+        with torch.no_grad():
+            frozen_outputs = [role(*args, **kwargs) for role in self.frozen]
+        if self.is_last_stage:
+            self.frozen_logits = frozen_outputs
+            return output
+        return torch.cat([output, *frozen_outputs], dim=-1) if frozen_outputs else output
+
+    def take_frozen_logits(self) -> list[torch.Tensor]:
+        """The frozen roles' logits of the last forward (last stage only), handed over once."""
+        logits, self.frozen_logits = self.frozen_logits, []
+        return logits
+
+
+def adjust_tensor_shapes_for(num_roles: int):
+    """For Megatron's 1F1B schedule: P2P tensors carry every role's hidden state."""
+
+    def adjust(recv_tensor_shapes, send_tensor_shapes):
+        widen = lambda shapes: [(*shape[:-1], shape[-1] * num_roles) for shape in shapes]  # noqa: E731
+        return widen(recv_tensor_shapes), widen(send_tensor_shapes)
+
+    return adjust

@@ -1,0 +1,361 @@
+"""The Anchored Learning trainer on Megatron-Core.
+
+Read ``Trainer.run`` top to bottom: T outer iterations x K epochs of steps; at each
+iteration boundary the snapshot is refreshed (and optionally the optimizer reset); every
+step runs Megatron's pipeline schedule over the microbatches, reduces the metrics once,
+and steps the optimizer unless the loss was not finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import shutil
+import time
+
+import torch
+
+from anchored_megatron.config import ConfigError, ModelConfig, RunConfig
+from anchored_megatron.training import checkpoint as ckpt
+from anchored_megatron.training.forward_step import SUM_NAMES, make_forward_step
+from anchored_megatron.training.metrics_log import MetricsLog
+from anchored_megatron.training.objectives import stage_loss
+from anchored_megatron.training.optim import load_scheduler_state
+from anchored_megatron.training.roles import RoleStack, adjust_tensor_shapes_for, copy_weights, freeze
+
+MODEL_CONFIG_FILE = "model_config.yaml"
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class Progress:
+    """Everything (besides weights and optimizer) a resumed run needs; plain values only."""
+
+    step: int = 0
+    nonfinite_in_a_row: int = 0
+    sampler: dict | None = None
+    scheduler: dict | None = None
+    optimizer_stage: int = 0  # the iteration the optimizer/scheduler state belongs to
+
+
+def resolve_checkpoint_dir(path: str, key: str) -> str:
+    """A checkpoint directory, or a trainer output whose ``latest`` names one."""
+    for candidate in (path, os.path.join(path, "checkpoints")):
+        if os.path.exists(os.path.join(candidate, ckpt.LATEST)):
+            return ckpt.latest_checkpoint(candidate)
+    if os.path.exists(os.path.join(path, "metadata.json")):
+        return path
+    raise ConfigError(f"{key}: {path}: not a checkpoint (no metadata.json and no '{ckpt.LATEST}' pointer)")
+
+
+def _read_model_config(ckpt_dir: str) -> ModelConfig | None:
+    if not os.path.exists(os.path.join(ckpt_dir, MODEL_CONFIG_FILE)):
+        return None
+    from anchored_megatron.convert import load_model_config
+
+    return load_model_config(ckpt_dir)
+
+
+_SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size", "tie_embeddings", "qkv_bias", "qk_layernorm")
+
+
+def resolve_student_model(cfg: RunConfig) -> None:
+    """Take the model shape from the student checkpoint when the YAML gives none."""
+    student_dir = resolve_checkpoint_dir(cfg.student.checkpoint, "student.checkpoint") if cfg.student.checkpoint else None
+    stored = _read_model_config(student_dir) if student_dir else None
+    if stored is not None and cfg.model.preset is None and cfg.model == ModelConfig():
+        cfg.model = dataclasses.replace(stored, params_dtype=cfg.model.params_dtype, transformer_impl=cfg.model.transformer_impl)
+
+
+def check_reference_matches(cfg: RunConfig) -> None:
+    """Refuse a reference whose architecture or vocabulary differs from the student's."""
+    if cfg.reference.checkpoint and cfg.anchor.needs_reference:
+        ref_dir = resolve_checkpoint_dir(cfg.reference.checkpoint, "reference.checkpoint")
+        ref = _read_model_config(ref_dir)
+        if ref is not None:
+            for name in _SHAPE_FIELDS:
+                if getattr(ref, name) != getattr(cfg.model, name):
+                    raise ConfigError(
+                        f"reference.checkpoint: {name}={getattr(ref, name)!r} differs from the student's "
+                        f"{getattr(cfg.model, name)!r}; the reference must share the student's architecture and vocabulary"
+                    )
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        resolve_student_model(cfg)
+        cfg.validate(world_size)  # before any process group exists
+        check_reference_matches(cfg)
+        self.cfg = cfg
+        self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+        self.snapshot_root = os.path.join(cfg.output_dir, "snapshots")
+
+    # ---- set-up -------------------------------------------------------------------------
+    def setup(self) -> None:
+        from megatron.core import parallel_state
+
+        from anchored_megatron.data import EpochSampler, build_sft_dataset, load_tokenizer
+        from anchored_megatron.platform import initialize
+
+        cfg = self.cfg
+        self.runtime = initialize(cfg.parallel, seed=cfg.seed)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                f"data.tokenizer: {cfg.data.tokenizer} has {self.tokenizer.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}"
+            )
+        self._check_checkpoint_tokenizers()
+        self.dataset = build_sft_dataset(
+            cfg.data, self.tokenizer, cfg.model.seq_length, seed=cfg.seed,
+            rank=self.runtime.rank, world_size=self.runtime.world_size, barrier=torch.distributed.barrier,
+        )
+        self.num_microbatches = cfg.train.num_microbatches(self.runtime.data_parallel_size)
+        self.sampler = EpochSampler(
+            len(self.dataset), seed=cfg.seed,
+            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.runtime.data_parallel_size,
+            micro_batch_size=cfg.train.micro_batch_size, num_microbatches=self.num_microbatches,
+        )
+        anchor = cfg.anchor
+        self.steps_per_iteration = self.sampler.steps_per_epoch * anchor.epochs_per_iteration
+        self.total_steps = self.steps_per_iteration * anchor.outer_iterations
+        # max_steps stops the run early without changing the schedule (LR, stages) it follows.
+        self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
+        self.is_logging_rank = self.runtime.rank == torch.distributed.get_world_size() - 1  # holds the loss
+        self._build_roles()
+
+    def _check_checkpoint_tokenizers(self) -> None:
+        """Student and reference must share one tokenizer: compare any tokenizer shipped with them."""
+        from anchored_megatron.data import load_tokenizer
+
+        fingerprints = {}
+        for key, ref in (("student.checkpoint", self.cfg.student), ("reference.checkpoint", self.cfg.reference)):
+            if ref.checkpoint is None:
+                continue
+            directory = resolve_checkpoint_dir(ref.checkpoint, key)
+            if any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer.model")):
+                fingerprints[key] = load_tokenizer(directory).fingerprint
+        fingerprints["data.tokenizer"] = self.tokenizer.fingerprint
+        if len(set(fingerprints.values())) > 1:
+            raise ConfigError(f"tokenizers differ between {', '.join(fingerprints)}: student and reference must share one tokenizer")
+
+    def _build_roles(self) -> None:
+        from megatron.core.distributed import finalize_model_grads
+
+        from anchored_megatron.models.builder import build_model_chunks
+        from anchored_megatron.training.optim import build_optimizer, wrap_ddp
+
+        cfg = self.cfg
+        self.student = build_model_chunks(cfg.model, cfg.parallel)
+        config = self.student[0].config
+        config.calculate_per_token_loss = True  # loss_func returns (sum, tokens): a true per-token mean
+        self.wrapped = wrap_ddp(self.student, cfg.optim.distributed_optimizer)
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = [m.no_sync for m in self.wrapped] if len(self.wrapped) > 1 else self.wrapped[0].no_sync
+        self.reference = None
+        self.snapshot = None
+        if cfg.anchor.needs_reference:
+            self.reference = build_model_chunks(cfg.model, cfg.parallel)
+            freeze(self.reference)
+        if cfg.anchor.needs_snapshot:
+            self.snapshot = build_model_chunks(cfg.model, cfg.parallel)
+            freeze(self.snapshot)
+        frozen = [roles for roles in (self.reference, self.snapshot) if roles is not None]
+        self.stacks = [RoleStack(self.wrapped[i], [roles[i] for roles in frozen]) for i in range(len(self.wrapped))]
+        self.num_roles = 1 + len(frozen)
+        steps = self.steps_per_iteration if cfg.anchor.reset_optimizer_per_iteration else self.total_steps
+        self.optimizer, self.scheduler = build_optimizer(self.wrapped, cfg.optim, config.params_dtype, steps)
+        if self.optimizer.config.fp16:
+            config.grad_scale_func = self.optimizer.scale_loss
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def _load_initial_weights(self) -> Progress:
+        """Resume from our own latest checkpoint, else start from the base; the reference is
+        always re-loaded from its own checkpoint."""
+        from anchored_megatron.convert import load_megatron_weights
+
+        cfg = self.cfg
+        if self.reference is not None and cfg.reference.checkpoint:
+            load_megatron_weights(self.reference, resolve_checkpoint_dir(cfg.reference.checkpoint, "reference.checkpoint"))
+        elif self.reference is not None:
+            copy_weights(self.student, self.reference)  # random-init runs (tests): reference = the initial student
+        latest = ckpt.latest_checkpoint(self.ckpt_root) if os.path.isdir(self.ckpt_root) else None
+        if latest is None:
+            if cfg.student.checkpoint:
+                load_megatron_weights(self.student, resolve_checkpoint_dir(cfg.student.checkpoint, "student.checkpoint"))
+                # The DDP/optimizer main params were copied at construction: refresh them.
+                self.optimizer.reload_model_params()
+            return Progress()
+        state = ckpt.load_checkpoint(latest, self.wrapped, self.optimizer, rank_state_loader=self._restore_rank_state)
+        progress = Progress(**state["progress"])
+        self.sampler.load_state_dict(progress.sampler)
+        load_scheduler_state(self.scheduler, progress.scheduler)
+        if self.snapshot is not None and progress.step % self.steps_per_iteration != 0:
+            iteration = progress.step // self.steps_per_iteration
+            ckpt.load_checkpoint(os.path.join(self.snapshot_root, ckpt.checkpoint_name(iteration)), self.snapshot)
+        self.log.message(f"resumed from {latest} at step {progress.step}")
+        return progress
+
+    def _save(self, progress: Progress) -> None:
+        from anchored_megatron.convert.megatron_io import write_model_config
+
+        progress.sampler = self.sampler.state_dict()
+        progress.scheduler = self.scheduler.state_dict()
+        common = {"progress": dataclasses.asdict(progress), "layout": self._layout()}
+        path = ckpt.save_checkpoint(self.ckpt_root, progress.step, self.wrapped, self.optimizer, common, rank_state=self._rank_state())
+        if self.runtime.rank == 0:
+            write_model_config(path, self.cfg.model)
+            ckpt.prune(self.ckpt_root, keep=self.cfg.train.keep_checkpoints)
+        torch.distributed.barrier()
+
+    def _layout(self) -> list[int]:
+        return [self.cfg.parallel.tp, self.cfg.parallel.pp, self.runtime.data_parallel_size]
+
+    def _rank_state(self) -> dict:
+        return {
+            "layout": self._layout(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if not self.runtime.cpu_shim_active else None,
+            "python": list(random.getstate()[1]),
+        }
+
+    def _restore_rank_state(self, state: dict, common: dict) -> None:
+        # RNG streams belong to one rank of one layout; after resharding they are re-seeded.
+        if state is None or state.get("layout") != self._layout():
+            return
+        torch.set_rng_state(state["torch"])
+        if state.get("cuda") is not None:
+            torch.cuda.set_rng_state(state["cuda"])
+        random.setstate((3, tuple(state["python"]), None))
+
+    # ---- outer iterations -------------------------------------------------------------------
+    def _begin_iteration(self, iteration: int, progress: Progress) -> None:
+        """At a boundary: snapshot <- student (kept on disk for mid-iteration resumes), and
+        a fresh optimizer + schedule when configured."""
+        if self.snapshot is not None:
+            copy_weights(self.student, self.snapshot)
+            ckpt.save_checkpoint(self.snapshot_root, iteration, self.snapshot)
+            if self.runtime.rank == 0:
+                ckpt.prune(self.snapshot_root, keep=1)
+            torch.distributed.barrier()
+        if self.cfg.anchor.reset_optimizer_per_iteration and iteration != progress.optimizer_stage:
+            from anchored_megatron.training.optim import build_scheduler, reset_optimizer_state
+
+            reset_optimizer_state(self.optimizer)
+            self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.steps_per_iteration)
+            progress.optimizer_stage = iteration
+
+    # ---- one step ---------------------------------------------------------------------------
+    def _microbatches(self) -> list[dict]:
+        from anchored_megatron.data import collate
+
+        device = self.runtime.device
+        batches = []
+        for indices in self.sampler.next_step():
+            batch = collate([self.dataset[i] for i in indices])
+            batches.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+        return batches
+
+    def _train_step(self, forward_step) -> dict:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        cfg = self.cfg
+        microbatches = self._microbatches()
+        for model in self.wrapped:
+            model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        iterators = [iter(microbatches) for _ in self.stacks]
+        pipelined = cfg.parallel.pp > 1
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.stacks if len(self.stacks) > 1 else self.stacks[0],
+            num_microbatches=self.num_microbatches,
+            seq_length=cfg.model.seq_length,
+            micro_batch_size=cfg.train.micro_batch_size,
+            adjust_tensor_shapes_fn=adjust_tensor_shapes_for(self.num_roles) if pipelined and self.num_roles > 1 else None,
+        )
+        sums = self._reduce_sums(outputs)
+        finite = bool(torch.isfinite(sums[0]).item())
+        grad_norm = float("nan")
+        if finite:
+            _, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=1)
+        tokens = max(sums[-1].item(), 1.0)
+        record = {name: (sums[i] / tokens).item() for i, name in enumerate(SUM_NAMES[:-1])}
+        record.update(response_tokens=int(sums[-1].item()), grad_norm=float(grad_norm) if grad_norm is not None else None, finite=finite)
+        return record
+
+    def _reduce_sums(self, outputs) -> torch.Tensor:
+        """One all-reduce per step: the last stage's TP-rank-0 of each DP replica contributes."""
+        from megatron.core import parallel_state
+
+        sums = torch.zeros(len(SUM_NAMES), dtype=torch.float64, device=self.runtime.device)
+        if outputs and parallel_state.get_tensor_model_parallel_rank() == 0:
+            for out in outputs:
+                sums += out["sums"].to(sums)
+        torch.distributed.all_reduce(sums)
+        return sums.cpu()
+
+    # ---- the main loop -----------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.log = MetricsLog(cfg.output_dir, enabled=self.is_logging_rank, total_steps=self.stop_step, initial_step=0,
+                              tensorboard=cfg.train.tensorboard, progress_bar=cfg.train.progress_bar)
+        progress = self._load_initial_weights()
+        current = {"stage": stage_loss(cfg.anchor, progress.step // self.steps_per_iteration)}
+        forward_step = make_forward_step(lambda: current["stage"], cfg.model.vocab_size)
+        tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
+        last = {}
+        while progress.step < self.stop_step:
+            iteration, step_in_iteration = divmod(progress.step, self.steps_per_iteration)
+            if step_in_iteration == 0:
+                self._begin_iteration(iteration, progress)
+            current["stage"] = stage_loss(cfg.anchor, iteration)
+            started = time.perf_counter()
+            record = self._train_step(forward_step)
+            elapsed = time.perf_counter() - started
+            progress.step += 1
+            progress.nonfinite_in_a_row = 0 if record["finite"] else progress.nonfinite_in_a_row + 1
+            record = {"step": progress.step, "stage": iteration, "alpha": current["stage"].alpha, **record,
+                      "lr": self.optimizer.param_groups[0]["lr"], "step_time_s": elapsed, "tokens_per_s": tokens_per_step / elapsed}
+            self.log.log(record, self._line(record))
+            last = record
+            if progress.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
+                raise NonFiniteLossError(f"loss was not finite for {progress.nonfinite_in_a_row} steps in a row (train.max_nonfinite_in_a_row)")
+            if not record["finite"]:
+                self.log.message(f"step {progress.step}: non-finite loss, update skipped ({progress.nonfinite_in_a_row} in a row)")
+            if self._should_save(progress.step):
+                self._save(progress)
+        self.log.close()
+        return last
+
+    def _should_save(self, step: int) -> bool:
+        train = self.cfg.train
+        at_iteration_end = step % self.steps_per_iteration == 0
+        return (
+            step == self.stop_step
+            or (train.save_at_iteration_end and at_iteration_end)
+            or (train.save_interval > 0 and step % train.save_interval == 0)
+        )
+
+    def _line(self, r: dict) -> str:
+        def f(value, spec):
+            return "n/a" if value is None or value != value else format(value, spec)
+
+        return (
+            f"step {r['step']}/{self.total_steps} stage {r['stage']} loss {f(r['loss'], '.4f')} "
+            f"kl_step {f(r['kl_step'], '.4f')} kl_ref {f(r['kl_reference'], '.4f')} lr {r['lr']:.2e} "
+            f"grad_norm {f(r['grad_norm'], '.3f')} {r['step_time_s']:.2f}s {r['tokens_per_s']:.0f} tok/s"
+        )
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run a whole training job in this process (one rank of a torchrun launch)."""
+    trainer = Trainer(cfg)
+    trainer.setup()
+    return trainer.run()

@@ -1,0 +1,174 @@
+"""The trainer end to end on CPU: layout invariance, exact resume, snapshot/reference roles,
+crash-safe checkpoints and config refusals."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from anchored_megatron.config import ConfigError, RunConfig, build
+from tests.training.conftest import run_config
+
+
+def _losses(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def train_rank(cfg_dict):
+    from anchored_megatron.training.trainer import train
+
+    train(build(RunConfig, cfg_dict))
+    return True
+
+
+class _RoleProbe:
+    """Records, from inside a run, what the snapshot and reference hold."""
+
+
+def probed_train_rank(cfg_dict):
+    from anchored_megatron.training.roles import weights_equal
+    from anchored_megatron.training.trainer import Trainer
+
+    observations = {"boundary_equal": [], "inside_equal": []}
+
+    class ProbedTrainer(Trainer):
+        def _load_initial_weights(self):
+            progress = super()._load_initial_weights()
+            self.reference_before = [{n: p.clone() for n, p in c.named_parameters()} for c in self.reference]
+            return progress
+
+        def _begin_iteration(self, iteration, progress):
+            super()._begin_iteration(iteration, progress)
+            observations["boundary_equal"].append(weights_equal(self.student, self.snapshot))
+
+        def _train_step(self, forward_step):
+            record = super()._train_step(forward_step)
+            observations["inside_equal"].append(weights_equal(self.student, self.snapshot))
+            return record
+
+    trainer = ProbedTrainer(build(RunConfig, cfg_dict))
+    trainer.setup()
+    trainer.run()
+    observations["reference_identical"] = all(
+        torch.equal(before[n], p) for before, chunk in zip(trainer.reference_before, trainer.reference) for n, p in chunk.named_parameters()
+    )
+    observations["reference_frozen"] = all(not p.requires_grad for c in trainer.reference for p in c.parameters())
+    observations["steps_per_iteration"] = trainer.steps_per_iteration
+    return observations
+
+
+def crashing_save_rank(cfg_dict, crash_at_step):
+    """Train; the save at ``crash_at_step`` dies after writing its files, before publishing them."""
+    from anchored_megatron.training import checkpoint
+
+    original = checkpoint._atomic_write
+
+    def dying_write(path, text):
+        if text.strip() == checkpoint.checkpoint_name(crash_at_step):
+            os._exit(17)
+        original(path, text)
+
+    checkpoint._atomic_write = dying_write
+    return train_rank(cfg_dict)
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tiny_run, tmp_path_factory, ranks):
+    out = tmp_path_factory.mktemp("tp1")
+    ranks(train_rank, 1, run_config(tiny_run, out, train__save_interval=3))
+    return _losses(out)
+
+
+@pytest.mark.distributed
+def test_anchored_snapshot_tp2_pp2_matches_single_process(tiny_run, single_process_run, tmp_path, ranks):
+    ranks(train_rank, 4, run_config(tiny_run, tmp_path, parallel__tp=2, parallel__pp=2))
+    parallel = _losses(tmp_path)
+    assert [r["step"] for r in parallel] == [r["step"] for r in single_process_run]
+    assert {r["stage"] for r in parallel} == {0, 1}
+    for a, b in zip(parallel, single_process_run):
+        for name in ("loss", "kl_step", "kl_reference"):
+            assert abs(a[name] - b[name]) <= 1e-4, (a["step"], name, a[name], b[name])
+
+
+@pytest.mark.distributed
+def test_resume_mid_iteration_reproduces_losses_exactly(tiny_run, single_process_run, tmp_path, ranks):
+    steps = len(single_process_run)
+    per_iteration = steps // 2
+    stop = per_iteration + 2  # inside the second outer iteration: the snapshot must come from disk
+    cfg = run_config(tiny_run, tmp_path, train__save_interval=3, train__max_steps=stop)
+    ranks(train_rank, 1, cfg)
+    cfg["train"]["max_steps"] = None
+    ranks(train_rank, 1, cfg)
+    records = _losses(tmp_path)
+    resumed = {r["step"]: r["loss"] for r in records[stop:]}
+    assert sorted(resumed) == list(range(stop + 1, steps + 1))
+    for r in single_process_run:
+        if r["step"] in resumed:
+            assert resumed[r["step"]] == r["loss"], r["step"]
+
+
+@pytest.mark.distributed
+def test_snapshot_tracks_boundaries_and_reference_stays_frozen(tiny_run, tmp_path, ranks):
+    seen = ranks(probed_train_rank, 2, run_config(tiny_run, tmp_path, parallel__tp=2))[0]
+    assert seen["boundary_equal"] == [True, True]
+    assert not any(seen["inside_equal"])  # the student moves off the snapshot at every step
+    assert len(seen["inside_equal"]) == 2 * seen["steps_per_iteration"]
+    assert seen["reference_identical"] and seen["reference_frozen"]
+
+
+@pytest.mark.distributed
+def test_kill_during_save_keeps_previous_checkpoint(tiny_run, single_process_run, tmp_path, ranks):
+    from anchored_megatron.testing import RankFailure
+    from anchored_megatron.training.checkpoint import latest_checkpoint
+
+    cfg = run_config(tiny_run, tmp_path, train__save_interval=2)
+    with pytest.raises(RankFailure, match="exit code 17"):
+        ranks(crashing_save_rank, 1, cfg, 4)
+    root = os.path.join(tmp_path, "checkpoints")
+    assert latest_checkpoint(root).endswith("iter_0000002")
+    ranks(train_rank, 1, cfg)  # resumes from step 2
+    records = _losses(tmp_path)
+    after_resume = {r["step"]: r["loss"] for r in records[4:]}
+    assert after_resume[3] == single_process_run[2]["loss"]
+    assert max(after_resume) == len(single_process_run)
+
+
+@pytest.mark.parametrize(
+    "overrides, world, message",
+    [
+        ({"anchor__alpha": 1.5}, 1, "anchor.alpha: must be in [0, 1], got 1.5"),
+        ({"parallel__tp": 3}, 3, "model.num_attention_heads: 4 is not divisible by parallel.tp=3"),
+        ({"model__num_attention_heads": 8, "model__num_query_groups": 2, "parallel__tp": 4}, 4, "model.num_query_groups: 2 is not divisible by parallel.tp=4"),
+        ({"model__num_layers": 3, "parallel__pp": 2}, 2, "model.num_layers: 3 is not divisible by parallel.pp"),
+        ({"train__global_batch_size": 6, "train__micro_batch_size": 4}, 1, "train.global_batch_size: 6 is not divisible by train.micro_batch_size"),
+        ({"train__global_batch_size": 6}, 4, "train.global_batch_size: 6 is not divisible by train.micro_batch_size x data-parallel size = 1 x 4"),
+        ({"anchor__objective": "dpo"}, 1, "anchor.objective: must be one of"),
+        ({"train__log_interval": 0}, 1, "train.log_interval: must be an integer >= 1, got 0"),
+    ],
+)
+def test_config_refusals_name_the_key(tiny_run, tmp_path, monkeypatch, overrides, world, message):
+    from anchored_megatron.training.trainer import Trainer
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(ConfigError) as info:
+        Trainer(build(RunConfig, run_config(tiny_run, tmp_path, **overrides)))
+    assert message in str(info.value)
+
+
+def test_reference_with_another_vocabulary_is_refused(tiny_run, tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+
+    from anchored_megatron.training.trainer import Trainer
+
+    other = tmp_path / "other_teacher"
+    shutil.copytree(tiny_run["teacher"], other)
+    config = yaml.safe_load((other / "model_config.yaml").read_text())
+    config["vocab_size"] = 320
+    (other / "model_config.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=r"reference.checkpoint: vocab_size=320 differs from the student's 256"):
+        Trainer(build(RunConfig, run_config(tiny_run, tmp_path, reference__checkpoint=str(other))))
