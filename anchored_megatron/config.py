@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 
 class ConfigError(ValueError):
@@ -69,6 +69,17 @@ class ModelConfig:
     init_method_std: float = 0.02
     params_dtype: str = "fp32"  # fp32 | bf16 | fp16
     transformer_impl: str = "local"  # local | transformer_engine
+    # FP8 GEMMs in the transformer layers of every role (Transformer Engine, CUDA 8.9+); the
+    # embedding, output layer and loss stay in bf16/fp32. null | hybrid | e4m3.
+    fp8: str | None = None
+    fp8_recipe: str = "delayed"  # delayed | tensorwise (per-tensor current scaling)
+    fp8_bf16_first_last_layers: int = 0  # layers at each end kept in bf16 under FP8 (needs fp8_recipe=tensorwise)
+    fused_kernels: bool = True  # on GPU, use the fused kernels (jit, Transformer Engine, apex) that are installed
+
+    # How to run the model, not what it is: a checkpoint's shape never dictates these.
+    EXECUTION_FIELDS: ClassVar[tuple[str, ...]] = (
+        "params_dtype", "transformer_impl", "fp8", "fp8_recipe", "fp8_bf16_first_last_layers", "fused_kernels",
+    )
 
     def validate(self, parallel: ParallelConfig | None = None, prefix: str = "model") -> None:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size", "seq_length"):
@@ -93,6 +104,7 @@ class ModelConfig:
             f"{prefix}.transformer_impl",
             f"must be 'local' or 'transformer_engine', got {self.transformer_impl!r}",
         )
+        self._validate_precision(parallel, prefix)
         if parallel is not None:
             _require(
                 self.num_attention_heads % parallel.tp == 0,
@@ -115,6 +127,56 @@ class ModelConfig:
                 f"{prefix}.num_layers",
                 f"{self.num_layers} is not divisible by parallel.pp x parallel.vpp = {stages}",
             )
+
+    def _validate_precision(self, parallel: ParallelConfig | None, prefix: str) -> None:
+        """FP8 / fused-kernel options; what the machine offers is checked when the model is built."""
+        _require(self.fp8 in (None, "hybrid", "e4m3"), f"{prefix}.fp8", f"must be null, hybrid or e4m3, got {self.fp8!r}")
+        _require(self.fp8_recipe in ("delayed", "tensorwise"), f"{prefix}.fp8_recipe", f"must be delayed or tensorwise, got {self.fp8_recipe!r}")
+        _require(isinstance(self.fused_kernels, bool), f"{prefix}.fused_kernels", f"must be true or false, got {self.fused_kernels!r}")
+        edge = self.fp8_bf16_first_last_layers
+        _require(
+            isinstance(edge, int) and not isinstance(edge, bool) and edge >= 0,
+            f"{prefix}.fp8_bf16_first_last_layers", f"must be an integer >= 0, got {edge!r}",
+        )
+        if sp := (parallel is not None and parallel.sequence_parallel):
+            _require(
+                self.transformer_impl == "transformer_engine",
+                "parallel.sequence_parallel",
+                "needs model.transformer_impl=transformer_engine: the local layer spec's RMSNorm is torch's, which "
+                "Megatron-Core refuses under sequence parallelism (apex's fused norm is LayerNorm only)",
+            )
+        if self.fp8 is None:
+            _require(edge == 0, f"{prefix}.fp8_bf16_first_last_layers", f"needs model.fp8 (hybrid or e4m3), got fp8=null and {edge}")
+            return
+        _require(
+            self.transformer_impl == "transformer_engine",
+            f"{prefix}.fp8",
+            f"needs model.transformer_impl=transformer_engine (the local layer spec has no FP8 GEMMs), got {self.transformer_impl!r}",
+        )
+        _require(self.params_dtype == "bf16", f"{prefix}.fp8", f"needs model.params_dtype=bf16, got {self.params_dtype!r}")
+        _require(
+            edge == 0 or self.fp8_recipe == "tensorwise",
+            f"{prefix}.fp8_bf16_first_last_layers",
+            "needs model.fp8_recipe=tensorwise (delayed scaling cannot leave single layers out of FP8)",
+        )
+        tp = parallel.tp if parallel is not None else 1
+        stages = parallel.pp if parallel is not None else 1
+        _require(
+            edge <= self.num_layers // stages,
+            f"{prefix}.fp8_bf16_first_last_layers",
+            f"{edge} exceeds the {self.num_layers // stages} layers of one pipeline stage",
+        )
+        # Transformer Engine's FP8 GEMMs need every GEMM dimension a multiple of 16 and the
+        # token count a multiple of 8 (here: 16, so it holds for any micro-batch size).
+        dims = {
+            f"{prefix}.hidden_size": self.hidden_size,
+            f"{prefix}.ffn_hidden_size / parallel.tp": self.ffn_hidden_size // tp,
+            f"{prefix}.num_attention_heads x head_dim / parallel.tp": self.num_attention_heads * self.head_dim // tp,
+            f"{prefix}.num_query_groups x head_dim / parallel.tp": self.num_query_groups * self.head_dim // tp,
+            f"{prefix}.seq_length" + (" / parallel.tp" if sp else ""): self.seq_length // (tp if sp else 1),
+        }
+        for name, value in dims.items():
+            _require(value % 16 == 0, f"{prefix}.fp8", f"FP8 GEMMs need {name} to be a multiple of 16, got {value}")
 
     @property
     def head_dim(self) -> int:

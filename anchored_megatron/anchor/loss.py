@@ -240,7 +240,7 @@ def vocab_parallel_anchored_loss(
     # detached so that no gradient can reach them whatever the caller passed.
     outputs = _AnchoredLoss.apply(
         student_logits, reference_logits.detach(), None if anchor_logits is None else anchor_logits.detach(),
-        None if labels is None else labels.detach(), spec, layout, int(chunk_tokens),
+        None if labels is None else labels.detach().long(), spec, layout, int(chunk_tokens),
     )
     if not return_metrics:
         return outputs[0]

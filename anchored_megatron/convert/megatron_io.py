@@ -173,12 +173,6 @@ def _read_request(rule: Rule, data: torch.Tensor, global_shape: tuple[int, ...])
 
 
 
-def _chunk_state_dicts(chunks) -> dict:
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
-
-
 def load_megatron_weights(chunks, ckpt_dir: str) -> None:
     """Load a converted or trainer checkpoint into this rank's model chunks (any TP/PP/VPP).
 
@@ -187,10 +181,11 @@ def load_megatron_weights(chunks, ckpt_dir: str) -> None:
     """
     from megatron.core import dist_checkpointing
 
-    requested = _chunk_state_dicts(chunks)
-    loaded = dist_checkpointing.load(requested, ckpt_dir)
-    for i, chunk in enumerate(chunks):
-        state = loaded["model"] if len(chunks) == 1 else loaded[f"model{i}"]
+    from anchored_megatron.training.checkpoint import model_keys, model_sharded_state_dict
+
+    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), ckpt_dir)
+    for i, (key, chunk) in enumerate(zip(model_keys(len(chunks)), chunks)):
+        state = loaded[key]
         # Non-strict only for ``_extra_state`` (GPTModel drops output_layer's from its sharded dict).
         result = chunk.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
@@ -205,7 +200,9 @@ def save_megatron_weights(chunks, ckpt_dir: str, model: ModelConfig) -> None:
     if torch.distributed.get_rank() == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
     torch.distributed.barrier()
-    dist_checkpointing.save(_chunk_state_dicts(chunks), ckpt_dir)
+    from anchored_megatron.training.checkpoint import model_sharded_state_dict
+
+    dist_checkpointing.save(model_sharded_state_dict(chunks), ckpt_dir)
     if torch.distributed.get_rank() == 0:
         write_model_config(ckpt_dir, model)
     torch.distributed.barrier()

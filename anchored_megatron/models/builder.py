@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from anchored_megatron.config import ModelConfig, ParallelConfig
+from anchored_megatron.models import te
+from anchored_megatron.platform import accelerators
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -13,9 +15,16 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def transformer_config(model: ModelConfig, parallel: ParallelConfig):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    return TransformerConfig(**transformer_config_kwargs(model, parallel))
+
+
+def transformer_config_kwargs(model: ModelConfig, parallel: ParallelConfig) -> dict:
+    """The ``TransformerConfig`` fields for ``model`` on this machine. Refuses (ConfigError)
+    FP8 / the TE spec where CUDA or Transformer Engine is missing (see models/te.py)."""
+    te.check_environment(model, parallel)
     dtype = _DTYPES[model.params_dtype]
     vpp = parallel.vpp if (parallel.vpp or 1) > 1 else None
-    return TransformerConfig(
+    return dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.ffn_hidden_size,
@@ -45,22 +54,16 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         pipeline_dtype=dtype,
-        # Fused kernels need apex/TE; the trainer turns them on where they exist.
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        bias_dropout_fusion=False,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        # Each fused kernel only where it is installed (all off on CPU); FP8 only when asked.
+        **te.fusion_settings(model),
+        **te.precision_settings(model),
+        use_cpu_initialization=not accelerators.has_cuda(),
     )
 
 
 def layer_spec(model: ModelConfig):
     if model.transformer_impl == "transformer_engine":
-        from anchored_megatron.models.te import te_layer_spec
-
-        return te_layer_spec(model)
+        return te.te_layer_spec(model)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     return get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
@@ -95,7 +98,7 @@ def build_model_chunk(
         rope_scaling_factor=float(rope.get("factor", 8.0)),
         vp_stage=vp_stage,
     )
-    if torch.cuda.is_available():
+    if accelerators.has_cuda():
         gpt = gpt.cuda(torch.cuda.current_device())
     if config.bf16 or config.fp16:
         from megatron.core.transformer.module import Float16Module

@@ -150,13 +150,26 @@ def load_checkpoint(path: str, chunks, optimizer=None, strict: bool = True, rank
 
 
 def prune(root: str, keep: int) -> None:
-    """Delete all but the ``keep`` newest complete checkpoints (and stale .tmp folders)."""
+    """Delete all but the ``keep`` newest complete checkpoints (and stale .tmp folders);
+    the one ``latest`` names is always kept."""
     current = latest_checkpoint(root)
-    names = sorted(n for n in os.listdir(root) if n.startswith("iter_"))
-    complete = [n for n in names if not n.endswith(".tmp")]
-    doomed = [n for n in names if n.endswith(".tmp")] + complete[: max(0, len(complete) - keep)]
-    for name in doomed:
-        path = os.path.join(root, name)
-        if current is not None and os.path.samefile(path, current):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
+    for name in os.listdir(root):
+        if name.startswith("iter_") and name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    complete = iterations(root)
+    for number in complete[: max(0, len(complete) - keep)]:
+        path = os.path.join(root, checkpoint_name(number))
+        if current is None or not os.path.samefile(path, current):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def iterations(root: str) -> list[int]:
+    """The iteration numbers of the complete checkpoints under ``root``."""
+    return sorted(int(n[len("iter_"):]) for n in os.listdir(root) if n.startswith("iter_") and not n.endswith(".tmp"))
+
+
+def prune_below(root: str, iteration: int) -> None:
+    """Delete the complete checkpoints numbered below ``iteration``."""
+    for number in iterations(root):
+        if number < iteration:
+            shutil.rmtree(os.path.join(root, checkpoint_name(number)), ignore_errors=True)

@@ -125,7 +125,7 @@ class Trainer:
         self.total_steps = self.steps_per_iteration * anchor.outer_iterations
         # max_steps stops the run early without changing the schedule (LR, stages) it follows.
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
-        self.is_logging_rank = self.runtime.rank == torch.distributed.get_world_size() - 1  # holds the loss
+        self.is_logging_rank = self.runtime.rank == 0  # metrics are all-reduced, so every rank holds them
         self._build_roles()
 
     def _check_checkpoint_tokenizers(self) -> None:
@@ -210,6 +210,10 @@ class Trainer:
         if self.runtime.rank == 0:
             write_model_config(path, self.cfg.model)
             ckpt.prune(self.ckpt_root, keep=self.cfg.train.keep_checkpoints)
+            if self.snapshot is not None:
+                # A snapshot is needed while any kept checkpoint lies inside its iteration.
+                oldest = min(ckpt.iterations(self.ckpt_root))
+                ckpt.prune_below(self.snapshot_root, oldest // self.steps_per_iteration)
         torch.distributed.barrier()
 
     def _layout(self) -> list[int]:
@@ -239,9 +243,6 @@ class Trainer:
         if self.snapshot is not None:
             copy_weights(self.student, self.snapshot)
             ckpt.save_checkpoint(self.snapshot_root, iteration, self.snapshot)
-            if self.runtime.rank == 0:
-                ckpt.prune(self.snapshot_root, keep=1)
-            torch.distributed.barrier()
         if self.cfg.anchor.reset_optimizer_per_iteration and iteration != progress.optimizer_stage:
             from anchored_megatron.training.optim import build_scheduler, reset_optimizer_state
 

@@ -12,8 +12,9 @@ from tests.training.conftest import run_config
 
 
 def _losses(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
+    path = os.path.join(output_dir, "metrics.jsonl")
+    with open(path) as fh:
+        return [dict(json.loads(line), _metrics_path=path) for line in fh]
 
 
 def train_rank(cfg_dict):
@@ -21,10 +22,6 @@ def train_rank(cfg_dict):
 
     train(build(RunConfig, cfg_dict))
     return True
-
-
-class _RoleProbe:
-    """Records, from inside a run, what the snapshot and reference hold."""
 
 
 def probed_train_rank(cfg_dict):
@@ -77,7 +74,7 @@ def crashing_save_rank(cfg_dict, crash_at_step):
 @pytest.fixture(scope="module")
 def single_process_run(tiny_run, tmp_path_factory, ranks):
     out = tmp_path_factory.mktemp("tp1")
-    ranks(train_rank, 1, run_config(tiny_run, out, train__save_interval=3))
+    ranks(train_rank, 1, run_config(tiny_run, out, train__save_interval=3, train__keep_checkpoints=10))
     return _losses(out)
 
 
@@ -107,6 +104,21 @@ def test_resume_mid_iteration_reproduces_losses_exactly(tiny_run, single_process
     for r in single_process_run:
         if r["step"] in resumed:
             assert resumed[r["step"]] == r["loss"], r["step"]
+
+
+@pytest.mark.distributed
+def test_resume_at_another_layout_reshards(tiny_run, single_process_run, tmp_path_factory, tmp_path, ranks):
+    import shutil
+
+    source = os.path.dirname(single_process_run[0]["_metrics_path"])
+    for sub in ("checkpoints", "snapshots"):
+        shutil.copytree(os.path.join(source, sub), tmp_path / sub)
+    (tmp_path / "checkpoints" / "latest").write_text("iter_0000003\n")  # inside the first outer iteration
+    ranks(train_rank, 2, run_config(tiny_run, tmp_path, parallel__tp=2))
+    resumed = _losses(tmp_path)
+    assert [r["step"] for r in resumed] == [r["step"] for r in single_process_run[3:]]
+    for a, b in zip(resumed, single_process_run[3:]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4, (a["step"], a["loss"], b["loss"])
 
 
 @pytest.mark.distributed
@@ -146,6 +158,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tiny_run, single_process_run
         ({"train__global_batch_size": 6}, 4, "train.global_batch_size: 6 is not divisible by train.micro_batch_size x data-parallel size = 1 x 4"),
         ({"anchor__objective": "dpo"}, 1, "anchor.objective: must be one of"),
         ({"train__log_interval": 0}, 1, "train.log_interval: must be an integer >= 1, got 0"),
+        ({"parallel__pp": 2, "parallel__vpp": 2}, 2, "parallel.vpp: the interleaved pipeline schedule cannot carry the frozen roles"),
     ],
 )
 def test_config_refusals_name_the_key(tiny_run, tmp_path, monkeypatch, overrides, world, message):

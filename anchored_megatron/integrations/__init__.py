@@ -1,0 +1,1 @@
+"""Drop-in pieces for training loops that are not ours (Megatron-LM's ``pretrain``)."""

@@ -1,0 +1,176 @@
+"""The staged forgetting experiment: which trainer runs, with which configs, in which order.
+
+1. ``base``: SFT from random init on the regime's pretraining mixture, many epochs.
+2. ``teacher``: SFT of the base on the target (a short run).
+3. methods, each from the base with the same data and epoch budget: ``sft`` (its curve also
+   gives early-stopped SFT), ``sft_kl`` (reference = base), ``distill`` (alpha 1, reference =
+   teacher), ``anchored`` (alpha, snapshot, T x K), ``anchored_live``, ``anchored_a3`` ((0.3, 10, 2)
+   scaled to the budget).
+
+A stage's cache key hashes its run config (paths replaced by the keys / digests of what
+they point to), so a stage is re-run exactly when something it depends on changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from anchored_megatron.data.synthetic import CHAT_TEMPLATE
+
+METHODS = ("sft", "sft_kl", "distill", "anchored", "anchored_live", "anchored_a3")
+
+
+@dataclass
+class StageSpec:
+    name: str
+    run: dict  # a RunConfig as a dict (paths included)
+    depends: dict = field(default_factory=dict)  # RunConfig key -> stage name whose output it loads
+    eval_every_epochs: int = 0  # 0: evaluate the final checkpoint only
+    entropy: bool = False  # report the model's per-token entropy on its own responses
+    key: str = ""
+
+
+@dataclass
+class ExperimentConfig:
+    output_dir: str
+    seed: int = 0
+    regime: str = "C"
+    # data sizes (see data/synthetic/regimes.py)
+    pretrain_per_skill: int = 1500
+    finetune_examples: int = 600
+    eval_per_skill: int = 500
+    skills: tuple[str, ...] = ("add", "rev", "up", "rep", "kv")
+    # model (Llama-shaped; TP=2 needs even heads and query groups)
+    hidden_size: int = 128
+    num_layers: int = 4
+    ffn_hidden_size: int = 384
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    seq_length: int = 96
+    tp: int = 2
+    # base pretraining
+    base_epochs: int = 6
+    base_lr: float = 2e-3
+    base_global_batch: int = 64
+    # fine-tuning
+    teacher_epochs: int = 3
+    finetune_lr: float = 3e-4
+    finetune_global_batch: int = 16
+    outer_iterations: int = 5  # T of the anchored method; the budget is T x K epochs for every method
+    epochs_per_iteration: int = 5  # K
+    alpha: float = 0.5
+    kl_weight: float = 0.1
+    reset_optimizer_per_iteration: bool = False
+    methods: tuple[str, ...] = METHODS
+    eval_every_epochs: int = 1
+    tag: str = ""  # appended to the teacher's and methods' directories (e.g. one per learning rate; the base is shared)
+    micro_batch_size: int = 16
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"methods: unknown {unknown} (known: {', '.join(METHODS)})")
+        if self.regime not in ("A", "B", "C"):
+            raise ValueError(f"regime must be A, B or C, got {self.regime!r}")
+        for name in ("base_epochs", "teacher_epochs", "outer_iterations", "epochs_per_iteration", "eval_every_epochs"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("base_global_batch", "finetune_global_batch"):
+            if getattr(self, name) % self.micro_batch_size:
+                raise ValueError(f"{name}={getattr(self, name)} is not a multiple of micro_batch_size={self.micro_batch_size}")
+
+    @property
+    def budget_epochs(self) -> int:
+        return self.outer_iterations * self.epochs_per_iteration
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _model(cfg: ExperimentConfig, vocab_size: int) -> dict:
+    return dict(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
+                num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
+                vocab_size=vocab_size, seq_length=cfg.seq_length)
+
+
+def plan(cfg: ExperimentConfig, paths: dict, vocab_size: int) -> list[StageSpec]:
+    """The stages in run order. ``paths``: tokenizer, pretrain, finetune, cache (from prepare_data)."""
+    cfg.validate()
+    root = os.path.join(cfg.output_dir, "stages")
+
+    def run(name, data_path, objective, epochs_t, epochs_k, lr, batch, student, reference=None, **anchor):
+        return {
+            "output_dir": os.path.join(root, name if name == "base" else name + cfg.tag),
+            "seed": cfg.seed,
+            "parallel": {"tp": cfg.tp},
+            "model": _model(cfg, vocab_size),
+            "student": {"checkpoint": student},
+            "reference": {"checkpoint": reference},
+            "data": {"paths": [data_path], "tokenizer": paths["tokenizer"], "chat_template": CHAT_TEMPLATE, "cache_dir": paths["cache"]},
+            "anchor": {"objective": objective, "outer_iterations": epochs_t, "epochs_per_iteration": epochs_k, **anchor},
+            "optim": {"lr": lr, "min_lr": lr / 10 if name == "base" else 0.0, "warmup_fraction": 0.05,
+                      "lr_schedule": "cosine" if name == "base" else "constant", "clip_grad": 1.0},
+            "train": {"micro_batch_size": cfg.micro_batch_size, "global_batch_size": batch, "progress_bar": cfg.progress_bar,
+                      "tensorboard": False, "keep_checkpoints": 1000, "log_interval": 1000000},
+        }
+
+    base_dir = os.path.join(root, "base")
+    teacher_dir = os.path.join(root, "teacher" + cfg.tag)
+    ft = dict(data_path=paths["finetune"], lr=cfg.finetune_lr, batch=cfg.finetune_global_batch, student=base_dir)
+    T, K = cfg.outer_iterations, cfg.epochs_per_iteration
+    budget = T * K
+    stages = [
+        StageSpec("base", run("base", paths["pretrain"], "sft", 1, cfg.base_epochs, cfg.base_lr, cfg.base_global_batch, None), entropy=True),
+        StageSpec("teacher", run("teacher", objective="sft", epochs_t=1, epochs_k=cfg.teacher_epochs, **ft), depends={"student": "base"}),
+    ]
+    reset = cfg.reset_optimizer_per_iteration
+    method_runs = {
+        "sft": (run("sft", objective="sft", epochs_t=1, epochs_k=budget, **ft), {"student": "base"}),
+        "sft_kl": (run("sft_kl", objective="sft_kl", epochs_t=1, epochs_k=budget, reference=base_dir, kl_weight=cfg.kl_weight, **ft),
+                   {"student": "base", "reference": "base"}),
+        "distill": (run("distill", objective="distill", epochs_t=1, epochs_k=budget, reference=teacher_dir, **ft),
+                    {"student": "base", "reference": "teacher"}),
+        "anchored": (run("anchored", objective="anchored", epochs_t=T, epochs_k=K, reference=teacher_dir, alpha=cfg.alpha,
+                         source="snapshot", reset_optimizer_per_iteration=reset, **ft), {"student": "base", "reference": "teacher"}),
+        "anchored_live": (run("anchored_live", objective="anchored", epochs_t=T, epochs_k=K, reference=teacher_dir, alpha=cfg.alpha,
+                              source="live", reset_optimizer_per_iteration=reset, **ft), {"student": "base", "reference": "teacher"}),
+        # (alpha, T, K) = (0.3, 10, 2) at the paper's scale; here T is scaled so T x K = the budget.
+        "anchored_a3": (run("anchored_a3", objective="anchored", epochs_t=max(1, budget // 2), epochs_k=2 if budget >= 2 else 1,
+                            reference=teacher_dir, alpha=0.3, source="snapshot", reset_optimizer_per_iteration=reset, **ft),
+                        {"student": "base", "reference": "teacher"}),
+    }
+    for name in cfg.methods:
+        run_cfg, depends = method_runs[name]
+        stages.append(StageSpec(name, run_cfg, depends, eval_every_epochs=cfg.eval_every_epochs))
+    _assign_keys(stages, paths)
+    return stages
+
+
+def file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _assign_keys(stages: list[StageSpec], paths: dict) -> None:
+    keys = {}
+    digests = {}
+    for stage in stages:
+        run = copy.deepcopy(stage.run)
+        run.pop("output_dir")
+        run["train"].pop("progress_bar")
+        run["data"]["paths"] = [digests.setdefault(p, file_digest(p)) for p in run["data"]["paths"]]
+        run["data"]["tokenizer"] = digests.setdefault(paths["tokenizer_model"], file_digest(paths["tokenizer_model"]))
+        run["data"].pop("cache_dir")
+        for role, source in stage.depends.items():
+            run[role]["checkpoint"] = keys[source]
+        blob = json.dumps({"run": run, "eval_every_epochs": stage.eval_every_epochs, "entropy": stage.entropy}, sort_keys=True)
+        stage.key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        keys[stage.name] = stage.key

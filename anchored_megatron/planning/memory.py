@@ -1,0 +1,110 @@
+"""Memory per rank of an anchored run, pipeline stage by pipeline stage.
+
+Per rank (every TP and DP rank of a stage holds the same):
+- student weights: parameters x param bytes;
+- grads: Megatron DDP with ``grad_reduce_in_fp32`` keeps an fp32 main-grad buffer of every
+  trainable parameter (4 B/param, not sharded, also with the distributed optimizer);
+- optimizer state (Adam): fp32 master weights + two fp32 moments = 12 B/param for bf16/fp16
+  parameters; fp32 parameters are their own master copy, 8 B/param. The distributed
+  optimizer shards this over the data-parallel ranks;
+- frozen roles (reference, snapshot): weights only, same layout as the student, no grads,
+  no optimizer state;
+- activations: ``activations.py`` (per layer per microbatch x layers on the rank x
+  in-flight microbatches, P2P buffers, the loss peak on the last stage, one layer transient).
+
+Not counted: CUDA context and allocator fragmentation (budget 2-5 GiB per GPU), the DDP
+buckets' padding, communication buffers (NCCL), checkpoint-save staging copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from anchored_megatron.config import RunConfig
+from anchored_megatron.planning import activations as act
+from anchored_megatron.planning.parameters import rank_parameters
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Bytes on one rank of pipeline stage ``pp_rank``."""
+
+    pp_rank: int
+    layers: int
+    parameters: int  # student parameters on this rank
+    weights: int
+    grads: int
+    optimizer: int
+    frozen_weights: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.grads + self.optimizer + self.frozen_weights + self.activations
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    world_size: int
+    data_parallel_size: int
+    num_microbatches: int
+    frozen_roles: tuple[str, ...]
+    stages: tuple[StageMemory, ...]
+
+    @property
+    def peak(self) -> StageMemory:
+        return max(self.stages, key=lambda stage: stage.total)
+
+
+def frozen_role_names(cfg: RunConfig) -> tuple[str, ...]:
+    names = []
+    if cfg.anchor.needs_reference:
+        names.append("reference")
+    if cfg.anchor.needs_snapshot:
+        names.append("snapshot")
+    return tuple(names)
+
+
+def optimizer_bytes_per_param(params_dtype: str) -> int:
+    return 8 if params_dtype == "fp32" else 12
+
+
+def plan_memory(cfg: RunConfig, world_size: int) -> MemoryPlan:
+    """The memory plan of ``cfg`` on ``world_size`` ranks (validate ``cfg`` first)."""
+    model, parallel = cfg.model, cfg.parallel
+    dp = parallel.data_parallel_size(world_size)
+    num_microbatches = cfg.train.num_microbatches(dp)
+    frozen = frozen_role_names(cfg)
+    num_roles = 1 + len(frozen)
+    beta = act.PARAM_BYTES[model.params_dtype]
+    mbs = cfg.train.micro_batch_size
+    per_layer = act.layer_activation_bytes(model, parallel, mbs)
+    stages = []
+    for pp_rank in range(parallel.pp):
+        chunks = rank_parameters(model, parallel, pp_rank)
+        params = sum(chunk.total for chunk in chunks)
+        layers = sum(chunk.layers for chunk in chunks)
+        first, last = pp_rank == 0, pp_rank == parallel.pp - 1
+        optimizer = params * optimizer_bytes_per_param(model.params_dtype)
+        if cfg.optim.distributed_optimizer:
+            optimizer = -(-optimizer // dp)
+        held = act.in_flight_microbatches(parallel, pp_rank, num_microbatches)
+        activations = held * (layers * per_layer + act.pipeline_buffer_bytes(model, parallel, mbs, num_roles, first, last))
+        activations += per_layer  # one layer's working set (frozen roles' no-grad forward, backward temporaries)
+        if last:
+            activations += act.loss_activation_bytes(model, parallel, mbs, num_roles)
+        stages.append(
+            StageMemory(
+                pp_rank=pp_rank,
+                layers=layers,
+                parameters=params,
+                weights=params * beta,
+                grads=params * 4,
+                optimizer=optimizer,
+                frozen_weights=params * beta * len(frozen),
+                activations=int(activations),
+            )
+        )
+    return MemoryPlan(world_size=world_size, data_parallel_size=dp, num_microbatches=num_microbatches, frozen_roles=frozen, stages=tuple(stages))

@@ -1,0 +1,102 @@
+"""``anchored-sft --dry-run``: validate a run config without any process group and print its
+parallel layout, parameters per rank and memory per rank."""
+
+from __future__ import annotations
+
+import os
+
+from anchored_megatron.config import ConfigError, RunConfig
+from anchored_megatron.planning.memory import GIB, MemoryPlan, plan_memory
+from anchored_megatron.planning.parameters import total_parameters
+
+
+def resolve_world_size(cfg: RunConfig, world_size: int | None) -> tuple[int, str]:
+    """(world size, where it came from): the argument, else $WORLD_SIZE (torchrun / an
+    exported value), else the smallest layout tp x pp (data-parallel size 1)."""
+    if world_size is not None:
+        source = "--world-size"
+    elif os.environ.get("WORLD_SIZE"):
+        raw = os.environ["WORLD_SIZE"]
+        try:
+            world_size = int(raw)
+        except ValueError:
+            raise ConfigError(f"WORLD_SIZE: must be an integer, got {raw!r}") from None
+        source = "$WORLD_SIZE"
+    else:
+        world_size = cfg.parallel.tp * cfg.parallel.pp
+        source = "tp x pp; set WORLD_SIZE to plan a data-parallel layout"
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"world size: must be an integer >= 1, got {world_size!r}")
+    return world_size, source
+
+
+def validate_layout(cfg: RunConfig, world_size: int) -> None:
+    """The checks of ``RunConfig.validate`` that need no files: for planning a run before its
+    data and checkpoints are staged."""
+    cfg.parallel.validate(world_size)
+    cfg.model.validate(cfg.parallel)
+    cfg.anchor.validate()
+    cfg.optim.validate()
+    cfg.train.validate()
+    cfg.train.num_microbatches(cfg.parallel.data_parallel_size(world_size))
+
+
+def dry_run(cfg: RunConfig, world_size: int | None = None, check_files: bool = True) -> str:
+    """Validate ``cfg`` as the trainer would (without creating process groups) and return the
+    plan as text. ``check_files=False`` skips the checks of data / checkpoint paths."""
+    world_size, source = resolve_world_size(cfg, world_size)
+    if check_files:
+        # The trainer's own start-up checks: model shape from the student checkpoint, full
+        # validation, reference architecture.
+        from anchored_megatron.training.trainer import check_reference_matches, resolve_student_model
+
+        resolve_student_model(cfg)
+        cfg.validate(world_size)
+        check_reference_matches(cfg)
+    else:
+        validate_layout(cfg, world_size)
+    return format_plan(cfg, plan_memory(cfg, world_size), source)
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / GIB:.2f}"
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def format_plan(cfg: RunConfig, plan: MemoryPlan, world_source: str) -> str:
+    model, parallel, train = cfg.model, cfg.parallel, cfg.train
+    roles = " + ".join(("student",) + plan.frozen_roles)
+    optimizer = "distributed (sharded over DP)" if cfg.optim.distributed_optimizer else "replicated"
+    lines = [
+        "config: valid",
+        f"world size {plan.world_size} ({world_source}) = TP {parallel.tp} x PP {parallel.pp} x DP {plan.data_parallel_size}"
+        f"; virtual stages {parallel.vpp or 1}; sequence parallel {'on' if parallel.sequence_parallel else 'off'}",
+        f"model: {model.num_layers} layers, hidden {model.hidden_size}, ffn {model.ffn_hidden_size}, heads {model.num_attention_heads}"
+        f" (query groups {model.num_query_groups}), vocab {model.vocab_size} padded to {model.padded_vocab_size(parallel.tp)}"
+        f", {'tied' if model.tie_embeddings else 'untied'} embeddings, {model.params_dtype}, {model.transformer_impl} spec"
+        f"; {_count(total_parameters(model))} parameters",
+        f"objective {cfg.anchor.objective}: roles {roles} (frozen roles co-sharded with the student, weights only)",
+        f"batch: micro {train.micro_batch_size} x {plan.num_microbatches} microbatches x DP {plan.data_parallel_size}"
+        f" = global {train.global_batch_size} sequences of {model.seq_length} tokens; optimizer {optimizer}",
+        "",
+        "memory per rank in GiB (every TP/DP rank of a stage alike):",
+        f"{'stage':>5} {'layers':>6} {'params':>9} {'weights':>8} {'grads':>8} {'optim':>8} {'frozen':>8} {'activ':>8} {'total':>8}",
+    ]
+    for stage in plan.stages:
+        lines.append(
+            f"{stage.pp_rank:>5} {stage.layers:>6} {_count(stage.parameters):>9} {_gib(stage.weights):>8} {_gib(stage.grads):>8}"
+            f" {_gib(stage.optimizer):>8} {_gib(stage.frozen_weights):>8} {_gib(stage.activations):>8} {_gib(stage.total):>8}"
+        )
+    peak = plan.peak
+    lines += [
+        "",
+        f"peak: stage {peak.pp_rank}, {_gib(peak.total)} GiB per GPU"
+        " (plus CUDA context and allocator fragmentation, typically 2-5 GiB; see docs/scale-out.md)",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""Forgetting benchmark: does Anchored Learning keep SFT's target gain while losing less of
+what the base could do? Every stage is a real trainer run at TP=2 on 2 gloo ranks.
+
+Full version (the issue's plan): regime C with 3 seeds x 2 fine-tuning learning rates
+(mean ± std), regimes A and B with one seed as controls. ``--reduced`` runs fewer seeds /
+learning rates / smaller sizes and says so in its output. Stages are cached under
+``--output-dir``: an interrupted run resumes at the first unfinished stage.
+
+    python bench/forgetting.py [--reduced] [--output-dir runs/forgetting] [--results docs/results.md]
+
+Prints the tables; writes them (+ plots) to --results and the printed output to
+bench/results/forgetting.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from anchored_megatron.eval.report import markdown_tables, plot_tradeoff  # noqa: E402
+from anchored_megatron.pipeline.runner import run_experiment  # noqa: E402
+from anchored_megatron.pipeline.stages import ExperimentConfig  # noqa: E402
+
+FULL = dict(
+    sizes=dict(pretrain_per_skill=1500, finetune_examples=600, eval_per_skill=500, hidden_size=96, num_layers=3, ffn_hidden_size=288,
+               base_epochs=8, base_lr=3e-3, base_global_batch=64, teacher_epochs=3, finetune_global_batch=32,
+               outer_iterations=5, epochs_per_iteration=5, eval_every_epochs=5),
+    regime_c_seeds=(0, 1, 2), learning_rates=(3e-4, 1e-3), control_regimes=("A", "B"), control_lr=3e-4,
+)
+REDUCED = dict(
+    sizes=dict(pretrain_per_skill=700, finetune_examples=300, eval_per_skill=200, hidden_size=64, num_layers=2, ffn_hidden_size=192,
+               base_epochs=10, base_lr=3e-3, base_global_batch=64, teacher_epochs=3, finetune_global_batch=16,
+               outer_iterations=3, epochs_per_iteration=2, eval_every_epochs=2),
+    regime_c_seeds=(0, 1), learning_rates=(1e-3,), control_regimes=(), control_lr=1e-3,
+)
+
+
+def settings_text(plan: dict, reduced: bool) -> str:
+    s = plan["sizes"]
+    return (
+        f"{'REDUCED run (not the full benchmark)' if reduced else 'Full run'}: regime C seeds {list(plan['regime_c_seeds'])}, "
+        f"fine-tuning lr {list(plan['learning_rates'])}; controls {list(plan['control_regimes']) or 'none'}. "
+        f"Model: Llama-shaped, hidden {s['hidden_size']}, {s['num_layers']} layers, ffn {s['ffn_hidden_size']}, char vocabulary, TP=2. "
+        f"Base: {s['pretrain_per_skill']} examples per skill, {s['base_epochs']} epochs, lr {s['base_lr']:g} cosine. "
+        f"Fine-tuning: {s['finetune_examples']} target examples, global batch {s['finetune_global_batch']}, constant lr, "
+        f"budget T x K = {s['outer_iterations']} x {s['epochs_per_iteration']} epochs for every method; teacher {s['teacher_epochs']} epochs. "
+        f"Eval: {s['eval_per_skill']} held-out items per task, greedy, checkpoints every {s['eval_every_epochs']} epochs."
+    )
+
+
+def run(plan: dict, output_dir: str, reduced: bool, results_path: str) -> str:
+    started = time.perf_counter()
+    sections = [f"Settings: {settings_text(plan, reduced)}", ""]
+    plot_dir = os.path.join(os.path.dirname(results_path) or ".", "results")
+    os.makedirs(plot_dir, exist_ok=True)
+    groups = [("C", lr, plan["regime_c_seeds"]) for lr in plan["learning_rates"]]
+    groups += [(regime, plan["control_lr"], (0,)) for regime in plan["control_regimes"]]
+    for regime, lr, seeds in groups:
+        runs = []
+        for seed in seeds:
+            cfg = ExperimentConfig(output_dir=os.path.join(output_dir, f"{regime}_seed{seed}"), seed=seed, regime=regime,
+                                   finetune_lr=lr, tag=f"_lr{lr:g}", **plan["sizes"])
+            t0 = time.perf_counter()
+            runs.append(run_experiment(cfg, max_new_tokens=56))
+            print(f"regime {regime} seed {seed} lr {lr:g}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        title = f"regime {regime}, lr {lr:g}, {len(seeds)} seed(s)"
+        sections.append(markdown_tables(runs, title))
+        plot = plot_tradeoff(runs, os.path.join(plot_dir, f"forgetting_{regime}_lr{lr:g}.png"), title)
+        sections.append(f"![{title}]({os.path.relpath(plot, os.path.dirname(results_path) or '.')})\n")
+    sections.append(f"Wall time: {time.perf_counter() - started:.0f} s (stages reused from cache count ~0).")
+    return "\n".join(sections)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reduced", action="store_true")
+    parser.add_argument("--output-dir", default=os.path.join("runs", "forgetting"))
+    parser.add_argument("--results", default=os.path.join("docs", "results_forgetting_tables.md"),
+                        help="markdown file for the tables (docs/results.md holds the analysis and links here)")
+    args = parser.parse_args(argv)
+    plan = REDUCED if args.reduced else FULL
+    text = run(plan, args.output_dir, args.reduced, args.results)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    print(text)
+    with open(args.results, "w", encoding="utf-8") as fh:
+        fh.write(f"# Forgetting benchmark tables ({stamp})\n\nWritten by bench/forgetting.py{' --reduced' if args.reduced else ''}.\n\n{text}\n")
+    os.makedirs(os.path.join("bench", "results"), exist_ok=True)
+    with open(os.path.join("bench", "results", "forgetting.txt"), "w", encoding="utf-8") as fh:
+        fh.write(f"{stamp}\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Step time and peak memory of the anchored objectives against plain SFT, side by side.
+
+Same model, data and layout (TP=2 on 2 gloo ranks, CPU) for every objective; the runs are
+interleaved over two rounds so that machine load drifts hit all of them alike. Reports the
+median step time (first steps excluded) and the peak RSS growth above the post-import
+baseline, each as a ratio to SFT.
+
+    .venv/bin/python bench/step_bench.py [--steps 12] [--rounds 2] [--tp 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import resource
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MODEL = dict(num_layers=4, hidden_size=256, ffn_hidden_size=768, num_attention_heads=8, num_query_groups=4, vocab_size=512, seq_length=256)
+WORDS = "alpha beta gamma delta epsilon red blue green one two three four five six seven eight nine ten plus minus equals".split()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _make_checkpoints(base_dir, teacher_dir):
+    import torch
+
+    from anchored_megatron.config import ModelConfig, ParallelConfig
+    from anchored_megatron.convert import save_megatron_weights
+    from anchored_megatron.models.builder import build_model_chunks
+    from anchored_megatron.platform import initialize
+
+    initialize(ParallelConfig(), seed=1)
+    model = ModelConfig(**MODEL)
+    chunks = build_model_chunks(model, ParallelConfig())
+    save_megatron_weights(chunks, base_dir, model)
+    with torch.no_grad():
+        for p in chunks[0].parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    save_megatron_weights(chunks, teacher_dir, model)
+
+
+def _run(cfg_dict, time_forward=False):
+    import time
+
+    import torch
+
+    from anchored_megatron.config import RunConfig, build
+    from anchored_megatron.training.trainer import Trainer
+
+    baseline = _rss_mb()
+    trainer = Trainer(build(RunConfig, cfg_dict))
+    trainer.setup()
+    trainer.run()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    forward_s = None
+    if time_forward:
+        # The cost of one more role: a no-grad forward of the student over one step's microbatches.
+        model = trainer.stacks[0]
+        times = []
+        for _ in range(5):
+            batches = trainer._microbatches()
+            torch.distributed.barrier()
+            start = time.perf_counter()
+            with torch.no_grad():
+                for b in batches:
+                    model(b["tokens"], b["position_ids"], b["attention_mask"])
+            torch.distributed.barrier()
+            times.append(time.perf_counter() - start)
+        forward_s = statistics.median(times[1:])
+    return {"baseline_mb": baseline, "peak_mb": peak, "forward_s": forward_s}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tp", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    from anchored_megatron.data.train_tokenizer import main as train_tokenizer
+    from anchored_megatron.testing import run_on_ranks
+
+    root = tempfile.mkdtemp(prefix="step-bench-")
+    rng = random.Random(0)
+    corpus = os.path.join(root, "corpus.txt")
+    with open(corpus, "w") as fh:
+        fh.write("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(2000)) + "\nUser: Assistant: System:\n")
+    train_tokenizer(["--input", corpus, "--vocab-size", "400", "--output", os.path.join(root, "tok")])
+    data = os.path.join(root, "sft.jsonl")
+    with open(data, "w") as fh:
+        for _ in range(600):
+            record = {"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))),
+                      "response": " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 60)))}
+            fh.write(json.dumps(record) + "\n")
+    run_on_ranks(_make_checkpoints, 1, os.path.join(root, "base"), os.path.join(root, "teacher"))
+
+    variants = {
+        "sft": {"objective": "sft"},
+        "anchored live": {"objective": "anchored", "source": "live"},
+        "anchored snapshot": {"objective": "anchored", "source": "snapshot"},
+    }
+    results = {name: {"step_s": [], "peak_mb": [], "growth_mb": []} for name in variants}
+    forward_times = []
+    for round_index in range(args.rounds):
+        for name, anchor in variants.items():
+            out = os.path.join(root, f"{name.replace(' ', '_')}_{round_index}")
+            cfg = {
+                "output_dir": out, "seed": 1, "model": dict(MODEL), "parallel": {"tp": args.tp},
+                "student": {"checkpoint": os.path.join(root, "base")}, "reference": {"checkpoint": os.path.join(root, "teacher")},
+                "data": {"paths": [data], "tokenizer": os.path.join(root, "tok"), "cache_dir": os.path.join(root, "cache")},
+                "anchor": {**anchor, "outer_iterations": 1, "epochs_per_iteration": 1},
+                "optim": {"lr": 1e-4}, "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": args.steps,
+                                                  "save_at_iteration_end": False, "progress_bar": False, "tensorboard": False},
+            }
+            memory = run_on_ranks(_run, args.tp, cfg, name == "sft", timeout=1800)
+            if name == "sft":
+                forward_times.append(memory[0]["forward_s"])
+            with open(os.path.join(out, "metrics.jsonl")) as fh:
+                times = [json.loads(line)["step_time_s"] for line in fh][2:]
+            results[name]["step_s"].append(statistics.median(times))
+            results[name]["peak_mb"].append(max(m["peak_mb"] for m in memory))
+            results[name]["growth_mb"].append(max(m["peak_mb"] - m["baseline_mb"] for m in memory))
+
+    sft_time = statistics.median(results["sft"]["step_s"])
+    sft_growth = statistics.median(results["sft"]["growth_mb"])
+    lines = [
+        f"# step_bench {datetime.date.today().isoformat()}",
+        f"model {MODEL['num_layers']} layers x hidden {MODEL['hidden_size']}, seq {MODEL['seq_length']}, vocab {MODEL['vocab_size']}, "
+        f"global batch 8 (micro 2), TP={args.tp} on {args.tp} gloo ranks, {os.cpu_count()} CPU cores; "
+        f"median step time over steps 3..{args.steps}, median over {args.rounds} interleaved rounds",
+        "",
+        "| objective | step time (s) | vs sft | peak RSS per rank (MB) | RSS growth above imports (MB) | vs sft |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in results.items():
+        t = statistics.median(r["step_s"])
+        growth = statistics.median(r["growth_mb"])
+        lines.append(f"| {name} | {t:.3f} | {t / sft_time:.2f}x | {statistics.median(r['peak_mb']):.0f} | {growth:.0f} | {growth / sft_growth:.2f}x |")
+    forward_fraction = statistics.median(forward_times) / sft_time
+    lines += [
+        "",
+        f"one no-grad forward of a role over a step's microbatches = {forward_fraction:.2f} of an sft step on this machine,",
+        f"so the floor (one extra forward per frozen role) is live {1 + forward_fraction:.2f}x, snapshot {1 + 2 * forward_fraction:.2f}x",
+        "targets: anchored live <= 1.45x sft, anchored snapshot <= 1.8x sft (step time)",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
