@@ -13,6 +13,8 @@ def train_main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", help="YAML run config")
     parser.add_argument("--dry-run", action="store_true", help="validate the config, print the layout and memory estimate, exit")
+    parser.add_argument("--world-size", type=int, help="with --dry-run: plan for N ranks (default $WORLD_SIZE, else tp x pp)")
+    parser.add_argument("--skip-file-checks", action="store_true", help="with --dry-run: plan before the data/checkpoint files exist")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. parallel.tp=2 anchor.alpha=0.3")
     args = parser.parse_args(argv)
 
@@ -23,7 +25,7 @@ def train_main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             from anchored_megatron.planning import dry_run
 
-            print(dry_run(cfg))
+            print(dry_run(cfg, world_size=args.world_size, check_files=not args.skip_file_checks))
             return 0
         from anchored_megatron.training.trainer import train
 

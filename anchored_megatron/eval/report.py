@@ -16,7 +16,7 @@ from anchored_megatron.eval.scoring import TARGET
 
 LABELS = {
     "sft": "SFT", "early_sft": "early-stopped SFT", "sft_kl": "SFT+KL(base)", "distill": "distill (α=1)",
-    "anchored": "anchored (snapshot)", "anchored_live": "anchored (live)", "anchored_a3": "anchored α=.3 (T=K·…, K=2)",
+    "anchored": "anchored (snapshot)", "anchored_live": "anchored (live)", "anchored_a3": "anchored α=0.3, K=2",
     "teacher": "teacher (short SFT)",
 }
 
@@ -96,6 +96,11 @@ def _pm(values: list[float], spec=".3f") -> str:
     return f"{format(statistics.mean(values), spec)} ± {format(statistics.stdev(values), spec)}"
 
 
+def _pct(values: list[float], spec=".0f") -> str:
+    text = _pm(values, spec)
+    return text if text == "—" else text + "%"
+
+
 def markdown_tables(runs: list[dict], title: str = "") -> str:
     """Final points and general accuracy at matched target accuracy; mean ± std over runs
     (seeds) when there are several."""
@@ -119,8 +124,8 @@ def markdown_tables(runs: list[dict], title: str = "") -> str:
         rows = [s[m] for s in summaries]
         lines.append(
             f"| {LABELS.get(m, m)} | {_pm([r['epoch'] for r in rows], '.0f')} | {_pm([r['target'] for r in rows])} | {_pm([r['gain'] for r in rows])} | "
-            f"{_pm([r['target_answer'] for r in rows])} | {_pm([r['general'] for r in rows])} | {_pm([100 * r['degradation'] for r in rows], '.1f')}% | "
-            + " | ".join(_pm([100 * r["per_skill"][s] for r in rows], ".0f") + "%" for s in skills) + " |"
+            f"{_pm([r['target_answer'] for r in rows])} | {_pm([r['general'] for r in rows])} | {_pct([100 * r['degradation'] for r in rows], '.1f')} | "
+            + " | ".join(_pct([100 * r["per_skill"][s] for r in rows]) for s in skills) + " |"
         )
     # Matched target accuracy: fractions of the teacher's target accuracy.
     curve_methods = [m for m in ("sft", "sft_kl", "distill", "anchored", "anchored_live", "anchored_a3") if m in runs[0]]

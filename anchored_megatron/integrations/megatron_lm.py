@@ -75,16 +75,17 @@ def find_role_stack(model) -> RoleStack:
     return module
 
 
-def default_get_batch(data_iterator) -> dict:
+def default_get_batch(data_iterator):
     """``next(data_iterator)``: a dict with tokens, labels, loss_mask, position_ids and
-    (optionally) attention_mask, or Megatron-LM's tuple (tokens, labels, loss_mask,
-    attention_mask, position_ids)."""
-    batch = next(data_iterator)
+    attention_mask, or Megatron-LM's ``get_batch`` tuple (tokens, labels, loss_mask,
+    attention_mask, position_ids). Stages that do not need a field may hold None there
+    (Megatron-LM's middle pipeline stages get all None)."""
+    return next(data_iterator)
+
+
+def as_batch_dict(batch) -> dict:
     if isinstance(batch, (tuple, list)):
-        batch = dict(zip(BATCH_TUPLE, batch))
-    missing = [key for key in ("tokens", "labels", "loss_mask", "position_ids") if batch.get(key) is None]
-    if missing:
-        raise KeyError(f"batch is missing {', '.join(missing)} (keys: {', '.join(batch)})")
+        return dict(zip(BATCH_TUPLE, batch))
     return batch
 
 
@@ -97,6 +98,9 @@ def reported_losses(sums: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def anchored_loss_func(batch: dict, frozen_logits: list, stage: StageLoss, vocab_size: int, output_tensor):
     """(loss_sum, num_tokens, {"lm loss": [sum, n], "kl_step": [sum, n], ...}) of one microbatch."""
+    missing = [key for key in ("labels", "loss_mask") if batch.get(key) is None]
+    if missing:
+        raise KeyError(f"the last pipeline stage's batch lacks {', '.join(missing)} (keys given: {', '.join(k for k, v in batch.items() if v is not None)})")
     loss_sum, sums = masked_loss(output_tensor, frozen_logits, batch, stage, vocab_size)
     num_tokens = batch["loss_mask"].sum().to(torch.int)
     return loss_sum, num_tokens, reported_losses(sums)
@@ -208,10 +212,10 @@ class AnchoredLearning:
         """Megatron's ``forward_step_func``: run every role on the microbatch, return the
         student's output and the anchored loss function."""
         self._sync_iteration()
-        batch = self.get_batch(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        batch = as_batch_dict(self.get_batch(data_iterator))
+        output = model(batch.get("tokens"), batch.get("position_ids"), batch.get("attention_mask"))
         frozen = find_role_stack(model).take_frozen_logits()
         return output, partial(anchored_loss_func, batch, frozen, self.stage, self.vocab_size)
 
 
-__all__ = ["AnchoredLearning", "AnchoredRoleStack", "REPORTED_NAMES", "anchored_loss_func", "default_get_batch", "find_role_stack"]
+__all__ = ["AnchoredLearning", "AnchoredRoleStack", "REPORTED_NAMES", "anchored_loss_func", "as_batch_dict", "default_get_batch", "find_role_stack"]

@@ -156,8 +156,6 @@ def _evaluate_stage(stage: StageSpec, record: dict, prompts: dict, tokenizer, ra
 
 def run_stages_on_rank(stages: list[dict], eval_path: str, tokenizer_path: str, eval_cfg: dict) -> dict:
     """Executed on every rank of the launch: train and evaluate each stage in order."""
-    import torch
-
     from anchored_megatron.data import load_tokenizer
 
     rank = int(os.environ.get("RANK", "0"))
@@ -169,7 +167,6 @@ def run_stages_on_rank(stages: list[dict], eval_path: str, tokenizer_path: str, 
         stage = StageSpec(**raw)
         record = _train_stage(stage, rank)
         results[stage.name] = {"stage": record, **_evaluate_stage(stage, record, prompts, tokenizer, rank, eval_cfg)}
-    del torch
     return results if rank == 0 else {}
 
 

@@ -35,7 +35,8 @@ class MetricsLog:
 
             self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
 
-    def log(self, record: dict, line: str) -> None:
+    def log(self, record: dict, line: str | None) -> None:
+        """Record every step; print ``line`` when given (the trainer thins it by log_interval)."""
         if not self.enabled:
             return
         record = {k: _clean(v) for k, v in record.items()}
@@ -47,9 +48,8 @@ class MetricsLog:
                     self._writer.add_scalar(name, value, record["step"])
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.write(line)
-        else:
-            print(line, flush=True)
+        if line is not None:
+            self.message(line)
 
     def message(self, text: str) -> None:
         if not self.enabled:

@@ -324,7 +324,7 @@ class Trainer:
             progress.nonfinite_in_a_row = 0 if record["finite"] else progress.nonfinite_in_a_row + 1
             record = {"step": progress.step, "stage": iteration, "alpha": current["stage"].alpha, **record,
                       "lr": self.optimizer.param_groups[0]["lr"], "step_time_s": elapsed, "tokens_per_s": tokens_per_step / elapsed}
-            self.log.log(record, self._line(record))
+            self.log.log(record, self._line(record) if progress.step % cfg.train.log_interval == 0 else None)
             last = record
             if progress.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
                 raise NonFiniteLossError(f"loss was not finite for {progress.nonfinite_in_a_row} steps in a row (train.max_nonfinite_in_a_row)")
