@@ -409,6 +409,9 @@ class RunConfig:
         self.optim.validate()
         self.train.validate()
         self.data.validate()
+        from anchored_megatron.models.te import check_packing  # lazy: imports torch
+
+        check_packing(self.model, self.data.packing)
         self.train.num_microbatches(self.parallel.data_parallel_size(world_size))
         if self.anchor.needs_reference:
             _require(

@@ -94,7 +94,8 @@ def run_compare(hf_dir: str, ckpt_dir: str, parallel: ParallelConfig, tokens: to
     from anchored_megatron.platform import initialize
 
     initialize(parallel)
-    model = dataclasses.replace(load_model_config(ckpt_dir), params_dtype=dtype)
+    # A checkpoint trained in FP8 is compared at the requested dtype without FP8.
+    model = dataclasses.replace(load_model_config(ckpt_dir), params_dtype=dtype, fp8=None, fp8_bf16_first_last_layers=0)
     model.validate(parallel)
     chunks = build_model_chunks(model, parallel)
     load_megatron_weights(chunks, ckpt_dir)

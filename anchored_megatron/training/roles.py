@@ -69,6 +69,13 @@ class RoleStack(torch.nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("module"), name)
 
+    def set_is_first_microbatch(self) -> None:
+        """Each step's first microbatch: TE linears re-quantize their cached FP8 weights. The
+        frozen roles too: the snapshot's weights change in place at iteration boundaries."""
+        for module in (self.module, *self.frozen):
+            target = module if hasattr(module, "set_is_first_microbatch") else unwrap(module)
+            target.set_is_first_microbatch()
+
     @property
     def is_last_stage(self) -> bool:
         return unwrap(self.module).post_process

@@ -67,8 +67,11 @@ def resolve_student_model(cfg: RunConfig) -> None:
     """Take the model shape from the student checkpoint when the YAML gives none."""
     student_dir = resolve_checkpoint_dir(cfg.student.checkpoint, "student.checkpoint") if cfg.student.checkpoint else None
     stored = _read_model_config(student_dir) if student_dir else None
-    if stored is not None and cfg.model.preset is None and cfg.model == ModelConfig():
-        cfg.model = dataclasses.replace(stored, params_dtype=cfg.model.params_dtype, transformer_impl=cfg.model.transformer_impl)
+    # How to run (dtype, spec, FP8) comes from the YAML; what the model is, from the checkpoint.
+    execution = {name: getattr(cfg.model, name) for name in ModelConfig.EXECUTION_FIELDS}
+    defaults = {name: getattr(ModelConfig(), name) for name in ModelConfig.EXECUTION_FIELDS}
+    if stored is not None and cfg.model.preset is None and dataclasses.replace(cfg.model, **defaults) == ModelConfig():
+        cfg.model = dataclasses.replace(stored, **execution)
 
 
 def check_reference_matches(cfg: RunConfig) -> None:
