@@ -181,13 +181,14 @@ def load_megatron_weights(chunks, ckpt_dir: str) -> None:
     """
     from megatron.core import dist_checkpointing
 
+    from anchored_megatron.models.layout import unwrap
     from anchored_megatron.training.checkpoint import model_keys, model_sharded_state_dict
 
     loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), ckpt_dir)
     for i, (key, chunk) in enumerate(zip(model_keys(len(chunks)), chunks)):
         state = loaded[key]
         # Non-strict only for ``_extra_state`` (GPTModel drops output_layer's from its sharded dict).
-        result = chunk.load_state_dict(state, strict=False)
+        result = unwrap(chunk).load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         if missing or result.unexpected_keys:
             raise ConvertError(f"{ckpt_dir}: loading chunk {i} left missing={missing} unexpected={result.unexpected_keys}")

@@ -20,12 +20,13 @@ def canonical_name(chunk, local_name: str) -> str:
     match = _LAYER.match(local_name)
     if not match:
         return local_name.replace("module.", "")
-    layers = _unwrap(chunk).decoder.layers
+    layers = unwrap(chunk).decoder.layers
     global_index = layers[int(match.group("index"))].layer_number - 1
     return f"decoder.layers.{global_index}." + local_name[match.end():]
 
 
-def _unwrap(module):
+def unwrap(module):
+    """The GPTModel inside DDP / Float16Module / RoleStack wrappers."""
     while hasattr(module, "module"):
         module = module.module
     return module
@@ -101,7 +102,7 @@ def load_full_state(chunks, full_state: dict[str, torch.Tensor], strict: bool = 
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     with torch.no_grad():
         for chunk in chunks:
-            for local_name, param in _unwrap(chunk).named_parameters():
+            for local_name, param in unwrap(chunk).named_parameters():
                 name = canonical_name(chunk, local_name)
                 if name not in full_state:
                     if name == "output_layer.weight" and "embedding.word_embeddings.weight" in full_state:

@@ -19,6 +19,8 @@ import shutil
 
 import torch
 
+from anchored_megatron.models.layout import unwrap
+
 LATEST = "latest"
 # Only the distributed optimizer's fully reshardable format survives a change of TP/PP/DP.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -28,19 +30,13 @@ def checkpoint_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def _unwrap(module):
-    while hasattr(module, "module"):
-        module = module.module
-    return module
-
-
 def model_keys(num_chunks: int) -> list[str]:
     """Megatron-LM's names: "model" for one chunk, "model0", "model1", ... for virtual-pipeline chunks."""
     return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
 
 
 def model_sharded_state_dict(chunks) -> dict:
-    return {key: _unwrap(chunk).sharded_state_dict() for key, chunk in zip(model_keys(len(chunks)), chunks)}
+    return {key: unwrap(chunk).sharded_state_dict() for key, chunk in zip(model_keys(len(chunks)), chunks)}
 
 
 def _barrier() -> None:
@@ -139,7 +135,7 @@ def load_checkpoint(path: str, chunks, optimizer=None, strict: bool = True, rank
         state["trainer"] = common["trainer"]
     loaded = dist_checkpointing.load(state, path)
     for key, chunk in zip(model_keys(len(chunks)), chunks):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=strict)
+        unwrap(chunk).load_state_dict(loaded[key], strict=strict)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     common = loaded.get("trainer", {})

@@ -22,28 +22,29 @@ SUM_NAMES = ("loss", "kl_step", "kl_bound", "kl_reference", "entropy", "tokens")
 
 def masked_loss(student_logits, frozen_logits: list, batch: dict, stage: StageLoss, vocab_size: int):
     """(loss_sum with grad, packed detached sums of SUM_NAMES) for one microbatch."""
+    # Without a reference (sft) ce_weight is 1: the divergence term and the metrics are skipped,
+    # so the student's own logits only stand in for the argument.
     reference = frozen_logits[0] if stage.has_reference else student_logits.detach()
     anchor = frozen_logits[1] if stage.use_snapshot else None
-    per_token, metrics = vocab_parallel_anchored_loss(
+    result = vocab_parallel_anchored_loss(
         student_logits,
         reference,
         anchor,
         labels=batch["labels"],
         vocab_size=vocab_size,
-        return_metrics=True,
+        return_metrics=stage.has_reference,
         check_labels=False,  # the dataset guarantees the range; the check would sync the host
         **stage.loss_kwargs(),
     )
+    per_token, metrics = result if stage.has_reference else (result, None)
     mask = batch["loss_mask"].to(per_token.dtype)
     loss_sum = (per_token * mask).sum() * stage.scale
     with torch.no_grad():
-        sums = torch.stack(
-            [loss_sum.detach()]
-            + [(metrics[name].to(mask.dtype) * mask).sum() for name in SUM_NAMES[1:-1]]
-            + [mask.sum()]
-        ).float()
-        if not stage.has_reference:
-            sums[1:-1] = float("nan")  # no reference: the KL metrics are undefined
+        if metrics is None:  # no reference: the KL metrics are undefined
+            metric_sums = [torch.full_like(loss_sum, float("nan"))] * (len(SUM_NAMES) - 2)
+        else:
+            metric_sums = [(metrics[name].to(mask.dtype) * mask).sum() for name in SUM_NAMES[1:-1]]
+        sums = torch.stack([loss_sum.detach(), *metric_sums, mask.sum()]).float()
     return loss_sum, sums
 
 

@@ -15,11 +15,7 @@ from __future__ import annotations
 
 import torch
 
-
-def unwrap(module):
-    while hasattr(module, "module"):
-        module = module.module
-    return module
+from anchored_megatron.models.layout import unwrap
 
 
 def freeze(chunks) -> None:

@@ -185,3 +185,64 @@ def test_reference_with_another_vocabulary_is_refused(tiny_run, tmp_path, monkey
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(ConfigError, match=r"reference.checkpoint: vocab_size=320 differs from the student's 256"):
         Trainer(build(RunConfig, run_config(tiny_run, tmp_path, reference__checkpoint=str(other))))
+
+
+def nonfinite_rank(cfg_dict, bad_steps):
+    """Poison the loss at ``bad_steps`` (1-based); record what each step did to the weights."""
+    from anchored_megatron.training import forward_step
+    from anchored_megatron.training.roles import unwrap
+    from anchored_megatron.training.trainer import Trainer
+
+    state = {"step": 0}
+    original = forward_step.masked_loss
+
+    def poisoned(*args, **kwargs):
+        loss_sum, sums = original(*args, **kwargs)
+        if state["step"] in bad_steps:
+            poisoned_sums = sums.clone()
+            poisoned_sums[:-1] = float("nan")  # the token count stays a count
+            return loss_sum * float("nan"), poisoned_sums
+        return loss_sum, sums
+
+    forward_step.masked_loss = poisoned
+    changed = {}
+
+    class Probe(Trainer):
+        def _train_step(self, step_fn):
+            state["step"] += 1
+            before = [p.detach().clone() for c in self.student for p in unwrap(c).parameters()]
+            record = super()._train_step(step_fn)
+            after = [p for c in self.student for p in unwrap(c).parameters()]
+            changed[state["step"]] = any(not torch.equal(a, b) for a, b in zip(before, after))
+            return record
+
+    trainer = Probe(build(RunConfig, cfg_dict))
+    trainer.setup()
+    try:
+        trainer.run()
+        error = None
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        error = f"{type(exc).__name__}: {exc}"
+    return {"changed": changed, "error": error}
+
+
+@pytest.mark.distributed
+def test_nonfinite_loss_skips_update_and_aborts_after_n_in_a_row(tiny_run, tmp_path, ranks):
+    skipped = ranks(nonfinite_rank, 1, run_config(tiny_run, tmp_path / "one", train__max_steps=4, train__max_nonfinite_in_a_row=2), {2})[0]
+    assert skipped["error"] is None
+    assert skipped["changed"] == {1: True, 2: False, 3: True, 4: True}
+    records = _losses(tmp_path / "one")
+    assert [r["finite"] for r in records] == [True, False, True, True]
+    aborted = ranks(nonfinite_rank, 1, run_config(tiny_run, tmp_path / "two", train__max_steps=6, train__max_nonfinite_in_a_row=2), {2, 3})[0]
+    assert aborted["error"].startswith("NonFiniteLossError: loss was not finite for 2 steps in a row")
+    assert max(aborted["changed"]) == 3
+
+
+@pytest.mark.distributed
+def test_bf16_training_follows_fp32(tiny_run, single_process_run, tmp_path, ranks):
+    ranks(train_rank, 2, run_config(tiny_run, tmp_path, parallel__tp=2, model__params_dtype="bf16", train__max_steps=4))
+    bf16 = _losses(tmp_path)
+    assert len(bf16) == 4
+    for a, b in zip(bf16, single_process_run):
+        # bf16 weights and activations: the per-token loss agrees with fp32 to bf16 precision.
+        assert abs(a["loss"] - b["loss"]) <= 0.05 * abs(b["loss"]) + 2e-3, (a["step"], a["loss"], b["loss"])
