@@ -107,7 +107,9 @@ def fusion_settings(model: ModelConfig) -> dict:
     - Weight-gradient accumulation into the fp32 main grads: apex's
       ``fused_weight_gradient_mlp_cuda``. TE linears fuse it themselves, but the output layer
       is Megatron's own ``ColumnParallelLinear``, which raises without the apex kernel.
-    - Masked softmax: apex's softmax kernel (the local spec only; TE has its own attention).
+    - Masked softmax stays off: with a causal mask type apex's fused kernel is the upper-triangular
+      one, which ignores the block-diagonal mask of packed sequences, so packed documents would
+      attend to each other (the local spec's unfused softmax honours the mask).
     - ``persist_layer_norm`` stays off: apex's persistent kernel is LayerNorm only, these
       models use RMSNorm (the TE spec fuses RMSNorm into the next linear anyway).
     Fused Adam needs no flag: Megatron-Core picks TE's FusedAdam, else apex's, else torch AdamW.
@@ -120,10 +122,6 @@ def fusion_settings(model: ModelConfig) -> dict:
         bias_dropout_fusion=True,
         apply_rope_fusion=accelerators.has_transformer_engine(),
         gradient_accumulation_fusion=accelerators.has_apex_extension(accelerators.APEX_EXTENSIONS["gradient_accumulation_fusion"]),
-        masked_softmax_fusion=(
-            model.transformer_impl == "local"
-            and accelerators.has_apex_extension(accelerators.APEX_EXTENSIONS["masked_softmax_fusion"])
-        ),
     )
 
 
