@@ -5,7 +5,7 @@ sequences). Each case trains ``--steps`` steps through the real trainer; the fir
 
     python bench/demo_throughput.py [--steps 14] [--warmup 4]
 
-Prints one line per case and the TP=2 / TP=1 step-time ratio; writes bench/results/demo_throughput.txt.
+Prints one line per case and the TP=2 / TP=1 step-time ratio; appends them to bench/results/demo_throughput.txt.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ CASES = [  # (label, model overrides, global batch, micro batch)
     ("h64x2 gb64 mb16", dict(hidden_size=64, num_layers=2, ffn_hidden_size=192), 64, 16),
     ("h64x2 gb64 mb64", dict(hidden_size=64, num_layers=2, ffn_hidden_size=192), 64, 64),
     ("h64x2 gb128 mb128", dict(hidden_size=64, num_layers=2, ffn_hidden_size=192), 128, 128),
+    ("h128x2 gb64 mb16 (the demo)", dict(hidden_size=128, num_layers=2, ffn_hidden_size=384), 64, 16),
     ("h128x2 gb64 mb64", dict(hidden_size=128, num_layers=2, ffn_hidden_size=384), 64, 64),
     ("h128x4 gb64 mb64", dict(hidden_size=128, num_layers=4, ffn_hidden_size=384), 64, 64),
 ]
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
         run["train"].update(global_batch_size=gb, micro_batch_size=mb, log_interval=1000000)
         row = {}
         for tp in (2, 1):
-            run["output_dir"] = os.path.join(work, f"{label.replace(' ', '_')}_tp{tp}")
+            run["output_dir"] = os.path.join(work, f"case{CASES.index((label, model, gb, mb))}_tp{tp}")
             row[tp] = measure(run, tp, args.steps, args.warmup)
         text = (f"{label}: " + "; ".join(
             f"TP={tp} {r['step_s']:.3f} s/step ({r['min']:.3f}-{r['max']:.3f}), {1 / r['step_s']:.1f} steps/s, {r['tokens_per_s']:.0f} tok/s"
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
         lines.append(text)
     lines.append(f"load avg at end {os.getloadavg()[0]:.1f}")
     os.makedirs(os.path.join("bench", "results"), exist_ok=True)
-    with open(os.path.join("bench", "results", "demo_throughput.txt"), "w", encoding="utf-8") as fh:
+    with open(os.path.join("bench", "results", "demo_throughput.txt"), "a", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
     return 0
 

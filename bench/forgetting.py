@@ -34,10 +34,10 @@ FULL = dict(
     regime_c_seeds=(0, 1, 2), learning_rates=(3e-4, 1e-3), control_regimes=("A", "B"), control_lr=3e-4,
 )
 REDUCED = dict(  # the demo's model and base budget (measured to learn the skills), regime C, 2 seeds, one lr
-    sizes=dict(skills=("add", "rev", "up", "rep"), pretrain_per_skill=2000, finetune_examples=500, eval_per_skill=100,
+    sizes=dict(skills=("add", "rev", "up", "rep"), target_min_steps=1, target_max_steps=2, pretrain_per_skill=2000, finetune_examples=500, eval_per_skill=100,
                hidden_size=128, num_layers=2, ffn_hidden_size=384, base_epochs=12, base_lr=3e-3, base_global_batch=64,
                teacher_epochs=3, finetune_global_batch=16, outer_iterations=3, epochs_per_iteration=2, eval_every_epochs=2),
-    regime_c_seeds=(0, 1), learning_rates=(1e-3,), control_regimes=(), control_lr=1e-3,
+    regime_c_seeds=(0, 1), learning_rates=(3e-4,), control_regimes=(), control_lr=3e-4,
 )
 
 
@@ -47,7 +47,7 @@ def settings_text(plan: dict, reduced: bool) -> str:
         f"{'REDUCED run (not the full benchmark)' if reduced else 'Full run'}: regime C seeds {list(plan['regime_c_seeds'])}, "
         f"fine-tuning lr {list(plan['learning_rates'])}; controls {list(plan['control_regimes']) or 'none'}. "
         f"Skills: {', '.join(s.get('skills', ('add', 'rev', 'up', 'rep', 'kv')))}. Model: Llama-shaped, hidden {s['hidden_size']}, {s['num_layers']} layers, ffn {s['ffn_hidden_size']}, char vocabulary, TP=2. "
-        f"Base: {s['pretrain_per_skill']} examples per skill, {s['base_epochs']} epochs, lr {s['base_lr']:g} cosine. "
+        f"Target: {s.get('target_min_steps', 2)}-{s.get('target_max_steps', 3)} derived quantities. Base: {s['pretrain_per_skill']} examples per skill, {s['base_epochs']} epochs, lr {s['base_lr']:g} cosine. "
         f"Fine-tuning: {s['finetune_examples']} target examples, global batch {s['finetune_global_batch']}, constant lr, "
         f"budget T x K = {s['outer_iterations']} x {s['epochs_per_iteration']} epochs for every method; teacher {s['teacher_epochs']} epochs. "
         f"Eval: {s['eval_per_skill']} held-out items per task, greedy, checkpoints every {s['eval_every_epochs']} epochs."

@@ -26,7 +26,8 @@ EVAL_FILE = "eval.json"
 
 def regime_data(cfg: ExperimentConfig) -> RegimeData:
     return RegimeData(regime=cfg.regime, skills=tuple(cfg.skills), pretrain_per_skill=cfg.pretrain_per_skill,
-                      finetune_examples=cfg.finetune_examples, eval_per_skill=cfg.eval_per_skill)
+                      finetune_examples=cfg.finetune_examples, eval_per_skill=cfg.eval_per_skill,
+                      target_min_steps=cfg.target_min_steps, target_max_steps=cfg.target_max_steps)
 
 
 def prepare_data(cfg: ExperimentConfig) -> dict:

@@ -44,6 +44,8 @@ class ExperimentConfig:
     finetune_examples: int = 600
     eval_per_skill: int = 500
     skills: tuple[str, ...] = ("add", "rev", "up", "rep", "kv")
+    target_min_steps: int = 2  # derived quantities per target problem (fewer = an easier target)
+    target_max_steps: int = 3
     # model (Llama-shaped; TP=2 needs even heads and query groups)
     hidden_size: int = 128
     num_layers: int = 4

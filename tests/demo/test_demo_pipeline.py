@@ -62,3 +62,17 @@ def test_demo_pipeline_writes_a_consistent_table_and_plot_and_reuses_stages(tmp_
     again = run_demo(str(tmp_path), sizes, max_new_tokens=12, progress_bar=False)
     assert again["table"] == out["table"]
     assert stamps == {s: os.path.getmtime(os.path.join(tmp_path, "stages", s, "stage.json")) for s in stamps}
+
+
+def test_experiment_target_step_range_reaches_every_data_set(tmp_path):
+    from anchored_megatron.data.synthetic import finetune_records, pretrain_records
+    from anchored_megatron.pipeline.runner import regime_data
+    from anchored_megatron.pipeline.stages import ExperimentConfig
+
+    cfg = ExperimentConfig(output_dir=str(tmp_path), regime="A", skills=("up",), pretrain_per_skill=60, finetune_examples=60,
+                           eval_per_skill=5, target_min_steps=1, target_max_steps=2)
+    data = regime_data(cfg)
+    # A target prompt defines one start value plus one "=" per derived quantity.
+    derived = [r["prompt"].count("=") - 1 for r in finetune_records(data, 0)]
+    derived += [r["prompt"].count("=") - 1 for r in pretrain_records(data, 0) if not r["prompt"].startswith("up ")]
+    assert set(derived) == {1, 2}
