@@ -38,8 +38,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def single_process_group():
     """A one-rank gloo group when none exists (dist_checkpointing needs torch.distributed),
     with the CPU shim active when CUDA is absent (the torch_dist writer calls torch.cuda)."""
-    from anchored_megatron.platform import cpu_shim
+    from anchored_megatron.platform import cpu_shim, safe_load
 
+    safe_load.install()
     shim_here = not cpu_shim.is_installed() and cpu_shim.install()
     try:
         if torch.distributed.is_initialized():

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from anchored_megatron.config import ParallelConfig
-from anchored_megatron.platform import cpu_shim, optimizer_fixes
+from anchored_megatron.platform import cpu_shim, optimizer_fixes, safe_load
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ def initialize(
 
     shim_active = cpu_shim.install()
     optimizer_fixes.apply()
+    safe_load.install()
 
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
