@@ -15,6 +15,13 @@ import os
 import sys
 
 
+def _lines(paths: list[str]):
+    for path in paths:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                yield line.rstrip("\n")
+
+
 def train(inputs: list[str], vocab_size: int, output: str, model_type: str = "bpe", byte_fallback: bool = False, character_coverage: float = 1.0) -> str:
     import sentencepiece
 
@@ -26,7 +33,9 @@ def train(inputs: list[str], vocab_size: int, output: str, model_type: str = "bp
     os.makedirs(output, exist_ok=True)
     prefix = os.path.join(output, "tokenizer")
     sentencepiece.SentencePieceTrainer.train(
-        input=",".join(inputs),
+        # An iterator, not `input=`: sentencepiece splits that string on commas, so a path
+        # holding one would break.
+        sentence_iterator=_lines(inputs),
         model_prefix=prefix,
         vocab_size=vocab_size,
         model_type=model_type,

@@ -72,3 +72,16 @@ def test_load_errors_name_the_path(tmp_path):
     bogus.write_bytes(b"not a model")
     with pytest.raises(TokenizerError, match="not a sentencepiece model"):
         load_tokenizer(str(bogus))
+
+
+def test_train_tokenizer_accepts_a_path_with_a_comma(tmp_path):
+    from anchored_megatron.data import load_tokenizer
+    from anchored_megatron.data.train_tokenizer import main
+
+    folder = tmp_path / "runs,seed=1"
+    folder.mkdir()
+    corpus = folder / "corpus.txt"
+    corpus.write_text("the cat sat on the mat\nred blue green\n" * 50)
+    assert main(["--input", str(corpus), "--vocab-size", "40", "--output", str(folder / "tok")]) == 0
+    tok = load_tokenizer(str(folder / "tok"))
+    assert tok.decode(tok.encode("the cat sat")) == "the cat sat"
