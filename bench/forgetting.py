@@ -15,7 +15,6 @@ bench/results/forgetting.txt.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import os
 import sys

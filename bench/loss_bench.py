@@ -183,7 +183,6 @@ def main():
     header = f"{'V':>6} {'TP':>2} {'dtype':>8} {'method':<11} {'tokens':>6} {'time s':>7} {'x(a)':>5} {'peak MB':>8} {'x(a)':>5} {'extra-(a) in shards':>19}"
     print(header)
     print("-" * len(header))
-    verdicts = []
     baseline = {}
     for row in rows:
         key = (row["vocab"], row["tp"], row["dtype"], row["tokens"])

@@ -32,7 +32,6 @@ def add_anchor_args(parser):
 
 
 def main() -> None:
-    global ANCHORED
     import pretrain_gpt  # Megatron-LM's own script: its model_provider, datasets and get_batch
     from megatron.core.enums import ModelType
     from megatron.training import get_args, pretrain

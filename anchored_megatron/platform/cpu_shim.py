@@ -220,13 +220,3 @@ def uninstall() -> None:
 
 def is_installed() -> bool:
     return _installed
-
-
-@contextmanager
-def on_this_thread():
-    """Activate the CPU mapping on a worker thread that Megatron code runs on."""
-    if not _installed:
-        yield
-        return
-    with _CudaToCpuMode():
-        yield

@@ -41,7 +41,6 @@ def initialize(
     nothing is patched.
     """
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     shim_active = cpu_shim.install()
     optimizer_fixes.apply()

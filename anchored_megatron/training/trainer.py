@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import shutil
 import time
 
 import torch
@@ -23,8 +22,6 @@ from anchored_megatron.training.metrics_log import MetricsLog
 from anchored_megatron.training.objectives import stage_loss
 from anchored_megatron.training.optim import load_scheduler_state
 from anchored_megatron.training.roles import RoleStack, adjust_tensor_shapes_for, copy_weights, freeze
-
-MODEL_CONFIG_FILE = "model_config.yaml"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,9 +50,11 @@ def resolve_checkpoint_dir(path: str, key: str) -> str:
 
 
 def _read_model_config(ckpt_dir: str) -> ModelConfig | None:
-    if not os.path.exists(os.path.join(ckpt_dir, MODEL_CONFIG_FILE)):
-        return None
     from anchored_megatron.convert import load_model_config
+    from anchored_megatron.convert.megatron_io import MODEL_CONFIG_NAME
+
+    if not os.path.exists(os.path.join(ckpt_dir, MODEL_CONFIG_NAME)):
+        return None
 
     return load_model_config(ckpt_dir)
 

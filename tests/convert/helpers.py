@@ -49,7 +49,7 @@ def rank_logits(cases: list[tuple[str, str]], layouts: list[tuple[int, int, int 
     TP rank 0, DP rank 0). ``save_dirs`` {(case, layout): dir} also saves that model back
     as the trainer would (padded vocab) with an extra non-model key, for the export tests.
     """
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
 
     from anchored_megatron.config import ParallelConfig
     from anchored_megatron.convert import load_megatron_weights, load_model_config, save_megatron_weights

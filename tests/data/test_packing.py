@@ -2,7 +2,6 @@
 no targets across document boundaries; the collated masks match a plain reference."""
 
 import collections
-import random
 
 import numpy as np
 import sentencepiece

@@ -9,7 +9,6 @@ the checkers score the content, so they accept every valid form.
 
 from __future__ import annotations
 
-import random
 import re
 from dataclasses import dataclass
 
