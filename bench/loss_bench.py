@@ -7,15 +7,20 @@ Methods, each timed forward + backward on the same inputs in the same process:
   (b) live      vocab_parallel_anchored_loss, live anchor (student + reference logits)
   (c) snapshot  vocab_parallel_anchored_loss with snapshot anchor logits
   (d) naive     all-gather the full vocabulary, log_softmax, F.kl_div (live anchor)
+  (e) live, eager  (b) with the compiled kernels switched off (ANCHORED_FUSED_LOSS=0): the
+                fallback where torch.compile cannot run
 
-Memory method: peak resident-set growth. Before each measurement the process's RSS
-high-water mark is reset (write "5" to /proc/self/clear_refs) with every input already
-built; the peak (VmHWM) minus the RSS at that moment is the method's extra memory,
-gradient included. glibc is told to serve every allocation >= 64 KiB by mmap
-(mallopt M_MMAP_THRESHOLD, which also stops its adaptive threshold), so freed tensors
-leave the RSS at once and a later method cannot hide in memory an earlier one left
-behind. At TP=2 the figure is the larger of the two ranks. tracemalloc is useless here
-(torch allocates outside Python's allocator).
+Memory method: peak resident-set growth, measured on a call of its own after one warm-up
+call (so compiled kernels are built and no compile-time memory counts). Before it the
+process's RSS high-water mark is reset (write "5" to /proc/self/clear_refs) with every input
+already built; the peak (VmHWM) minus the RSS at that moment is the method's extra memory,
+gradient included. For that call glibc is told to serve every allocation >= 64 KiB by mmap
+and to unmap it on free (mallopt M_MMAP_THRESHOLD / M_TRIM_THRESHOLD), so a later method
+cannot hide in memory an earlier one left behind. Timed calls run with glibc's threshold at
+32 MiB instead, the value its adaptive threshold reaches in a long-running process: with 64
+KiB, every chunk-sized temporary would be a fresh mmap and page-faulted in again, a cost no
+training process pays. At TP=2 the figures are the larger of the two ranks. tracemalloc is
+useless here (torch allocates outside Python's allocator).
 
 The naive method at V=128256 would need ~15 GB per rank at 4096 tokens on this shared
 23 GB machine, so it runs on fewer tokens there (shown in the table) and its ratios are
@@ -47,10 +52,18 @@ ALPHA = 0.5
 NAIVE_BUDGET_BYTES = 3 << 30  # per rank, for the naive method's ~7 full-vocab fp32 tensors
 
 
-def _limit_malloc_caching():
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _malloc_mode(measuring_memory: bool):
+    """glibc settings for a memory rep (every block >= 64 KiB mmap'ed and unmapped on free,
+    so the RSS peak is exact and nothing hides in a cache) or for a timed rep (blocks below
+    32 MiB kept in the heap, where glibc's adaptive threshold ends up in a long-running
+    process; larger ones, e.g. Megatron's full-shard tensors, mmap'ed as always)."""
     libc = ctypes.CDLL("libc.so.6")
-    m_mmap_threshold = -3
-    libc.mallopt(m_mmap_threshold, 64 * 1024)
+    threshold = 64 * 1024 if measuring_memory else 32 << 20
+    libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+    libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024 if measuring_memory else 64 << 20)
 
 
 def _status_kib(field: str) -> int:
@@ -61,29 +74,36 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def _measure(run, reps: int, barrier):
-    """(min seconds over reps, peak extra bytes of the first rep)."""
+def _measure(run, reps: int, barrier, leaf):
+    """(min seconds over ``reps`` timed calls, the first one included, peak extra bytes of a
+    separate call made after that first one: warm caches, compiled kernels, no compile memory).
+    Every call starts with ``leaf.grad`` unset, so each one allocates its gradient (none
+    accumulates into the previous call's)."""
     times, peak = [], None
-    for rep in range(reps):
+    for rep in range(reps + 1):
+        measuring_memory = rep == 1
+        _malloc_mode(measuring_memory)
+        leaf.grad = None
         gc.collect()
         barrier()
-        if rep == 0:
+        if measuring_memory:
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")
             base = _status_kib("VmRSS")
         start = time.perf_counter()
         keep = run()
         elapsed = time.perf_counter() - start
-        if rep == 0:
+        if measuring_memory:
             peak = (_status_kib("VmHWM") - base) * 1024
+        else:
+            times.append(elapsed)
         del keep
-        times.append(elapsed)
         barrier()
+    _malloc_mode(True)
     return min(times), peak
 
 
 def _rank_bench(tp: int):
-    _limit_malloc_caching()
     import torch.nn.functional as F
 
     from anchored_megatron.anchor import vocab_parallel_anchored_loss
@@ -118,13 +138,16 @@ def _rank_bench(tp: int):
                     return leaf.grad
                 return run, (leaf,)
 
-            def ours(tokens, with_anchor):
+            def ours(tokens, with_anchor, fused="1"):
                 student, reference, anchor, _ = inputs(tokens, with_anchor)
                 leaf = student.requires_grad_(True)
 
                 def run():
-                    leaf.grad = None
-                    vocab_parallel_anchored_loss(leaf, reference, anchor, alpha=ALPHA, vocab_size=vocab).sum().backward()
+                    os.environ["ANCHORED_FUSED_LOSS"] = fused
+                    try:
+                        vocab_parallel_anchored_loss(leaf, reference, anchor, alpha=ALPHA, vocab_size=vocab).sum().backward()
+                    finally:
+                        os.environ["ANCHORED_FUSED_LOSS"] = "1"
                     return leaf.grad
                 return run, (leaf, reference, anchor)
 
@@ -147,13 +170,14 @@ def _rank_bench(tp: int):
                 naive_tokens //= 2
             plan = [("a megatron", TOKENS, lambda: megatron(TOKENS)),
                     ("b live", TOKENS, lambda: ours(TOKENS, False)),
-                    ("c snapshot", TOKENS, lambda: ours(TOKENS, True))]
+                    ("c snapshot", TOKENS, lambda: ours(TOKENS, True)),
+                    ("e live, eager", TOKENS, lambda: ours(TOKENS, False, fused="0"))]
             if naive_tokens != TOKENS:
                 plan.append(("a megatron", naive_tokens, lambda: megatron(naive_tokens)))
             plan.append(("d naive", naive_tokens, lambda: naive(naive_tokens)))
             for name, tokens, build in plan:
                 run, holders = build()
-                seconds, peak = _measure(run, reps, barrier)
+                seconds, peak = _measure(run, reps, barrier, holders[0])
                 del run, holders
                 rows.append(dict(vocab=vocab, tp=tp, dtype=str(dtype).replace("torch.", ""), method=name,
                                  tokens=tokens, seconds=seconds, peak=peak, shard=tokens * local_vocab * 4))
@@ -180,7 +204,7 @@ def main():
     rows = []
     for tp in TPS:
         rows += _merge_ranks(run_on_ranks(_rank_bench, tp, tp, timeout=3000, threads=max(1, (os.cpu_count() or 1) // tp)))
-    header = f"{'V':>6} {'TP':>2} {'dtype':>8} {'method':<11} {'tokens':>6} {'time s':>7} {'x(a)':>5} {'peak MB':>8} {'x(a)':>5} {'extra-(a) in shards':>19}"
+    header = f"{'V':>6} {'TP':>2} {'dtype':>8} {'method':<13} {'tokens':>6} {'time s':>7} {'x(a)':>5} {'peak MB':>8} {'x(a)':>5} {'extra-(a) in shards':>19}"
     print(header)
     print("-" * len(header))
     baseline = {}
@@ -190,7 +214,7 @@ def main():
             baseline[key] = row
         base = baseline[key]
         excess = (row["peak"] - base["peak"]) / row["shard"]
-        print(f"{row['vocab']:>6} {row['tp']:>2} {row['dtype']:>8} {row['method']:<11} {row['tokens']:>6} "
+        print(f"{row['vocab']:>6} {row['tp']:>2} {row['dtype']:>8} {row['method']:<13} {row['tokens']:>6} "
               f"{row['seconds']:>7.3f} {row['seconds'] / base['seconds']:>5.2f} {row['peak'] / 2**20:>8.0f} "
               f"{row['peak'] / max(base['peak'], 1):>5.2f} {excess:>19.2f}")
     print()
@@ -212,6 +236,7 @@ def main():
             ("d mem >= 2x b", d_vs_ours >= 2.0, f"{d_vs_ours:.2f}x" + ("" if d_key[1] == TOKENS else f" (d at {d_key[1]} tokens, ours scaled)")),
         ]
         line = "  ".join(f"{name}: {value} {'MET' if ok else 'MISSED'}" for name, ok, value in checks)
+        line += f"  (e eager / b fused: {case[('e live, eager', TOKENS)]['seconds'] / b['seconds']:.2f}x)"
         print(f"V={vocab:>6} TP={tp} {dtype:>8}: {line}")
 
 

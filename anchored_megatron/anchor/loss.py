@@ -12,7 +12,7 @@ import numbers
 import torch
 import torch.distributed as dist
 
-from anchored_megatron.anchor import vocab_passes
+from anchored_megatron.anchor import fused_passes, vocab_passes
 from anchored_megatron.anchor.vocab_passes import LossSpec, ShardLayout
 
 INTERPOLATIONS = ("logit", "prob")
@@ -104,7 +104,15 @@ class _AnchoredLoss(torch.autograd.Function):
         work = vocab_passes.Workspace(min(chunk_tokens, sources["student"].shape[0]), layout.valid_local, dtype, student.device)
         # The gradient buffer doubles as pass A's scratch for one distribution's exp().
         grad = torch.empty(sources["student"].shape, dtype=dtype, device=student.device) if ctx.needs_input_grad[0] else None
-        local = vocab_passes.local_stats(sources, plan, layout, spec, work, chunk_tokens, keep=grad)
+        fused = fused_passes.applies(spec, layout)
+        if fused:
+            try:
+                local = fused_passes.local_stats(sources, plan, layout, spec, work, chunk_tokens, keep=grad)
+            except fused_passes.compile_errors() as error:
+                fused_passes.disable_after_failure(error)
+                fused = False
+        if not fused:
+            local = vocab_passes.local_stats(sources, plan, layout, spec, work, chunk_tokens, keep=grad)
         stats = vocab_passes.merge_stats(vocab_passes.all_slots(local, layout), plan)
         lse, expect = stats.lse, stats.expect
         canon = spec.canon
@@ -145,7 +153,14 @@ class _AnchoredLoss(torch.autograd.Function):
         ctx.student_dtype = student.dtype
         ctx.student_shape = student.shape
         if grad is not None:
-            vocab_passes.fill_gradient(grad, local, plan, sources, stats, divergence_value, kl_p_m, layout, spec, work, chunk_tokens)
+            if fused:
+                try:
+                    fused_passes.fill_gradient(grad, local, plan, sources, stats, layout, spec, chunk_tokens)
+                except fused_passes.compile_errors() as error:  # raised before the kernel touched grad
+                    fused_passes.disable_after_failure(error)
+                    fused = False
+            if not fused:
+                vocab_passes.fill_gradient(grad, local, plan, sources, stats, divergence_value, kl_p_m, layout, spec, work, chunk_tokens)
             ctx.grad_buffer = grad
         ctx.backward_done = False
 
@@ -226,15 +241,16 @@ def vocab_parallel_anchored_loss(
         vocab_size = padded_vocab
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or not 0 < vocab_size <= padded_vocab:
         raise ValueError(f"vocab_size must be an integer in [1, padded vocabulary {padded_vocab} = {local_vocab} x tp {size}], got {vocab_size!r}")
-    if chunk_tokens is None:
-        chunk_tokens = max(1, _AUTO_CHUNK_ELEMENTS // max(1, local_vocab))
-    elif isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, numbers.Integral) or chunk_tokens < 1:
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, numbers.Integral) or chunk_tokens < 1):
         raise ValueError(f"chunk_tokens must be an integer >= 1 or None, got {chunk_tokens!r}")
     if labels is not None and check_labels:
         _check_label_range(labels, vocab_size, spec.ignore_index)
     vocab_start = rank * local_vocab
     layout = ShardLayout(group=group, rank=rank, size=size, local_vocab=local_vocab,
                          valid_local=max(0, min(local_vocab, vocab_size - vocab_start)), vocab_start=vocab_start)
+    if chunk_tokens is None:
+        elements = fused_passes.CHUNK_ELEMENTS if fused_passes.applies(spec, layout) else _AUTO_CHUNK_ELEMENTS
+        chunk_tokens = max(1, elements // max(1, local_vocab))
 
     # The live anchor is the student's value without its graph; reference and anchor are
     # detached so that no gradient can reach them whatever the caller passed.

@@ -244,7 +244,7 @@ def chunk_rows(num_tokens: int, chunk_tokens: int):
         yield slice(start, min(start + chunk_tokens, num_tokens))
 
 
-def _owned_label_index(labels, layout: ShardLayout, spec: LossSpec):
+def owned_label_index(labels, layout: ShardLayout, spec: LossSpec):
     """(local column clamped into the shard, whether this rank owns the label and it counts)."""
     local_index = labels - layout.vocab_start
     owned = (local_index >= 0) & (local_index < layout.valid_local) & (labels != spec.ignore_index)
@@ -282,7 +282,7 @@ def local_stats(sources, plan: StatsPlan, layout: ShardLayout, spec: LossSpec, w
                 dot = chunk.row_dot(weights, value)
                 out[rows, 2 * num_dists + t_index] = dot if factor == 1.0 else dot * factor
         if plan.with_label:
-            local_index, owned = _owned_label_index(sources["labels"][rows], layout, spec)
+            local_index, owned = owned_label_index(sources["labels"][rows], layout, spec)
             picked = student[rows].gather(-1, local_index.unsqueeze(-1)).squeeze(-1)
             out[rows, -1] = torch.where(owned, picked.to(work.dtype), 0.0)
     return out
@@ -476,5 +476,5 @@ def fill_gradient(grad, local, plan, sources, stats, divergence_value, kl_p_m, l
         if spec.need_ce:
             if not ce_probs_done:
                 out.addcmul_(norm.probs("z", "p_ce"), ce_row_weight)
-            local_index, owned = _owned_label_index(sources["labels"][rows], layout, spec)
+            local_index, owned = owned_label_index(sources["labels"][rows], layout, spec)
             out.scatter_add_(-1, local_index.unsqueeze(-1), owned.to(work.dtype).mul_(-w).unsqueeze(-1))

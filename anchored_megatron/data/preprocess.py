@@ -14,9 +14,9 @@ from anchored_megatron.data.records import (
     TOO_LONG,
     BadRecord,
     DataError,
+    LazyLocation,
     Location,
-    iter_file,
-    to_messages,
+    iter_messages,
 )
 
 _CHUNK = 512  # records tokenised per encode_batch call
@@ -58,7 +58,7 @@ def tokenize_files(paths: list[str], tokenizer, template: str, seq_length: int, 
     for file_index, path in enumerate(paths):
         records = skipped_before = 0
         skipped_before = sum(policy.counts.values())
-        chunk: list[tuple[Location, list]] = []
+        chunk: list[tuple[Location | LazyLocation, list]] = []
 
         def flush():
             nonlocal truncated
@@ -79,18 +79,14 @@ def tokenize_files(paths: list[str], tokenizer, template: str, seq_length: int, 
                 doc_file.append(file_index)
             chunk.clear()
 
-        for item in iter_file(path):
+        for item in iter_messages(path):
             records += 1
             if progress is not None:
                 progress.update(1)
             if isinstance(item, BadRecord):
                 policy.reject(item)
                 continue
-            location, raw = item
-            messages = to_messages(raw, location)
-            if isinstance(messages, BadRecord):
-                policy.reject(messages)
-                continue
+            location, messages = item
             try:
                 pieces = chat_template.conversation_pieces(messages, template, tokenizer)
             except chat_template.TemplateRenderError as exc:

@@ -84,10 +84,43 @@ def test_json_array_bad_bytes_named_and_skippable(tmp_path, sp_dir):
     assert build_ds(str(path), sp_dir, tmp_path, on_bad_record="skip").stats["skipped"] == {"non-UTF-8 bytes": 1}
 
 
-def test_json_array_syntax_error_is_fatal_even_when_skipping(tmp_path, sp_dir):
+def write_array_with_broken_element(path, records, broken: int) -> tuple[str, int]:
+    """A pretty-printed JSON array whose element ``broken`` lacks the ':' after "response";
+    returns the path and the line of that syntax error."""
+    elements = [json.dumps(r, indent=1).replace("\n", "\n ") for r in records]
+    elements[broken] = elements[broken].replace('"response":', '"response"', 1)
+    text = "[\n " + ",\n ".join(elements) + "\n]\n"
+    path.write_text(text)
+    error_line = next(i for i, line in enumerate(text.splitlines(), start=1) if line.strip().startswith('"response" '))
+    return str(path), error_line
+
+
+def test_json_array_broken_element_skipped_and_counted(tmp_path, sp_dir):
+    records = prompt_records(5, seed=5, high=4)
+    path, _ = write_array_with_broken_element(tmp_path / "d.json", records, broken=2)
+    ds = build_ds(path, sp_dir, tmp_path, on_bad_record="skip", packing=False)
+    assert ds.stats["skipped"] == {"malformed JSON": 1}
+    assert ds.stats["num_records"] == 5 and ds.stats["num_documents"] == 4
+
+
+def test_json_array_broken_element_error_names_its_line(tmp_path, sp_dir):
+    path, line = write_array_with_broken_element(tmp_path / "d.json", prompt_records(5, seed=5, high=4), broken=2)
+    assert line > 3  # inside the file, not on its first lines
+    with pytest.raises(DataError, match=rf"^{path}:{line}: malformed JSON: Expecting ':' delimiter .*on_bad_record: skip"):
+        build_ds(path, sp_dir, tmp_path)
+
+
+def test_json_array_unclosed_bracket_is_fatal_even_when_skipping(tmp_path, sp_dir):
     path = tmp_path / "d.json"
-    path.write_text('[\n {"prompt": "a", "response": "b"},\n {"prompt": "a" "response": "b"}\n]\n')
-    with pytest.raises(DataError, match=rf"^{path}:3: malformed JSON: Expecting ',' delimiter"):
+    path.write_text('[\n {"prompt": "a", "response": "b"},\n {"prompt": "a", "response": ["b"},\n {"prompt": "c", "response": "d"}\n]\n')
+    with pytest.raises(DataError, match=rf"^{path}:3: malformed JSON: .*rest of the file cannot be read"):
+        build_ds(str(path), sp_dir, tmp_path, on_bad_record="skip")
+
+
+def test_text_after_json_array_is_an_error(tmp_path, sp_dir):
+    path = tmp_path / "d.json"
+    path.write_text('[\n {"prompt": "a", "response": "b"}\n]\n{"prompt": "c", "response": "d"}\n')
+    with pytest.raises(DataError, match=rf"^{path}:4: malformed JSON: text after the end of the JSON array"):
         build_ds(str(path), sp_dir, tmp_path, on_bad_record="skip")
 
 

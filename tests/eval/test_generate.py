@@ -1,5 +1,6 @@
-"""Greedy generation: TP=2 returns the same tokens as TP=1, and both equal a plain
-one-prompt-at-a-time greedy loop over full logits (no padding, no masks, float64 entropy)."""
+"""Greedy generation: with and without the KV cache, TP=2 returns the same tokens as TP=1, and
+all equal a plain one-prompt-at-a-time greedy loop over full logits (no padding, no masks,
+float64 entropy). Prompts of 1-9 tokens share each batch, so most rows are left-padded."""
 
 import pytest
 
@@ -58,25 +59,28 @@ def _check_on_ranks(ckpt_dir):
     chunks[0].eval()
     with torch.no_grad():
         ref_tokens, ref_entropy = _reference(chunks[0], prompts, 12, 16)
-    tp1 = greedy_generate(chunks, prompts, batch_size=5, **kwargs)
+    runs = {"tp1": greedy_generate(chunks, prompts, batch_size=5, **kwargs),
+            "tp1_nocache": greedy_generate(chunks, prompts, batch_size=5, kv_cache=False, **kwargs)}
     initialize(ParallelConfig(tp=2), seed=3)
     chunks2 = build_model_chunks(model, ParallelConfig(tp=2))
     load_megatron_weights(chunks2, ckpt_dir)
-    tp2 = greedy_generate(chunks2, prompts, batch_size=64, **kwargs)
-    return {"ref": ref_tokens, "ref_entropy": ref_entropy, "tp1": tp1.tokens, "tp2": tp2.tokens,
-            "tp1_entropy": tp1.entropy_sums, "tp2_entropy": tp2.entropy_sums, "finished": tp2.finished}
+    runs["tp2"] = greedy_generate(chunks2, prompts, batch_size=64, **kwargs)
+    runs["tp2_nocache"] = greedy_generate(chunks2, prompts, batch_size=64, kv_cache=False, **kwargs)
+    return {"ref": ref_tokens, "ref_entropy": ref_entropy, "finished": runs["tp2"].finished,
+            "tokens": {name: gen.tokens for name, gen in runs.items()},
+            "entropy": {name: gen.entropy_sums for name, gen in runs.items()}}
 
 
 @pytest.mark.distributed
-def test_tp2_generation_equals_tp1_and_an_unbatched_reference(ranks, tmp_path):
+def test_cached_and_uncached_generation_at_tp1_and_tp2_equal_an_unbatched_reference(ranks, tmp_path):
     results = ranks(_check_on_ranks, 2, str(tmp_path / "ckpt"))
     for r in results:
-        assert r["tp1"] == r["ref"]
-        assert r["tp2"] == r["ref"]
         assert len({len(t) for t in r["ref"]}) > 1 or any(r["finished"])  # non-trivial continuations
         assert len({tuple(t) for t in r["ref"]}) > 3
-        for a, b, c in zip(r["ref_entropy"], r["tp1_entropy"], r["tp2_entropy"]):
-            assert abs(a - b) < 1e-4 and abs(a - c) < 1e-4
+        for name, tokens in r["tokens"].items():
+            assert tokens == r["ref"], name
+            for a, b in zip(r["ref_entropy"], r["entropy"][name]):
+                assert abs(a - b) < 1e-4, name
 
 
 def test_attention_inputs_hide_padding_and_restart_positions():
@@ -91,3 +95,18 @@ def test_attention_inputs_hide_padding_and_restart_positions():
     assert visible[0, 3].tolist() == [False, False, True, True]
     assert visible[0, 0].tolist() == [True, False, False, False]  # padding sees only itself
     assert visible[1, 2].tolist() == [True, True, True, False]
+
+
+def test_attention_inputs_for_new_queries_are_the_last_rows_of_the_full_mask():
+    import torch
+
+    from anchored_megatron.eval.generate import _attention_inputs
+
+    pad = torch.tensor([3, 0, 1])
+    full_positions, full_mask = _attention_inputs(pad, 7)
+    for first in (0, 4, 6):  # prefill, a chunk, one decode step
+        positions, mask = _attention_inputs(pad, 7, first)
+        assert mask.shape == (3, 1, 7 - first, 7)
+        assert torch.equal(mask, full_mask[:, :, first:])
+        assert torch.equal(positions, full_positions[:, first:])
+    assert (~_attention_inputs(pad, 7, 6)[1][0, 0, 0]).tolist() == [False] * 3 + [True] * 4  # pad keys stay hidden
