@@ -2,8 +2,9 @@
 what the base could do? Every stage is a real trainer run at TP=2 on 2 gloo ranks.
 
 Full version (the issue's plan): regime C with 3 seeds x 2 fine-tuning learning rates
-(mean ± std), regimes A and B with one seed as controls. ``--reduced`` runs fewer seeds /
-learning rates / smaller sizes and says so in its output. Stages are cached under
+(mean ± std), regimes A and B with one seed as controls, T x K = 5 x 5, 500 held-out items
+per task. ``--reduced`` runs fewer seeds / learning rates / a smaller budget and says so in its
+output; ``--seeds/--lrs/--controls`` run (or re-render from the cache) part of the plan. Stages are cached under
 ``--output-dir``: an interrupted run resumes at the first unfinished stage.
 
     python bench/forgetting.py [--reduced] [--output-dir runs/forgetting] [--results docs/results.md]
@@ -26,10 +27,10 @@ from anchored_megatron.eval.report import markdown_tables, plot_tradeoff  # noqa
 from anchored_megatron.pipeline.runner import run_experiment  # noqa: E402
 from anchored_megatron.pipeline.stages import ExperimentConfig  # noqa: E402
 
-FULL = dict(
-    sizes=dict(pretrain_per_skill=1500, finetune_examples=600, eval_per_skill=500, hidden_size=96, num_layers=3, ffn_hidden_size=288,
-               base_epochs=8, base_lr=3e-3, base_global_batch=64, teacher_epochs=3, finetune_global_batch=32,
-               outer_iterations=5, epochs_per_iteration=5, eval_every_epochs=5),
+FULL = dict(  # REDUCED's model, data and base (so cached bases are reused), the eval size and T x K
+    sizes=dict(skills=("add", "rev", "up", "rep"), target_min_steps=1, target_max_steps=2, pretrain_per_skill=2000, finetune_examples=500, eval_per_skill=500,
+               hidden_size=128, num_layers=2, ffn_hidden_size=384, base_epochs=12, base_lr=3e-3, base_global_batch=64,
+               teacher_epochs=3, finetune_global_batch=16, outer_iterations=5, epochs_per_iteration=5, eval_every_epochs=5),
     regime_c_seeds=(0, 1, 2), learning_rates=(3e-4, 1e-3), control_regimes=("A", "B"), control_lr=3e-4,
 )
 REDUCED = dict(  # the demo's model and base budget (measured to learn the skills), regime C, 2 seeds, one lr
@@ -42,8 +43,10 @@ REDUCED = dict(  # the demo's model and base budget (measured to learn the skill
 
 def settings_text(plan: dict, reduced: bool) -> str:
     s = plan["sizes"]
+    complete = all(plan[k] == FULL[k] for k in ("regime_c_seeds", "learning_rates", "control_regimes"))
+    kind = "REDUCED run (not the full benchmark)" if reduced else "Full run" if complete else "PART of the full plan (overridden on the command line)"
     return (
-        f"{'REDUCED run (not the full benchmark)' if reduced else 'Full run'}: regime C seeds {list(plan['regime_c_seeds'])}, "
+        f"{kind}: regime C seeds {list(plan['regime_c_seeds'])}, "
         f"fine-tuning lr {list(plan['learning_rates'])}; controls {list(plan['control_regimes']) or 'none'}. "
         f"Skills: {', '.join(s.get('skills', ('add', 'rev', 'up', 'rep', 'kv')))}. Model: Llama-shaped, hidden {s['hidden_size']}, {s['num_layers']} layers, ffn {s['ffn_hidden_size']}, char vocabulary, TP=2. "
         f"Target: {s.get('target_min_steps', 2)}-{s.get('target_max_steps', 3)} derived quantities. Base: {s['pretrain_per_skill']} examples per skill, {s['base_epochs']} epochs, lr {s['base_lr']:g} cosine. "
@@ -70,7 +73,7 @@ def run(plan: dict, output_dir: str, reduced: bool, results_path: str) -> str:
             print(f"regime {regime} seed {seed} lr {lr:g}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         title = f"regime {regime}, lr {lr:g}, {len(seeds)} seed(s)"
         sections.append(markdown_tables(runs, title))
-        plot = plot_tradeoff(runs, os.path.join(plot_dir, f"forgetting_{regime}_lr{lr:g}.png"), title)
+        plot = plot_tradeoff(runs, os.path.join(plot_dir, f"forgetting_{'' if reduced else 'full_'}{regime}_lr{lr:g}.png"), title)
         sections.append(f"![{title}]({os.path.relpath(plot, os.path.dirname(results_path) or '.')})\n")
     sections.append(f"Wall time: {time.perf_counter() - started:.0f} s (stages reused from cache count ~0).")
     return "\n".join(sections)
@@ -82,8 +85,17 @@ def main(argv=None) -> int:
     parser.add_argument("--output-dir", default=os.path.join("runs", "forgetting"))
     parser.add_argument("--results", default=os.path.join("docs", "results_forgetting_tables.md"),
                         help="markdown file for the tables (docs/results.md holds the analysis and links here)")
+    parser.add_argument("--seeds", help="override the regime-C seeds, e.g. 0,1,2 (a subset of the plan; said in the output)")
+    parser.add_argument("--lrs", help="override the fine-tuning learning rates, e.g. 3e-4,1e-3")
+    parser.add_argument("--controls", help="override the control regimes, e.g. A,B (empty: none)")
     args = parser.parse_args(argv)
-    plan = REDUCED if args.reduced else FULL
+    plan = dict(REDUCED if args.reduced else FULL)
+    if args.seeds is not None:
+        plan["regime_c_seeds"] = tuple(int(x) for x in args.seeds.split(",") if x)
+    if args.lrs is not None:
+        plan["learning_rates"] = tuple(float(x) for x in args.lrs.split(",") if x)
+    if args.controls is not None:
+        plan["control_regimes"] = tuple(x for x in args.controls.split(",") if x)
     text = run(plan, args.output_dir, args.reduced, args.results)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     print(text)

@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 
@@ -65,11 +66,15 @@ def loss_parity(device: torch.device, sizes: dict) -> dict:
     labels[::7] = -100
     weights = torch.rand(n, generator=generator, dtype=torch.float64)
     results = {}
+    fallbacks = []
     for name, options in PARITY_CASES.items():
         leaf = student.clone().to(device).requires_grad_(True)  # a fresh leaf: no grad carried between cases
-        per_token = vocab_parallel_anchored_loss(
-            leaf, reference.to(device), anchor.to(device), labels=labels.to(device), vocab_size=vocab, **options
-        )
+        with warnings.catch_warnings(record=True) as caught:  # a torch.compile fallback warns once
+            warnings.simplefilter("always", RuntimeWarning)
+            per_token = vocab_parallel_anchored_loss(
+                leaf, reference.to(device), anchor.to(device), labels=labels.to(device), vocab_size=vocab, **options
+            )
+        fallbacks += [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
         (per_token.double() * weights.to(device)).sum().backward()
         ref_leaf = student.double().requires_grad_(True)
         ref_loss, _ = reference_loss(ref_leaf, reference.double(), anchor.double(), labels=labels, vocab_size=vocab, **options)
@@ -82,25 +87,40 @@ def loss_parity(device: torch.device, sizes: dict) -> dict:
             loss_rel_err=loss_err, grad_rel_err=grad_err, padded_grad_zero=padded_grad_zero, finite=finite,
             passed=finite and padded_grad_zero and loss_err < PARITY_TOLERANCE and grad_err < PARITY_TOLERANCE,
         )
-    return dict(cases=results, tokens=n, padded_vocab=width, vocab=vocab, tolerance=PARITY_TOLERANCE,
-                passed=all(r["passed"] for r in results.values()), kernel=time_loss_kernel(device, sizes))
+    from anchored_megatron.anchor import fused_passes
+
+    compiled = "fell back to eager: " + fallbacks[0] if fallbacks else ("used" if not fused_passes._compile_failed else "off")
+    kernel = time_loss_kernel(device, sizes)
+    eager = time_loss_kernel(device, sizes, fused=False)
+    kernel["eager_fwd_bwd_ms"] = eager["fwd_bwd_ms"]
+    return dict(cases=results, tokens=n, padded_vocab=width, vocab=vocab, tolerance=PARITY_TOLERANCE, compiled_kernels=compiled,
+                passed=all(r["passed"] for r in results.values()), kernel=kernel)
 
 
-def time_loss_kernel(device: torch.device, sizes: dict, repeats: int = 10) -> dict:
-    """Median forward+backward time of the anchored loss over [timing_tokens, padded_vocab] fp32 logits."""
+def time_loss_kernel(device: torch.device, sizes: dict, repeats: int = 10, fused: bool = True) -> dict:
+    """Median forward+backward time of the anchored loss over [timing_tokens, padded_vocab] fp32 logits
+    (``fused=False``: the eager passes, ANCHORED_FUSED_LOSS=0)."""
     from anchored_megatron.anchor import vocab_parallel_anchored_loss
 
     n, width = sizes["timing_tokens"], sizes["padded_vocab"]
     student, reference, anchor = ((3.0 * torch.randn(n, width, device=device)).to(torch.bfloat16).float() for _ in range(3))
     times = []
-    for i in range(repeats + 2):
-        leaf = student.detach().requires_grad_(True)
-        _sync(device)
-        start = time.perf_counter()
-        vocab_parallel_anchored_loss(leaf, reference, anchor, alpha=0.5, vocab_size=sizes["vocab"]).sum().backward()
-        _sync(device)
-        if i >= 2:  # two warm-ups
-            times.append(time.perf_counter() - start)
+    previous = os.environ.get("ANCHORED_FUSED_LOSS")
+    os.environ["ANCHORED_FUSED_LOSS"] = "1" if fused else "0"
+    try:
+        for i in range(repeats + 2):
+            leaf = student.detach().requires_grad_(True)
+            _sync(device)
+            start = time.perf_counter()
+            vocab_parallel_anchored_loss(leaf, reference, anchor, alpha=0.5, vocab_size=sizes["vocab"]).sum().backward()
+            _sync(device)
+            if i >= 2:  # two warm-ups (the first call compiles)
+                times.append(time.perf_counter() - start)
+    finally:
+        if previous is None:
+            os.environ.pop("ANCHORED_FUSED_LOSS", None)
+        else:
+            os.environ["ANCHORED_FUSED_LOSS"] = previous
     median = statistics.median(times)
     return dict(tokens=n, padded_vocab=width, fwd_bwd_ms=1e3 * median, tokens_per_s=n / median)
 
@@ -318,8 +338,9 @@ def markdown(report: dict) -> str:
     ]
     for name, case in parity["cases"].items():
         lines.append(f"| {name} | {case['loss_rel_err']:.2e} | {case['grad_rel_err']:.2e} |")
-    lines.append(f"\nLoss kernel fwd+bwd: {kernel['fwd_bwd_ms']:.2f} ms for {kernel['tokens']} tokens x {kernel['padded_vocab']} "
-                 f"({kernel['tokens_per_s']:.0f} tokens/s)\n")
+    lines.append(f"\nLoss kernel fwd+bwd (snapshot anchor): {kernel['fwd_bwd_ms']:.2f} ms for {kernel['tokens']} tokens x {kernel['padded_vocab']} "
+                 f"({kernel['tokens_per_s']:.0f} tokens/s); eager passes {kernel['eager_fwd_bwd_ms']:.2f} ms "
+                 f"({kernel['eager_fwd_bwd_ms'] / kernel['fwd_bwd_ms']:.2f}x); compiled kernels: {parity['compiled_kernels']}\n")
     return "\n".join(lines)
 
 

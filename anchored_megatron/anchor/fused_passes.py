@@ -56,11 +56,13 @@ def disable_after_failure(error: BaseException) -> None:
 
 
 def compile_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "the compiler is unusable here", as opposed to a bug in a call."""
-    from torch._dynamo.exc import BackendCompilerFailed
+    """Errors that mean "the compiler is unusable here" (no C++ compiler or Triton, a Dynamo
+    that cannot trace the kernels, more graphs than the limit), as opposed to a bug in a call:
+    those are raised again by the eager passes."""
+    from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit, Unsupported
     from torch._inductor.exc import InductorError
 
-    return (BackendCompilerFailed, InductorError, OSError)
+    return (BackendCompilerFailed, InductorError, Unsupported, FailOnRecompileLimitHit, OSError)
 
 
 def _stats_kernel(dists, terms, stored, anchor_name, student, reference, anchor, keep, alpha, inv_tau):
