@@ -28,7 +28,9 @@ import warnings
 
 import torch
 
-from anchored_megatron.anchor.vocab_passes import LossSpec, ShardLayout, StatsPlan, Workspace, owned_label_index, chunk_rows
+from anchored_megatron.anchor.vocab_passes import (
+    LossSpec, ShardLayout, StatsPlan, Workspace, chunk_rows, label_logits, subtract_label_onehot,
+)
 
 _ENV = "ANCHORED_FUSED_LOSS"
 # Auto chunk size of the fused passes, in elements: the compiled loops keep intermediates in
@@ -157,9 +159,7 @@ def local_stats(sources, plan: StatsPlan, layout: ShardLayout, spec: LossSpec, w
         )
         out[rows, : columns.shape[1]] = columns
     if plan.with_label:
-        local_index, owned = owned_label_index(sources["labels"], layout, spec)
-        picked = student.gather(-1, local_index.unsqueeze(-1)).squeeze(-1)
-        out[:, -1] = torch.where(owned, picked.to(work.dtype), 0.0)
+        out[:, -1] = label_logits(student, sources["labels"], layout, spec, work.dtype)
     return out
 
 
@@ -176,7 +176,6 @@ def fill_gradient(grad, local, plan: StatsPlan, sources, stats, layout: ShardLay
     stored_index = plan.dists.index(plan.stored)
     keep_factor = ((local[:, stored_index] - stats.lse[plan.stored]).exp() * -k).unsqueeze(-1)
     p_factor = torch.full_like(keep_factor, k)
-    ce_row_weight = None
     if spec.need_ce:
         labels = sources["labels"]
         ce_row_weight = (labels != spec.ignore_index).to(grad.dtype).mul_(w)
@@ -188,5 +187,4 @@ def fill_gradient(grad, local, plan: StatsPlan, sources, stats, layout: ShardLay
     for rows in chunk_rows(grad.shape[0], chunk_tokens):
         kernel(student[rows, :valid], grad[rows, :valid], lse_u[rows], keep_factor[rows], p_factor[rows], inv_tau)
     if spec.need_ce:
-        local_index, owned = owned_label_index(sources["labels"], layout, spec)
-        grad[:, :valid].scatter_add_(-1, local_index.unsqueeze(-1), (owned.to(grad.dtype) * -w).unsqueeze(-1))
+        subtract_label_onehot(grad[:, :valid], sources["labels"], layout, spec)

@@ -93,7 +93,7 @@ class _AnchoredLoss(torch.autograd.Function):
     """Per-token loss; the gradient w.r.t. the student logits is computed in forward."""
 
     @staticmethod
-    def forward(ctx, student, reference, anchor, labels, spec: LossSpec, layout: ShardLayout, chunk_tokens: int):
+    def forward(ctx, student, reference, anchor, labels, spec: LossSpec, layout: ShardLayout, chunk_tokens: int, fused: bool):
         dtype = torch.float64 if torch.float64 in (student.dtype, reference.dtype, getattr(anchor, "dtype", None)) else torch.float32
         leading_shape = student.shape[:-1]
         flat = lambda x: None if x is None else x.reshape(-1, x.shape[-1])  # noqa: E731 - a view for contiguous inputs
@@ -104,7 +104,6 @@ class _AnchoredLoss(torch.autograd.Function):
         work = vocab_passes.Workspace(min(chunk_tokens, sources["student"].shape[0]), layout.valid_local, dtype, student.device)
         # The gradient buffer doubles as pass A's scratch for one distribution's exp().
         grad = torch.empty(sources["student"].shape, dtype=dtype, device=student.device) if ctx.needs_input_grad[0] else None
-        fused = fused_passes.applies(spec, layout)
         if fused:
             try:
                 local = fused_passes.local_stats(sources, plan, layout, spec, work, chunk_tokens, keep=grad)
@@ -187,10 +186,10 @@ class _AnchoredLoss(torch.autograd.Function):
         grad = ctx.grad_buffer
         ctx.grad_buffer = None
         if grad is None:
-            return (None,) * 7
+            return (None,) * 8
         # In place: the buffer is ours and used once; no second shard-sized tensor.
         grad.mul_(grad_loss.reshape(-1, 1).to(grad.dtype))
-        return grad.view(ctx.student_shape).to(ctx.student_dtype), None, None, None, None, None, None
+        return grad.view(ctx.student_shape).to(ctx.student_dtype), None, None, None, None, None, None, None
 
 
 def vocab_parallel_anchored_loss(
@@ -248,15 +247,16 @@ def vocab_parallel_anchored_loss(
     vocab_start = rank * local_vocab
     layout = ShardLayout(group=group, rank=rank, size=size, local_vocab=local_vocab,
                          valid_local=max(0, min(local_vocab, vocab_size - vocab_start)), vocab_start=vocab_start)
+    fused = fused_passes.applies(spec, layout)
     if chunk_tokens is None:
-        elements = fused_passes.CHUNK_ELEMENTS if fused_passes.applies(spec, layout) else _AUTO_CHUNK_ELEMENTS
+        elements = fused_passes.CHUNK_ELEMENTS if fused else _AUTO_CHUNK_ELEMENTS
         chunk_tokens = max(1, elements // max(1, local_vocab))
 
     # The live anchor is the student's value without its graph; reference and anchor are
     # detached so that no gradient can reach them whatever the caller passed.
     outputs = _AnchoredLoss.apply(
         student_logits, reference_logits.detach(), None if anchor_logits is None else anchor_logits.detach(),
-        None if labels is None else labels.detach().long(), spec, layout, int(chunk_tokens),
+        None if labels is None else labels.detach().long(), spec, layout, int(chunk_tokens), fused,
     )
     if not return_metrics:
         return outputs[0]

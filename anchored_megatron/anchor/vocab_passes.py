@@ -244,11 +244,26 @@ def chunk_rows(num_tokens: int, chunk_tokens: int):
         yield slice(start, min(start + chunk_tokens, num_tokens))
 
 
-def owned_label_index(labels, layout: ShardLayout, spec: LossSpec):
+def _owned_label_index(labels, layout: ShardLayout, spec: LossSpec):
     """(local column clamped into the shard, whether this rank owns the label and it counts)."""
     local_index = labels - layout.vocab_start
     owned = (local_index >= 0) & (local_index < layout.valid_local) & (labels != spec.ignore_index)
     return local_index.clamp(0, layout.valid_local - 1), owned
+
+
+def label_logits(student, labels, layout: ShardLayout, spec: LossSpec, dtype) -> torch.Tensor:
+    """Each token's student logit at its label where this rank owns the label, else 0 (summed
+    over ranks, the label logit)."""
+    local_index, owned = _owned_label_index(labels, layout, spec)
+    picked = student.gather(-1, local_index.unsqueeze(-1)).squeeze(-1)
+    return torch.where(owned, picked.to(dtype), 0.0)
+
+
+def subtract_label_onehot(grad, labels, layout: ShardLayout, spec: LossSpec) -> None:
+    """grad[t, label_t] -= ce_weight on the tokens whose label this rank owns (the CE term's
+    one-hot part; ``grad`` covers the valid columns)."""
+    local_index, owned = _owned_label_index(labels, layout, spec)
+    grad.scatter_add_(-1, local_index.unsqueeze(-1), owned.to(grad.dtype).mul_(-spec.ce_weight).unsqueeze(-1))
 
 
 def local_stats(sources, plan: StatsPlan, layout: ShardLayout, spec: LossSpec, work: Workspace, chunk_tokens: int, keep=None) -> torch.Tensor:
@@ -282,9 +297,7 @@ def local_stats(sources, plan: StatsPlan, layout: ShardLayout, spec: LossSpec, w
                 dot = chunk.row_dot(weights, value)
                 out[rows, 2 * num_dists + t_index] = dot if factor == 1.0 else dot * factor
         if plan.with_label:
-            local_index, owned = owned_label_index(sources["labels"][rows], layout, spec)
-            picked = student[rows].gather(-1, local_index.unsqueeze(-1)).squeeze(-1)
-            out[rows, -1] = torch.where(owned, picked.to(work.dtype), 0.0)
+            out[rows, -1] = label_logits(student[rows], sources["labels"][rows], layout, spec, work.dtype)
     return out
 
 
@@ -476,5 +489,4 @@ def fill_gradient(grad, local, plan, sources, stats, divergence_value, kl_p_m, l
         if spec.need_ce:
             if not ce_probs_done:
                 out.addcmul_(norm.probs("z", "p_ce"), ce_row_weight)
-            local_index, owned = owned_label_index(sources["labels"][rows], layout, spec)
-            out.scatter_add_(-1, local_index.unsqueeze(-1), owned.to(work.dtype).mul_(-w).unsqueeze(-1))
+            subtract_label_onehot(out, sources["labels"][rows], layout, spec)
