@@ -3,7 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe the user's input (config, data, tokenizer) and carry a message that
+    names the option, file or line: printed as one line, never as a traceback."""
+    from anchored_megatron.config import ConfigError
+    from anchored_megatron.data.records import DataError
+    from anchored_megatron.data.tokenizer import TokenizerError
+
+    return ConfigError, DataError, TokenizerError
+
+
+def _report(prog: str, kind: str, exc: BaseException) -> int:
+    # Every rank of a launch meets the same bad input and raises the same message: one copy is enough.
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{prog}: {kind}: {exc}", file=sys.stderr, flush=True)
+    return 2
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -31,6 +49,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
         train(cfg)
     except ConfigError as exc:
-        print(f"anchored-sft: config error: {exc}", file=sys.stderr)
-        return 2
+        return _report("anchored-sft", "config error", exc)
+    except _user_errors() as exc:
+        return _report("anchored-sft", "error", exc)
     return 0

@@ -33,11 +33,9 @@ CASES = [  # (label, model overrides, global batch, micro batch)
 
 def train_on_rank(run: dict) -> dict:
     from anchored_megatron.config import RunConfig, build
-    from anchored_megatron.models.presets import resolve
     from anchored_megatron.training.trainer import Trainer
 
     cfg = build(RunConfig, run)
-    cfg.model = resolve(cfg.model)
     trainer = Trainer(cfg)
     trainer.setup()
     trainer.run()

@@ -143,7 +143,7 @@ def plan_config(precision: str, objective: str, cpu_smoke: bool):
     """(RunConfig, shape, record); the record says ``skipped`` with the refusal when this
     machine cannot run the configuration (checked without importing Megatron)."""
     from anchored_megatron.config import ConfigError, ModelConfig, RunConfig
-    from anchored_megatron.models.presets import resolve
+    from anchored_megatron.config import apply_preset
     from anchored_megatron.platform import accelerators
 
     shape = CPU_SHAPE if cpu_smoke else GPU_SHAPE
@@ -151,14 +151,15 @@ def plan_config(precision: str, objective: str, cpu_smoke: bool):
     # bf16 and FP8 share the TE layers when TE is here, so only the GEMM precision differs.
     # FP8 always asks for TE and bf16, so a machine without them shows its refusal.
     impl = "transformer_engine" if fp8 or accelerators.has_transformer_engine() else "local"
-    model = resolve(ModelConfig(
+    set_here = {"seq_length", "params_dtype", "transformer_impl", "fp8", "fp8_recipe"}
+    model = apply_preset(ModelConfig(
         preset=shape["preset"],
         seq_length=shape["seq_length"],
         params_dtype="fp32" if cpu_smoke and not fp8 else "bf16",
         transformer_impl=impl,
         fp8="hybrid" if fp8 else None,
         fp8_recipe="delayed",
-    ))
+    ), explicit=set_here)
     cfg = RunConfig(output_dir="unused-by-the-benchmark", model=model)
     cfg.anchor.objective = objective
     cfg.train.micro_batch_size = shape["micro_batch_size"]

@@ -17,7 +17,6 @@ conversion never instantiates a model.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import tempfile
@@ -25,11 +24,10 @@ from pathlib import Path
 
 import torch
 
-from anchored_megatron.config import ModelConfig, build
+from anchored_megatron.config import ModelConfig
 from anchored_megatron.convert.errors import ConvertError
 from anchored_megatron.convert.mapping import EXTRA_STATE_LINEARS, Rule
 
-MODEL_CONFIG_NAME = "model_config.yaml"
 HF_CONFIG_NAME = "hf_config.json"  # the source config.json, kept so export can reproduce it exactly
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -91,10 +89,9 @@ def entry_name(rule: Rule) -> str:
 
 
 def write_model_config(ckpt_dir: str, model: ModelConfig, hf_config: dict | None = None) -> None:
-    import yaml
+    from anchored_megatron.config.stored import write_model_config as write_yaml
 
-    with open(os.path.join(ckpt_dir, MODEL_CONFIG_NAME), "w", encoding="utf-8") as fh:
-        yaml.safe_dump(dataclasses.asdict(model), fh, sort_keys=False)
+    write_yaml(ckpt_dir, model)
     if hf_config is not None:
         with open(os.path.join(ckpt_dir, HF_CONFIG_NAME), "w", encoding="utf-8") as fh:
             json.dump(hf_config, fh, indent=2, sort_keys=True)
@@ -102,16 +99,16 @@ def write_model_config(ckpt_dir: str, model: ModelConfig, hf_config: dict | None
 
 def load_model_config(ckpt_dir: str) -> ModelConfig:
     """The ModelConfig stored next to a converted (or trainer) checkpoint."""
-    from anchored_megatron.config import ConfigError, load_yaml
+    from anchored_megatron.config import ConfigError
+    from anchored_megatron.config.stored import MODEL_CONFIG_NAME, read_model_config
 
-    path = os.path.join(ckpt_dir, MODEL_CONFIG_NAME)
-    if not os.path.exists(path):
-        raise ConvertError(f"{path}: not found (a converted checkpoint has its model config there)")
     try:
-        model = build(ModelConfig, load_yaml(path), "model")
-        model.validate()
+        model = read_model_config(ckpt_dir, "--ckpt")
     except ConfigError as exc:
-        raise ConvertError(f"{path}: {exc}") from None
+        raise ConvertError(str(exc)) from None
+    if model is None:
+        path = os.path.join(ckpt_dir, MODEL_CONFIG_NAME)
+        raise ConvertError(f"{path}: not found (a converted checkpoint has its model config there)")
     return model
 
 

@@ -1,7 +1,7 @@
 """SFT data: local files -> tokenised, loss-masked, packed sequences -> DP-sharded batches."""
 
 from anchored_megatron.data.collate import collate
-from anchored_megatron.data.config import DataConfig
+from anchored_megatron.config import DataConfig
 from anchored_megatron.data.records import DataError
 from anchored_megatron.data.sampler import EpochSampler
 from anchored_megatron.data.sft_dataset import IGNORE_INDEX, SFTDataset, build_sft_dataset

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 
 from anchored_megatron.config import ConfigError
+from anchored_megatron.config.data import looks_like_jinja
 
 # Pieces are (text | marker, trained). Markers stand for token ids decided at encode time.
 BOS = "<<bos>>"
@@ -27,10 +28,6 @@ MARKERS = (BOS, EOS_IF_MISSING)
 
 DEFAULT = "default"
 _ROLE_PREFIX = {"system": "System: ", "user": "User: "}
-
-
-def looks_like_jinja(text: str) -> bool:
-    return "{{" in text or "{%" in text
 
 
 def resolve(option: str | None, tokenizer_template: str | None) -> str:

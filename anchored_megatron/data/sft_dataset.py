@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from anchored_megatron.data import cache, chat_template
-from anchored_megatron.data.config import DataConfig
+from anchored_megatron.config import DataConfig
 from anchored_megatron.data.packing import materialize, one_per_sequence, pack_best_fit
 from anchored_megatron.data.preprocess import tokenize_files
 from anchored_megatron.data.records import DataError

@@ -70,18 +70,6 @@ def require_transformer_engine() -> None:
         )
 
 
-def check_packing(model: ModelConfig, packing: bool) -> None:
-    """The TE spec's attention is plain causal: Megatron's TEDotProductAttention ignores the
-    block-diagonal ``attention_mask`` of packed rows, so packed documents would attend to each
-    other. Until the forward step passes ``packed_seq_params`` (THD), refuse that combination."""
-    if packing and model.transformer_impl == "transformer_engine":
-        raise ConfigError(
-            "data.packing: packed documents need the block-diagonal attention mask, which the Transformer Engine "
-            "layer spec ignores (its attention is plain causal); set data.packing=false with "
-            "model.transformer_impl=transformer_engine, or use model.transformer_impl=local"
-        )
-
-
 def precision_settings(model: ModelConfig) -> dict:
     """``TransformerConfig`` fields for FP8 (none when ``model.fp8`` is null)."""
     if model.fp8 is None:

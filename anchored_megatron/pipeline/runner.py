@@ -84,9 +84,6 @@ def _train_stage(stage: StageSpec, rank: int) -> dict:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     cfg = build(RunConfig, json.loads(json.dumps(stage.run)))
-    from anchored_megatron.models.presets import resolve
-
-    cfg.model = resolve(cfg.model)
     trainer = Trainer(cfg)
     trainer.setup()
     steps_per_epoch = trainer.sampler.steps_per_epoch

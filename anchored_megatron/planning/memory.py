@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from anchored_megatron.config import RunConfig
 from anchored_megatron.planning import activations as act
-from anchored_megatron.planning.parameters import rank_parameters
+from anchored_megatron.planning.parameters import rank_parameters, total_parameters
 
 GIB = 1024**3
 
@@ -108,3 +108,13 @@ def plan_memory(cfg: RunConfig, world_size: int) -> MemoryPlan:
             )
         )
     return MemoryPlan(world_size=world_size, data_parallel_size=dp, num_microbatches=num_microbatches, frozen_roles=frozen, stages=tuple(stages))
+
+
+def checkpoint_bytes(cfg: RunConfig) -> int:
+    """Bytes one trainer checkpoint of ``cfg`` takes on disk, all ranks together: the student's
+    weights plus the optimizer's fp32 state (the snapshot, when kept, adds weights once more)."""
+    model = cfg.model
+    params = total_parameters(model)
+    weights = params * act.PARAM_BYTES[model.params_dtype]
+    snapshot = weights if cfg.anchor.needs_snapshot else 0
+    return weights + params * optimizer_bytes_per_param(model.params_dtype) + snapshot

@@ -30,31 +30,12 @@ def resolve_world_size(cfg: RunConfig, world_size: int | None) -> tuple[int, str
     return world_size, source
 
 
-def validate_layout(cfg: RunConfig, world_size: int) -> None:
-    """The checks of ``RunConfig.validate`` that need no files: for planning a run before its
-    data and checkpoints are staged."""
-    cfg.parallel.validate(world_size)
-    cfg.model.validate(cfg.parallel)
-    cfg.anchor.validate()
-    cfg.optim.validate()
-    cfg.train.validate()
-    cfg.train.num_microbatches(cfg.parallel.data_parallel_size(world_size))
-
-
 def dry_run(cfg: RunConfig, world_size: int | None = None, check_files: bool = True) -> str:
-    """Validate ``cfg`` as the trainer would (without creating process groups) and return the
-    plan as text. ``check_files=False`` skips the checks of data / checkpoint paths."""
+    """Validate ``cfg`` exactly as the trainer does (without creating process groups) and return
+    the plan as text. ``check_files=False`` plans before the data and checkpoints are staged:
+    missing files are then not errors, but a student checkpoint that exists still sets the model."""
     world_size, source = resolve_world_size(cfg, world_size)
-    if check_files:
-        # The trainer's own start-up checks: model shape from the student checkpoint, full
-        # validation, reference architecture.
-        from anchored_megatron.training.trainer import check_reference_matches, resolve_student_model
-
-        resolve_student_model(cfg)
-        cfg.validate(world_size)
-        check_reference_matches(cfg)
-    else:
-        validate_layout(cfg, world_size)
+    cfg.validate(world_size, check_files=check_files)
     return format_plan(cfg, plan_memory(cfg, world_size), source)
 
 

@@ -20,14 +20,10 @@ import shutil
 import torch
 
 from anchored_megatron.models.layout import unwrap
+from anchored_megatron.training.checkpoint_dirs import LATEST, checkpoint_name, iterations, latest_checkpoint  # noqa: F401 - re-exported
 
-LATEST = "latest"
 # Only the distributed optimizer's fully reshardable format survives a change of TP/PP/DP.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-def checkpoint_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
 
 
 def model_keys(num_chunks: int) -> list[str]:
@@ -106,19 +102,6 @@ def save_checkpoint(
     return final_dir
 
 
-def latest_checkpoint(root: str) -> str | None:
-    """The newest complete checkpoint under ``root``, or None."""
-    pointer = os.path.join(root, LATEST)
-    if not os.path.exists(pointer):
-        return None
-    with open(pointer, encoding="utf-8") as fh:
-        name = fh.read().strip()
-    path = os.path.join(root, name)
-    if not name or not os.path.isdir(path):
-        raise FileNotFoundError(f"{pointer}: points at {name!r}, which does not exist")
-    return path
-
-
 def load_checkpoint(path: str, chunks, optimizer=None, strict: bool = True, rank_state_loader=None) -> dict:
     """Load into ``chunks`` (any TP/PP layout) and ``optimizer``; return the common state.
 
@@ -157,11 +140,6 @@ def prune(root: str, keep: int) -> None:
         path = os.path.join(root, checkpoint_name(number))
         if current is None or not os.path.samefile(path, current):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def iterations(root: str) -> list[int]:
-    """The iteration numbers of the complete checkpoints under ``root``."""
-    return sorted(int(n[len("iter_"):]) for n in os.listdir(root) if n.startswith("iter_") and not n.endswith(".tmp"))
 
 
 def prune_below(root: str, iteration: int) -> None:

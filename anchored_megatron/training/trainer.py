@@ -15,8 +15,9 @@ import time
 
 import torch
 
-from anchored_megatron.config import ConfigError, ModelConfig, RunConfig
+from anchored_megatron.config import ConfigError, RunConfig
 from anchored_megatron.training import checkpoint as ckpt
+from anchored_megatron.training.checkpoint_dirs import resolve_checkpoint_dir
 from anchored_megatron.training.forward_step import SUM_NAMES, make_forward_step
 from anchored_megatron.training.metrics_log import MetricsLog
 from anchored_megatron.training.objectives import stage_loss
@@ -39,60 +40,10 @@ class Progress:
     optimizer_stage: int = 0  # the iteration the optimizer/scheduler state belongs to
 
 
-def resolve_checkpoint_dir(path: str, key: str) -> str:
-    """A checkpoint directory, or a trainer output whose ``latest`` names one."""
-    for candidate in (path, os.path.join(path, "checkpoints")):
-        if os.path.exists(os.path.join(candidate, ckpt.LATEST)):
-            return ckpt.latest_checkpoint(candidate)
-    if os.path.exists(os.path.join(path, "metadata.json")):
-        return path
-    raise ConfigError(f"{key}: {path}: not a checkpoint (no metadata.json and no '{ckpt.LATEST}' pointer)")
-
-
-def _read_model_config(ckpt_dir: str) -> ModelConfig | None:
-    from anchored_megatron.convert import load_model_config
-    from anchored_megatron.convert.megatron_io import MODEL_CONFIG_NAME
-
-    if not os.path.exists(os.path.join(ckpt_dir, MODEL_CONFIG_NAME)):
-        return None
-
-    return load_model_config(ckpt_dir)
-
-
-_SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "vocab_size", "tie_embeddings", "qkv_bias", "qk_layernorm")
-
-
-def resolve_student_model(cfg: RunConfig) -> None:
-    """Take the model shape from the student checkpoint when the YAML gives none."""
-    student_dir = resolve_checkpoint_dir(cfg.student.checkpoint, "student.checkpoint") if cfg.student.checkpoint else None
-    stored = _read_model_config(student_dir) if student_dir else None
-    # How to run (dtype, spec, FP8) comes from the YAML; what the model is, from the checkpoint.
-    execution = {name: getattr(cfg.model, name) for name in ModelConfig.EXECUTION_FIELDS}
-    defaults = {name: getattr(ModelConfig(), name) for name in ModelConfig.EXECUTION_FIELDS}
-    if stored is not None and cfg.model.preset is None and dataclasses.replace(cfg.model, **defaults) == ModelConfig():
-        cfg.model = dataclasses.replace(stored, **execution)
-
-
-def check_reference_matches(cfg: RunConfig) -> None:
-    """Refuse a reference whose architecture or vocabulary differs from the student's."""
-    if cfg.reference.checkpoint and cfg.anchor.needs_reference:
-        ref_dir = resolve_checkpoint_dir(cfg.reference.checkpoint, "reference.checkpoint")
-        ref = _read_model_config(ref_dir)
-        if ref is not None:
-            for name in _SHAPE_FIELDS:
-                if getattr(ref, name) != getattr(cfg.model, name):
-                    raise ConfigError(
-                        f"reference.checkpoint: {name}={getattr(ref, name)!r} differs from the student's "
-                        f"{getattr(cfg.model, name)!r}; the reference must share the student's architecture and vocabulary"
-                    )
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig):
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        resolve_student_model(cfg)
-        cfg.validate(world_size)  # before any process group exists
-        check_reference_matches(cfg)
+        cfg.validate(world_size)  # before any process group exists; completes the model from the student checkpoint
         self.cfg = cfg
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
         self.snapshot_root = os.path.join(cfg.output_dir, "snapshots")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from anchored_megatron.config import ConfigError, ModelConfig, ParallelConfig
+from anchored_megatron.config.validate import check_packing
 from anchored_megatron.models import builder, te
 from anchored_megatron.platform import accelerators
 
@@ -186,10 +187,10 @@ def test_te_names_are_what_the_converters_write():
 
 
 def test_packed_documents_with_the_te_spec_are_refused():
-    te.check_packing(ModelConfig(), packing=True)
-    te.check_packing(ModelConfig(transformer_impl="transformer_engine"), packing=False)
+    check_packing(ModelConfig(), packing=True)
+    check_packing(ModelConfig(transformer_impl="transformer_engine"), packing=False)
     with pytest.raises(ConfigError, match=r"^data.packing: .*data.packing=false"):
-        te.check_packing(ModelConfig(transformer_impl="transformer_engine"), packing=True)
+        check_packing(ModelConfig(transformer_impl="transformer_engine"), packing=True)
 
 
 def test_fakes_do_not_leak_into_torch():

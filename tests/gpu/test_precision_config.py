@@ -77,5 +77,5 @@ def test_execution_fields_are_fields_and_exclude_the_shape():
     import dataclasses
 
     names = {f.name for f in dataclasses.fields(ModelConfig)}
-    assert set(ModelConfig.EXECUTION_FIELDS) <= names
-    assert not {"num_layers", "hidden_size", "vocab_size"} & set(ModelConfig.EXECUTION_FIELDS)
+    assert set(ModelConfig.RUNTIME_FIELDS) <= names
+    assert not {"num_layers", "hidden_size", "vocab_size"} & set(ModelConfig.RUNTIME_FIELDS)

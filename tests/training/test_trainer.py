@@ -147,13 +147,18 @@ def test_kill_during_save_keeps_previous_checkpoint(tiny_run, single_process_run
     assert max(after_resume) == len(single_process_run)
 
 
+RANDOM_INIT = {"student__checkpoint": None, "reference__checkpoint": None}  # the model comes from the config alone
+
+
 @pytest.mark.parametrize(
     "overrides, world, message",
     [
         ({"anchor__alpha": 1.5}, 1, "anchor.alpha: must be in [0, 1], got 1.5"),
         ({"parallel__tp": 3}, 3, "model.num_attention_heads: 4 is not divisible by parallel.tp=3"),
-        ({"model__num_attention_heads": 8, "model__num_query_groups": 2, "parallel__tp": 4}, 4, "model.num_query_groups: 2 is not divisible by parallel.tp=4"),
-        ({"model__num_layers": 3, "parallel__pp": 2}, 2, "model.num_layers: 3 is not divisible by parallel.pp"),
+        ({"model__num_attention_heads": 8, "model__num_query_groups": 2, "parallel__tp": 4, **RANDOM_INIT}, 4,
+         "model.num_query_groups: 2 is not divisible by parallel.tp=4"),
+        ({"model__num_layers": 3, "parallel__pp": 2, **RANDOM_INIT}, 2, "model.num_layers: 3 is not divisible by parallel.pp"),
+        ({"model__num_layers": 3}, 1, "model.num_layers: is 3, but the student checkpoint"),
         ({"train__global_batch_size": 6, "train__micro_batch_size": 4}, 1, "train.global_batch_size: 6 is not divisible by train.micro_batch_size"),
         ({"train__global_batch_size": 6}, 4, "train.global_batch_size: 6 is not divisible by train.micro_batch_size x data-parallel size = 1 x 4"),
         ({"anchor__objective": "dpo"}, 1, "anchor.objective: must be one of"),

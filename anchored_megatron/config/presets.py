@@ -1,10 +1,11 @@
-"""Model sizes by name. ``ModelConfig(preset="llama3-8b")`` fills in the rest."""
+"""Model sizes by name: ``model.preset: llama3-8b`` fills in every field the config leaves unset."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from anchored_megatron.config import ConfigError, ModelConfig
+from anchored_megatron.config.errors import ConfigError
+from anchored_megatron.config.model import ModelConfig
 
 PRESETS: dict[str, dict] = {
     # Tests and the CPU demo.
@@ -30,16 +31,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def resolve(config: ModelConfig) -> ModelConfig:
-    """Return a copy with the preset's sizes applied; explicitly set fields win over the preset."""
+def apply_preset(config: ModelConfig, explicit: frozenset[str] | set[str] = frozenset()) -> ModelConfig:
+    """A copy with the preset's values in every field not in ``explicit`` (field names the user
+    set). A value set to the field's default still counts as set, so it is never overridden."""
     if config.preset is None:
         return config
     if config.preset not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {config.preset!r} (known: {', '.join(sorted(PRESETS))})")
-    defaults = ModelConfig()
-    explicit = {
-        f.name: getattr(config, f.name)
-        for f in dataclasses.fields(ModelConfig)
-        if getattr(config, f.name) != getattr(defaults, f.name)
-    }
-    return dataclasses.replace(ModelConfig(), **{**PRESETS[config.preset], **explicit})
+    preset = {name: value for name, value in PRESETS[config.preset].items() if name not in explicit}
+    return dataclasses.replace(config, **preset)

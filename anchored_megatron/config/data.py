@@ -1,10 +1,12 @@
-"""The ``data:`` section of the YAML config."""
+"""The ``data:`` section: which files, which tokenizer, how records become sequences."""
 
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import dataclass, field
+
+from anchored_megatron.config.errors import ConfigError
 
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -32,20 +34,20 @@ class DataConfig:
     truncate: bool = False  # cut documents longer than seq_length instead of rejecting them
     cache_dir: str | None = None  # tokenised data lives here; default ~/.cache/anchored_megatron/sft
 
-    def validate(self, prefix: str = "data") -> None:
-        # Imported here: anchored_megatron.config imports this module to nest DataConfig in RunConfig.
-        from anchored_megatron.config import ConfigError
-
-        if not isinstance(self.paths, (list, tuple)) or not self.paths:
-            raise ConfigError(f"{prefix}.paths: must be a non-empty list of local files, got {self.paths!r}")
-        for i, path in enumerate(self.paths):
-            key = f"{prefix}.paths[{i}]"
-            if not isinstance(path, str) or not path:
-                raise ConfigError(f"{key}: must be a file path, got {path!r}")
-            if not path.endswith(SUPPORTED_SUFFIXES):
-                raise ConfigError(f"{key}: {path}: unsupported file type (expected one of {', '.join(SUPPORTED_SUFFIXES)})")
-            if not os.path.isfile(path):
-                raise ConfigError(f"{key}: {path}: file not found")
+    def validate(self, prefix: str = "data", check_files: bool = True) -> None:
+        """Values always; the files only with ``check_files`` (a plan may be made before the
+        data is staged, so then paths and tokenizer may also be left out)."""
+        if check_files or self.paths:
+            if not isinstance(self.paths, (list, tuple)) or not self.paths:
+                raise ConfigError(f"{prefix}.paths: must be a non-empty list of local files, got {self.paths!r}")
+            for i, path in enumerate(self.paths):
+                key = f"{prefix}.paths[{i}]"
+                if not isinstance(path, str) or not path:
+                    raise ConfigError(f"{key}: must be a file path, got {path!r}")
+                if not path.endswith(SUPPORTED_SUFFIXES):
+                    raise ConfigError(f"{key}: {path}: unsupported file type (expected one of {', '.join(SUPPORTED_SUFFIXES)})")
+                if check_files and not os.path.isfile(path):
+                    raise ConfigError(f"{key}: {path}: file not found")
         if self.weights is not None:
             if not isinstance(self.weights, (list, tuple)) or len(self.weights) != len(self.paths):
                 raise ConfigError(
@@ -55,20 +57,13 @@ class DataConfig:
                 ok = isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight) and weight > 0
                 if not ok:
                     raise ConfigError(f"{prefix}.weights[{i}]: must be a finite number > 0, got {weight!r}")
-        if not isinstance(self.tokenizer, str) or not self.tokenizer:
-            raise ConfigError(f"{prefix}.tokenizer: required: a sentencepiece .model file or an HF tokenizer directory")
-        if not os.path.exists(self.tokenizer):
-            raise ConfigError(f"{prefix}.tokenizer: {self.tokenizer}: not found")
-        if os.path.isdir(self.tokenizer) and not any(
-            os.path.isfile(os.path.join(self.tokenizer, name)) for name in ("tokenizer.json", "tokenizer.model")
-        ):
-            raise ConfigError(f"{prefix}.tokenizer: {self.tokenizer}: directory has neither tokenizer.json nor tokenizer.model")
+        if check_files:
+            self._check_tokenizer_file(prefix)
         if self.chat_template is not None:
             if not isinstance(self.chat_template, str) or not self.chat_template:
                 raise ConfigError(f"{prefix}.chat_template: must be 'default', a Jinja template or a file path, got {self.chat_template!r}")
-            from anchored_megatron.data.chat_template import looks_like_jinja
-
-            if self.chat_template != "default" and not looks_like_jinja(self.chat_template) and not os.path.isfile(self.chat_template):
+            is_file_path = self.chat_template != "default" and not looks_like_jinja(self.chat_template)
+            if check_files and is_file_path and not os.path.isfile(self.chat_template):
                 raise ConfigError(
                     f"{prefix}.chat_template: {self.chat_template!r} is neither 'default', a Jinja template, nor an existing file"
                 )
@@ -80,7 +75,22 @@ class DataConfig:
         if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir):
             raise ConfigError(f"{prefix}.cache_dir: must be a directory path or null, got {self.cache_dir!r}")
 
+    def _check_tokenizer_file(self, prefix: str) -> None:
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise ConfigError(f"{prefix}.tokenizer: required: a sentencepiece .model file or an HF tokenizer directory")
+        if not os.path.exists(self.tokenizer):
+            raise ConfigError(f"{prefix}.tokenizer: {self.tokenizer}: not found")
+        if os.path.isdir(self.tokenizer) and not any(
+            os.path.isfile(os.path.join(self.tokenizer, name)) for name in ("tokenizer.json", "tokenizer.model")
+        ):
+            raise ConfigError(f"{prefix}.tokenizer: {self.tokenizer}: directory has neither tokenizer.json nor tokenizer.model")
+
     def resolved_cache_dir(self) -> str:
         if self.cache_dir:
             return self.cache_dir
         return os.path.join(os.path.expanduser("~"), ".cache", "anchored_megatron", "sft")
+
+
+def looks_like_jinja(text: str) -> bool:
+    """A ``data.chat_template`` value is a template (not a file path) when it has Jinja markup."""
+    return "{{" in text or "{%" in text

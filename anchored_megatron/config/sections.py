@@ -1,0 +1,160 @@
+"""The small sections of a run config: parallel layout, optimizer, the method, checkpoints, loop.
+
+Each dataclass checks its own values in ``validate()``; checks that need two sections, the
+world size or the files on disk live in ``validate.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from anchored_megatron.config.errors import ConfigError, require
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel size
+    vpp: int | None = None  # virtual pipeline stages per pipeline rank (interleaved 1F1B)
+    sequence_parallel: bool = False
+
+    def validate(self, world_size: int | None = None, prefix: str = "parallel") -> None:
+        require(isinstance(self.tp, int) and self.tp >= 1, f"{prefix}.tp", f"must be an integer >= 1, got {self.tp!r}")
+        require(isinstance(self.pp, int) and self.pp >= 1, f"{prefix}.pp", f"must be an integer >= 1, got {self.pp!r}")
+        if self.vpp is not None:
+            require(isinstance(self.vpp, int) and self.vpp >= 1, f"{prefix}.vpp", f"must be an integer >= 1 or null, got {self.vpp!r}")
+            require(self.pp > 1 or self.vpp == 1, f"{prefix}.vpp", f"needs parallel.pp > 1, got pp={self.pp}, vpp={self.vpp}")
+        require(not self.sequence_parallel or self.tp > 1, f"{prefix}.sequence_parallel", "needs parallel.tp > 1")
+        if world_size is not None:
+            require(
+                world_size % (self.tp * self.pp) == 0,
+                f"{prefix}.tp",
+                f"tp x pp = {self.tp} x {self.pp} does not divide the world size {world_size}",
+            )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.tp * self.pp)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    lr_schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
+    warmup_fraction: float = 0.05  # of the steps of one schedule (a stage when reset per iteration)
+    weight_decay: float = 0.0  # not applied to biases and norm weights
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # 0 disables clipping
+    distributed_optimizer: bool = True
+
+    def validate(self, prefix: str = "optim") -> None:
+        require(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
+        require(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", f"must be in [0, optim.lr], got {self.min_lr}")
+        require(self.lr_schedule in ("cosine", "linear", "constant"), f"{prefix}.lr_schedule", f"must be cosine, linear or constant, got {self.lr_schedule!r}")
+        require(0 <= self.warmup_fraction < 1, f"{prefix}.warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}")
+        require(self.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, f"{prefix}.adam_beta1", "betas must be in [0, 1)")
+        require(self.clip_grad >= 0, f"{prefix}.clip_grad", f"must be >= 0, got {self.clip_grad}")
+
+
+OBJECTIVES = ("anchored", "sft", "sft_kl", "distill")
+
+
+@dataclass
+class AnchorConfig:
+    """The method. ``anchored`` trains T outer iterations x K epochs toward the moving anchor;
+    the baselines (``sft``, ``sft_kl``, ``distill``) run the same T x K epochs, one stage each
+    unless T is set."""
+
+    objective: str = "anchored"  # anchored | sft | sft_kl | distill
+    alpha: float = 0.5
+    alpha_schedule: str = "constant"  # constant | linear (from alpha to alpha_end over the iterations)
+    alpha_end: float | None = None
+    source: str = "snapshot"  # snapshot: frozen copy refreshed per iteration | live: the student, detached
+    interpolation: str = "logit"  # logit | prob
+    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    jsd_beta: float = 0.5
+    temperature: float = 1.0
+    ce_weight: float = 0.0  # anchored/distill: loss = (1-w) divergence + w CE
+    kl_weight: float = 0.1  # sft_kl: loss = CE + kl_weight * KL(p_base || p_student)
+    outer_iterations: int = 5  # T
+    epochs_per_iteration: int = 5  # K
+    reset_optimizer_per_iteration: bool = False
+
+    def validate(self, prefix: str = "anchor") -> None:
+        require(self.objective in OBJECTIVES, f"{prefix}.objective", f"must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        for name in ("alpha", "jsd_beta", "ce_weight"):
+            value = getattr(self, name)
+            require(
+                isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0,
+                f"{prefix}.{name}",
+                f"must be in [0, 1], got {value!r}",
+            )
+        require(self.alpha_schedule in ("constant", "linear"), f"{prefix}.alpha_schedule", f"must be constant or linear, got {self.alpha_schedule!r}")
+        if self.alpha_schedule == "linear":
+            require(
+                isinstance(self.alpha_end, (int, float)) and 0.0 <= self.alpha_end <= 1.0,
+                f"{prefix}.alpha_end",
+                f"must be in [0, 1] with alpha_schedule=linear, got {self.alpha_end!r}",
+            )
+        require(self.source in ("snapshot", "live"), f"{prefix}.source", f"must be snapshot or live, got {self.source!r}")
+        require(self.interpolation in ("logit", "prob"), f"{prefix}.interpolation", f"must be logit or prob, got {self.interpolation!r}")
+        require(
+            self.divergence in ("forward_kl", "reverse_kl", "jsd"),
+            f"{prefix}.divergence",
+            f"must be forward_kl, reverse_kl or jsd, got {self.divergence!r}",
+        )
+        require(self.temperature > 0, f"{prefix}.temperature", f"must be > 0, got {self.temperature}")
+        require(self.kl_weight >= 0, f"{prefix}.kl_weight", f"must be >= 0, got {self.kl_weight}")
+        for name in ("outer_iterations", "epochs_per_iteration"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{prefix}.{name}", f"must be an integer >= 1, got {value!r}")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.objective != "sft"
+
+    @property
+    def needs_snapshot(self) -> bool:
+        return self.objective == "anchored" and self.source == "snapshot"
+
+
+@dataclass
+class CheckpointRef:
+    """A model to load: a converted / trainer checkpoint directory (None = random init, tests only)."""
+
+    checkpoint: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    log_interval: int = 1
+    save_interval: int = 0  # steps between checkpoints; 0 = only at each outer-iteration end
+    save_at_iteration_end: bool = True
+    keep_checkpoints: int = 2  # newest trainer checkpoints kept on disk
+    max_nonfinite_in_a_row: int = 5  # skipped updates before the run aborts
+    max_steps: int | None = None  # stop early (tests, smoke runs); None = all T x K epochs
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+    def validate(self, prefix: str = "train") -> None:
+        for name in ("micro_batch_size", "global_batch_size", "log_interval", "keep_checkpoints", "max_nonfinite_in_a_row"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, f"{prefix}.{name}", f"must be an integer >= 1, got {value!r}")
+        require(isinstance(self.save_interval, int) and self.save_interval >= 0, f"{prefix}.save_interval", f"must be an integer >= 0, got {self.save_interval!r}")
+        if self.max_steps is not None:
+            require(isinstance(self.max_steps, int) and self.max_steps >= 1, f"{prefix}.max_steps", f"must be an integer >= 1 or null, got {self.max_steps!r}")
+
+    def num_microbatches(self, data_parallel_size: int, prefix: str = "train") -> int:
+        per_step = self.micro_batch_size * data_parallel_size
+        require(
+            self.global_batch_size % per_step == 0,
+            f"{prefix}.global_batch_size",
+            f"{self.global_batch_size} is not divisible by train.micro_batch_size x data-parallel size = "
+            f"{self.micro_batch_size} x {data_parallel_size}",
+        )
+        return self.global_batch_size // per_step

@@ -1,0 +1,223 @@
+"""The one validation of a run config, used by the trainer, ``--dry-run`` and the pipeline.
+
+``validate_run`` first completes the model from the student checkpoint (field by field: the
+architecture is the checkpoint's, how to run it is the YAML's), then checks every section,
+the checks that need two sections or the world size, and (``check_files``) the files the run
+reads and the directory it writes. It needs no process group and no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+
+from anchored_megatron.config.errors import ConfigError, require
+from anchored_megatron.config.model import ModelConfig
+from anchored_megatron.config.presets import PRESETS
+from anchored_megatron.config.stored import read_model_config
+
+# anchor.* options and the objectives that use them (the others ignore them, so setting one is refused).
+_ANCHOR_OPTION_USERS = {
+    "alpha": ("anchored",),
+    "alpha_schedule": ("anchored",),
+    "alpha_end": ("anchored",),
+    "source": ("anchored",),
+    "interpolation": ("anchored",),
+    "divergence": ("anchored", "distill"),
+    "jsd_beta": ("anchored", "distill"),
+    "temperature": ("anchored", "distill"),
+    "ce_weight": ("anchored", "distill"),
+    "kl_weight": ("sft_kl",),
+}
+
+
+def validate_run(cfg, world_size: int, check_files: bool = True) -> None:
+    """Raise ConfigError (naming the option) for anything this run cannot do.
+
+    Completes ``cfg.model`` from the student checkpoint when one exists (also with
+    ``check_files=False``: a plan of a real run must show the checkpoint's model). Idempotent.
+    """
+    require(isinstance(cfg.output_dir, str) and cfg.output_dir != "", "output_dir", "is required (where metrics and checkpoints go)")
+    require(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool), "seed", f"must be an integer, got {cfg.seed!r}")
+    complete_model_from_student(cfg, check_files)
+    cfg.parallel.validate(world_size)
+    cfg.model.validate(cfg.parallel)
+    cfg.anchor.validate()
+    cfg.optim.validate()
+    cfg.train.validate()
+    cfg.data.validate(check_files=check_files)
+    check_packing(cfg.model, cfg.data.packing)
+    cfg.train.num_microbatches(cfg.parallel.data_parallel_size(world_size))
+    _check_options_the_objective_uses(cfg)
+    _check_pipeline_schedule(cfg)
+    _check_checkpoints(cfg, check_files)
+    if check_files:
+        _check_output_dir(cfg, world_size)
+
+
+def check_packing(model: ModelConfig, packing: bool) -> None:
+    """The TE spec's attention is plain causal: Megatron's TEDotProductAttention ignores the
+    block-diagonal ``attention_mask`` of packed rows, so packed documents would attend to each
+    other. Until the forward step passes ``packed_seq_params`` (THD), refuse that combination."""
+    if packing and model.transformer_impl == "transformer_engine":
+        raise ConfigError(
+            "data.packing: packed documents need the block-diagonal attention mask, which the Transformer Engine "
+            "layer spec ignores (its attention is plain causal); set data.packing=false with "
+            "model.transformer_impl=transformer_engine, or use model.transformer_impl=local"
+        )
+
+
+# ---- the model from the student checkpoint ---------------------------------------------------
+def _user_set_model_fields(cfg) -> dict[str, str]:
+    """Model fields the user chose -> the option that chose them (``model.x`` or ``model.preset``)."""
+    chosen = {k.split(".", 1)[1]: k for k in cfg.explicit_keys if k.startswith("model.")}
+    if cfg.model.preset in PRESETS:
+        for name in PRESETS[cfg.model.preset]:
+            chosen.setdefault(name, "model.preset")
+    chosen.pop("preset", None)
+    return chosen
+
+
+def complete_model_from_student(cfg, check_files: bool) -> None:
+    """``cfg.model`` <- the student checkpoint's architecture + the YAML's run-time fields.
+
+    A field the user set that contradicts the checkpoint's architecture is refused by name;
+    an unset run-time field takes the checkpoint's value.
+    """
+    path = cfg.student.checkpoint
+    if path is None:
+        return
+    if not os.path.exists(path):
+        require(not check_files, "student.checkpoint", f"{path}: not found")
+        return
+    from anchored_megatron.training.checkpoint_dirs import resolve_checkpoint_dir
+
+    where = resolve_checkpoint_dir(path, "student.checkpoint")
+    stored = read_model_config(where, "student.checkpoint")
+    if stored is None:
+        return
+    chosen = _user_set_model_fields(cfg)
+    merged = {}
+    for f in dataclasses.fields(ModelConfig):
+        name, mine, theirs = f.name, getattr(cfg.model, f.name), getattr(stored, f.name)
+        if name == "preset":
+            merged[name] = mine
+        elif name in ModelConfig.RUNTIME_FIELDS:
+            merged[name] = mine if name in chosen else theirs
+        else:
+            if name in chosen and mine != theirs:
+                option = chosen[name]
+                what = f"sets {name}={mine!r}" if option == "model.preset" else f"is {mine!r}"
+                raise ConfigError(
+                    f"{option}: {what}, but the student checkpoint {where} has {name}={theirs!r}; the architecture comes "
+                    f"from the checkpoint: remove {option} from the config (or start from another checkpoint)"
+                )
+            merged[name] = theirs
+    cfg.model = ModelConfig(**merged)
+
+
+# ---- cross-section checks --------------------------------------------------------------------
+def _check_options_the_objective_uses(cfg) -> None:
+    objective = cfg.anchor.objective
+    for key in sorted(cfg.explicit_keys):
+        section, _, name = key.partition(".")
+        if section == "anchor" and objective not in _ANCHOR_OPTION_USERS.get(name, (objective,)):
+            users = " or ".join(_ANCHOR_OPTION_USERS[name])
+            raise ConfigError(f"{key}: is not used by anchor.objective={objective} (only by {users}); remove it")
+    explicit = cfg.explicit_keys
+    if "anchor.jsd_beta" in explicit and cfg.anchor.divergence != "jsd":
+        raise ConfigError(f"anchor.jsd_beta: is used only with anchor.divergence=jsd, got divergence={cfg.anchor.divergence}; remove it")
+    if "anchor.alpha_end" in explicit and cfg.anchor.alpha_schedule != "linear":
+        raise ConfigError("anchor.alpha_end: is used only with anchor.alpha_schedule=linear; remove it or set the schedule")
+    if "reference.checkpoint" in explicit and cfg.reference.checkpoint is not None and not cfg.anchor.needs_reference:
+        raise ConfigError(f"reference.checkpoint: is not used by anchor.objective={objective} (it has no frozen reference); remove it")
+    if "model.fp8_recipe" in explicit and cfg.model.fp8 is None:
+        raise ConfigError("model.fp8_recipe: is used only with model.fp8 (hybrid or e4m3); remove it or set model.fp8")
+
+
+def _check_pipeline_schedule(cfg) -> None:
+    if cfg.parallel.pp > 1 and (cfg.parallel.vpp or 1) > 1 and cfg.anchor.objective != "sft":
+        raise ConfigError(
+            "parallel.vpp: the interleaved pipeline schedule cannot carry the frozen roles' hidden states "
+            "(Megatron-Core ignores adjust_tensor_shapes_fn there); use parallel.vpp: null with "
+            f"anchor.objective={cfg.anchor.objective}, or anchor.objective=sft"
+        )
+
+
+def _inside(path: str, directory: str) -> bool:
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def _check_checkpoints(cfg, check_files: bool) -> None:
+    from anchored_megatron.training.checkpoint_dirs import resolve_checkpoint_dir
+
+    if cfg.anchor.needs_reference:
+        require(
+            cfg.reference.checkpoint is not None or cfg.student.checkpoint is None,
+            "reference.checkpoint",
+            f"is required for anchor.objective={cfg.anchor.objective} (the frozen teacher"
+            + (", i.e. the base model, for sft_kl)" if cfg.anchor.objective == "sft_kl" else ")"),
+        )
+    reference = cfg.reference.checkpoint if cfg.anchor.needs_reference else None
+    if reference is not None and _inside(reference, cfg.output_dir):
+        _refuse_reference_inside_output_dir(reference, cfg.output_dir)
+    for key, ref in (("student.checkpoint", cfg.student), ("reference.checkpoint", cfg.reference)):
+        if ref.checkpoint is not None and (check_files or os.path.exists(ref.checkpoint)):
+            require(os.path.isdir(ref.checkpoint), key, f"{ref.checkpoint}: not a directory")
+            resolve_checkpoint_dir(ref.checkpoint, key)
+    if reference is not None and os.path.exists(reference):
+        resolved = resolve_checkpoint_dir(reference, "reference.checkpoint")
+        if _inside(resolved, cfg.output_dir):  # e.g. through a symbolic link
+            _refuse_reference_inside_output_dir(reference, cfg.output_dir)
+        _check_reference_architecture(cfg, resolved)
+
+
+def _refuse_reference_inside_output_dir(reference: str, output_dir: str) -> None:
+    # The run's own checkpoints move on every save: a reference among them would silently
+    # become the student after a resume.
+    raise ConfigError(
+        f"reference.checkpoint: {reference} lies inside this run's output_dir {output_dir}, whose checkpoints "
+        "change as it trains; point it at a checkpoint outside the output directory (e.g. the teacher run's)"
+    )
+
+
+def _check_reference_architecture(cfg, where: str) -> None:
+    """Every role is built from ``cfg.model``: a reference of another shape or vocabulary would
+    load wrongly or not at all."""
+    ref = read_model_config(where, "reference.checkpoint")
+    if ref is None:
+        return
+    for name in ModelConfig.architecture_fields():
+        if getattr(ref, name) != getattr(cfg.model, name):
+            raise ConfigError(
+                f"reference.checkpoint: {name}={getattr(ref, name)!r} differs from the student's "
+                f"{getattr(cfg.model, name)!r}; the reference must share the student's architecture and vocabulary"
+            )
+
+
+def _check_output_dir(cfg, world_size: int) -> None:
+    """Refuse before anything heavy: a directory the run cannot write, or a disk without room
+    for one checkpoint (the planner's estimate)."""
+    from anchored_megatron.planning.memory import GIB, checkpoint_bytes
+
+    path = os.path.abspath(cfg.output_dir)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    require(os.path.isdir(existing), "output_dir", f"{path}: {existing} is a file, not a directory")
+    try:  # a real write: permissions, read-only mounts and immutable folders all show here
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"output_dir: {path}: cannot write there ({existing}: {exc.strerror})") from None
+    need = checkpoint_bytes(cfg)
+    free = shutil.disk_usage(existing).free
+    require(
+        free >= need,
+        "output_dir",
+        f"{path}: {free / GIB:.2f} GiB free on its filesystem, one checkpoint of this run needs about {need / GIB:.2f} GiB "
+        "(weights + optimizer state); free space or choose another output_dir",
+    )

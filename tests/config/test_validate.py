@@ -1,0 +1,193 @@
+"""The one validation: the model from the student checkpoint field by field, options the
+objective ignores, the run's own directory, and the same verdicts from --dry-run and the trainer."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from anchored_megatron.config import ConfigError, ModelConfig, load_run_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# A converted Llama-3-style checkpoint: every value differs from the dataclass defaults.
+STORED = dict(num_layers=2, hidden_size=96, ffn_hidden_size=160, num_attention_heads=6, num_query_groups=2, kv_channels=16,
+              vocab_size=300, seq_length=2048, rotary_base=500000.0, norm_epsilon=1e-6, tie_embeddings=True,
+              rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 1024},
+              params_dtype="bf16")
+
+
+def fake_checkpoint(path, **changes):
+    """A directory the config layer takes for a checkpoint: model_config.yaml + metadata.json."""
+    os.makedirs(path, exist_ok=True)
+    stored = {**STORED, **changes}
+    with open(os.path.join(path, "model_config.yaml"), "w") as fh:
+        yaml.safe_dump(dataclasses.asdict(ModelConfig(**stored)), fh)
+    with open(os.path.join(path, "metadata.json"), "w") as fh:
+        json.dump({"sharded_backend": "torch_dist"}, fh)
+    return str(path)
+
+
+@pytest.fixture
+def run(tmp_path):
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    tokenizer = tmp_path / "tok"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.json").write_text("{}")
+    student = fake_checkpoint(tmp_path / "base")
+    teacher = fake_checkpoint(tmp_path / "teacher")
+    base = [f"output_dir={tmp_path / 'out'}", f"data.paths=[{data}]", f"data.tokenizer={tokenizer}",
+            f"student.checkpoint={student}", f"reference.checkpoint={teacher}", "train.global_batch_size=2"]
+    return {"root": tmp_path, "args": base, "student": student, "teacher": teacher}
+
+
+def validated(args, world_size=1, check_files=True):
+    cfg = load_run_config(None, args)
+    cfg.validate(world_size, check_files=check_files)
+    return cfg
+
+
+def test_a_run_time_override_keeps_the_checkpoint_architecture(run):
+    model = validated(run["args"] + ["model.seq_length=128"]).model
+    expected = dataclasses.replace(ModelConfig(**STORED), seq_length=128)
+    assert model == expected  # rotary_base 500000, llama3 rope_scaling, norm_epsilon 1e-6, bf16 all kept
+
+
+def test_unset_run_time_fields_come_from_the_checkpoint(run):
+    assert validated(run["args"]).model == ModelConfig(**STORED)
+
+
+def test_restating_the_whole_model_is_accepted(run):
+    restated = [f"model.{k}={json.dumps(v)}" for k, v in STORED.items()]
+    assert validated(run["args"] + restated).model == ModelConfig(**STORED)
+
+
+@pytest.mark.parametrize("override, field, mine, theirs", [
+    ("model.rotary_base=10000", "rotary_base", "10000.0", "500000.0"),
+    ("model.rope_scaling=null", "rope_scaling", "None", "{'factor': 8.0"),
+    ("model.num_layers=4", "num_layers", "4", "2"),
+])
+def test_a_conflicting_architecture_field_is_refused_by_name(run, override, field, mine, theirs):
+    with pytest.raises(ConfigError) as info:
+        validated(run["args"] + [override])
+    message = str(info.value)
+    assert message.startswith(f"model.{field}: is {mine}, but the student checkpoint {run['student']} has {field}={theirs}")
+
+
+def test_a_preset_that_contradicts_the_checkpoint_is_refused(run):
+    with pytest.raises(ConfigError, match=r"^model.preset: sets num_layers=4, but the student checkpoint .* has num_layers=2"):
+        validated(run["args"] + ["model.preset=tiny"])
+
+
+def test_the_plan_without_file_checks_shows_the_checkpoints_model(run):
+    args = [a for a in run["args"] if not a.startswith("data.")]
+    assert validated(args + ["model.seq_length=128"], check_files=False).model.num_layers == 2
+
+
+def test_a_reference_inside_the_output_dir_is_refused(run):
+    inside = fake_checkpoint(run["root"] / "out" / "checkpoints" / "iter_0000004")
+    with pytest.raises(ConfigError, match=r"^reference.checkpoint: .* lies inside this run's output_dir"):
+        validated(run["args"] + [f"reference.checkpoint={inside}"])
+    with pytest.raises(ConfigError, match=r"^reference.checkpoint: .* lies inside this run's output_dir"):
+        validated(run["args"] + [f"reference.checkpoint={run['root'] / 'out'}"], check_files=False)
+
+
+def test_a_reference_with_another_rope_is_refused(run):
+    other = fake_checkpoint(run["root"] / "other", rotary_base=10000.0)
+    with pytest.raises(ConfigError, match=r"^reference.checkpoint: rotary_base=10000.0 differs from the student's 500000.0"):
+        validated(run["args"] + [f"reference.checkpoint={other}"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["anchor.objective=sft", "anchor.alpha=0.3"], "anchor.alpha: is not used by anchor.objective=sft (only by anchored); remove it"),
+    (["anchor.objective=distill", "anchor.source=live"], "anchor.source: is not used by anchor.objective=distill"),
+    (["anchor.kl_weight=0.5"], "anchor.kl_weight: is not used by anchor.objective=anchored (only by sft_kl)"),
+    (["anchor.objective=sft_kl", "anchor.temperature=2"], "anchor.temperature: is not used by anchor.objective=sft_kl"),
+    (["anchor.jsd_beta=0.3"], "anchor.jsd_beta: is used only with anchor.divergence=jsd"),
+    (["anchor.alpha_end=0.9"], "anchor.alpha_end: is used only with anchor.alpha_schedule=linear"),
+    (["anchor.objective=sft"], "reference.checkpoint: is not used by anchor.objective=sft"),
+    (["model.fp8_recipe=tensorwise"], "model.fp8_recipe: is used only with model.fp8"),
+])
+def test_an_option_the_run_would_ignore_is_refused(run, overrides, message):
+    with pytest.raises(ConfigError) as info:
+        validated(run["args"] + overrides)
+    assert str(info.value).startswith(message)
+
+
+def test_defaults_of_options_the_objective_ignores_are_fine(run):
+    args = [a for a in run["args"] if not a.startswith("reference.")]
+    assert validated(args + ["anchor.objective=sft"]).anchor.alpha == 0.5
+
+
+def test_an_output_dir_below_a_file_is_refused(run):
+    blocker = run["root"] / "blocker"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=r"^output_dir: .*blocker is a file, not a directory"):
+        validated(run["args"] + [f"output_dir={blocker / 'out'}"])
+
+
+def test_an_output_dir_without_room_for_one_checkpoint_is_refused(run, monkeypatch):
+    import shutil
+
+    usage = shutil.disk_usage(run["root"])
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1024))
+    with pytest.raises(ConfigError, match=r"^output_dir: .*0.00 GiB free on its filesystem, one checkpoint of this run needs about"):
+        validated(run["args"])
+
+
+def _cli(args, **kwargs):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, "-m", "anchored_megatron.train", *args], capture_output=True, text=True, env=env, cwd=REPO, **kwargs)
+
+
+def test_cli_dry_run_plans_the_checkpoints_model_without_file_checks(run):
+    args = [a for a in run["args"] if not a.startswith("data.")]
+    result = _cli(["--dry-run", "--skip-file-checks", *args, "model.seq_length=128"])
+    assert result.returncode == 0, result.stderr
+    assert "model: 2 layers, hidden 96" in result.stdout
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.pp=2", "parallel.vpp=2", "model.num_layers=4"], "parallel.vpp: the interleaved pipeline schedule cannot carry the frozen roles"),
+    (["model.transformer_impl=transformer_engine"], "data.packing: packed documents need the block-diagonal attention mask"),
+])
+def test_cli_dry_run_refuses_what_the_trainer_refuses(tmp_path, overrides, message):
+    base = [f"output_dir={tmp_path / 'out'}", "model.preset=tiny", "train.global_batch_size=2"]
+    result = _cli(["--dry-run", "--skip-file-checks", "--world-size", "2", *base, *overrides])
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"anchored-sft: config error: {message}")
+
+
+def test_cli_float_spelling_and_type_errors(run, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 1e-5\n")
+    ok = _cli(["--dry-run", "--config", str(path), *run["args"]])
+    assert ok.returncode == 0, ok.stderr
+    bad = _cli(["--dry-run", "--config", str(path), *run["args"], "seed=abc"])
+    assert bad.returncode == 2
+    assert bad.stderr == "anchored-sft: config error: seed: expected an integer, got 'abc'\n"
+
+
+def test_cli_refuses_a_read_only_output_dir_before_anything_heavy(run):
+    locked = run["root"] / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    # root writes through permission bits; an immutable folder stops root too.
+    immutable = os.geteuid() == 0
+    if immutable:
+        subprocess.run(["chattr", "+i", str(locked)], check=True)
+    try:
+        result = _cli(["--dry-run", *run["args"], f"output_dir={locked / 'run'}"])
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(locked)], check=True)
+        locked.chmod(0o755)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"anchored-sft: config error: output_dir: {locked / 'run'}: cannot write there ({locked}: ")
