@@ -6,6 +6,10 @@ Layout of ``<root>``::
     iter_0000120.tmp/    a save in progress; never read
     latest               text file naming the newest complete checkpoint
 
+A trainer keeps this root at ``<output_dir>/checkpoints``. Every tool that takes a
+checkpoint path (the trainer's ``student.checkpoint``, ``anchored-convert --ckpt``) reads
+it through ``resolve_checkpoint_dir``.
+
 A save writes into ``iter_N.tmp``, all ranks meet at a barrier, then rank 0
 renames the folder and replaces ``latest`` atomically (write + fsync + rename).
 A process killed mid-save therefore leaves the previous checkpoint and its
@@ -22,6 +26,7 @@ import torch
 from anchored_megatron.models.layout import unwrap
 
 LATEST = "latest"
+RUN_CHECKPOINTS = "checkpoints"  # the checkpoint root inside a trainer output_dir
 # Only the distributed optimizer's fully reshardable format survives a change of TP/PP/DP.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -119,6 +124,41 @@ def latest_checkpoint(root: str) -> str | None:
     return path
 
 
+def resolve_checkpoint_dir(path: str, key: str, iteration: int | None = None) -> str:
+    """The one checkpoint directory that ``path`` (the value of option ``key``) names.
+
+    ``path`` is a checkpoint (a directory with ``metadata.json``: a converted one, or one
+    ``iter_N`` of a run), a checkpoint root holding ``latest``, or a trainer output_dir
+    (whose root is ``checkpoints/``). A root gives its newest complete checkpoint, or the
+    one saved at step ``iteration``.
+    """
+    from anchored_megatron.config import ConfigError
+
+    if not os.path.isdir(path):
+        raise ConfigError(f"{key}: {path}: no such directory")
+    roots = [c for c in (path, os.path.join(path, RUN_CHECKPOINTS)) if os.path.isfile(os.path.join(c, LATEST))]
+    if roots:
+        root = roots[0]
+        if iteration is None:
+            try:
+                return latest_checkpoint(root)
+            except FileNotFoundError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
+        available = iterations(root)
+        if iteration not in available:
+            listed = ", ".join(str(n) for n in available) or "none"
+            raise ConfigError(f"{key}: {root} holds no checkpoint of iteration {iteration} (available iterations: {listed})")
+        return os.path.join(root, checkpoint_name(iteration))
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        if iteration is not None:
+            raise ConfigError(f"{key}: {path} is a single checkpoint; iteration {iteration} can only be chosen in a trainer output_dir")
+        return path
+    raise ConfigError(
+        f"{key}: {path}: not a checkpoint (expected a checkpoint directory with metadata.json, "
+        f"or a trainer output_dir whose {RUN_CHECKPOINTS}/{LATEST} names one)"
+    )
+
+
 def load_checkpoint(path: str, chunks, optimizer=None, strict: bool = True, rank_state_loader=None) -> dict:
     """Load into ``chunks`` (any TP/PP layout) and ``optimizer``; return the common state.
 
@@ -157,6 +197,14 @@ def prune(root: str, keep: int) -> None:
         path = os.path.join(root, checkpoint_name(number))
         if current is None or not os.path.samefile(path, current):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def previous_checkpoint(path: str) -> str | None:
+    """The newest complete checkpoint saved before ``path`` (an ``iter_N``) in its root, or None."""
+    root, name = os.path.split(os.path.normpath(path))
+    current = int(name[len("iter_"):])
+    earlier = [n for n in iterations(root) if n < current]
+    return os.path.join(root, checkpoint_name(earlier[-1])) if earlier else None
 
 
 def iterations(root: str) -> list[int]:

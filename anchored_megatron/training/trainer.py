@@ -17,6 +17,7 @@ import torch
 
 from anchored_megatron.config import ConfigError, ModelConfig, RunConfig
 from anchored_megatron.training import checkpoint as ckpt
+from anchored_megatron.training.checkpoint import resolve_checkpoint_dir
 from anchored_megatron.training.forward_step import SUM_NAMES, make_forward_step
 from anchored_megatron.training.metrics_log import MetricsLog
 from anchored_megatron.training.objectives import stage_loss
@@ -37,16 +38,6 @@ class Progress:
     sampler: dict | None = None
     scheduler: dict | None = None
     optimizer_stage: int = 0  # the iteration the optimizer/scheduler state belongs to
-
-
-def resolve_checkpoint_dir(path: str, key: str) -> str:
-    """A checkpoint directory, or a trainer output whose ``latest`` names one."""
-    for candidate in (path, os.path.join(path, "checkpoints")):
-        if os.path.exists(os.path.join(candidate, ckpt.LATEST)):
-            return ckpt.latest_checkpoint(candidate)
-    if os.path.exists(os.path.join(path, "metadata.json")):
-        return path
-    raise ConfigError(f"{key}: {path}: not a checkpoint (no metadata.json and no '{ckpt.LATEST}' pointer)")
 
 
 def _read_model_config(ckpt_dir: str) -> ModelConfig | None:
@@ -203,14 +194,14 @@ class Trainer:
         return progress
 
     def _save(self, progress: Progress) -> None:
-        from anchored_megatron.convert.megatron_io import write_model_config
+        from anchored_megatron.convert.megatron_io import write_trainer_model_config
 
         progress.sampler = self.sampler.state_dict()
         progress.scheduler = self.scheduler.state_dict()
         common = {"progress": dataclasses.asdict(progress), "layout": self._layout()}
         path = ckpt.save_checkpoint(self.ckpt_root, progress.step, self.wrapped, self.optimizer, common, rank_state=self._rank_state())
         if self.runtime.rank == 0:
-            write_model_config(path, self.cfg.model)
+            write_trainer_model_config(path, self.cfg.model, self.cfg.student.checkpoint)
             ckpt.prune(self.ckpt_root, keep=self.cfg.train.keep_checkpoints)
             if self.snapshot is not None:
                 # A snapshot is needed while any kept checkpoint lies inside its iteration.
