@@ -8,6 +8,8 @@ the training hot path).
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -84,16 +86,36 @@ def compare_logits(reference: torch.Tensor, candidate: torch.Tensor) -> Comparis
 
 
 def run_compare(hf_dir: str, ckpt_dir: str, parallel: ParallelConfig, tokens: torch.Tensor, dtype: str = "fp32") -> Comparison | None:
-    """Call on every rank of a job (or alone); the reporting rank returns the Comparison."""
+    """Call on every rank of a torchrun job, or alone; the reporting rank returns the Comparison.
+
+    ``ckpt_dir`` is a checkpoint directory or a trainer output_dir (its newest checkpoint).
+    Alone (no WORLD_SIZE in the environment) the one-rank group meets on a file store, so no
+    TCP port is bound. A group made here is destroyed before returning: a process that exits
+    with a live gloo group can abort in its destructors. A caller's group is left alone.
+    """
+    from anchored_megatron.platform import initialize, shutdown
+
+    if torch.distributed.is_initialized():
+        initialize(parallel)
+        return _compare(hf_dir, ckpt_dir, parallel, tokens, dtype)
+    with tempfile.TemporaryDirectory(prefix="compare-store-") as tmp:
+        store = None if "WORLD_SIZE" in os.environ else torch.distributed.FileStore(os.path.join(tmp, "store"), 1)
+        initialize(parallel, store=store)
+        try:
+            return _compare(hf_dir, ckpt_dir, parallel, tokens, dtype)
+        finally:
+            shutdown()
+
+
+def _compare(hf_dir: str, ckpt_dir: str, parallel: ParallelConfig, tokens: torch.Tensor, dtype: str) -> Comparison | None:
     import dataclasses
 
     from megatron.core import parallel_state
 
-    from anchored_megatron.convert.megatron_io import load_megatron_weights, load_model_config
+    from anchored_megatron.convert.megatron_io import checkpoint_dir, load_megatron_weights, load_model_config
     from anchored_megatron.models.builder import build_model_chunks
-    from anchored_megatron.platform import initialize
 
-    initialize(parallel)
+    ckpt_dir = checkpoint_dir(ckpt_dir)
     # A checkpoint trained in FP8 is compared at the requested dtype without FP8.
     model = dataclasses.replace(load_model_config(ckpt_dir), params_dtype=dtype, fp8=None, fp8_bf16_first_last_layers=0)
     model.validate(parallel)

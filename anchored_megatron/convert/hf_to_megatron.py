@@ -48,7 +48,7 @@ def owned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def plan(hf_dir: str, dtype: str, transformer_impl: str = "local", target: ParallelConfig | None = None) -> tuple[dict, ModelConfig, HFReader]:
+def plan(hf_dir: str, dtype: str, transformer_impl: str = "local", target: ParallelConfig | None = None) -> tuple[ModelConfig, HFReader]:
     """Validate everything that can be validated before writing: config, layout, shards."""
     check_dtype(dtype)
     hf_config = read_config(hf_dir)
@@ -64,7 +64,7 @@ def plan(hf_dir: str, dtype: str, transformer_impl: str = "local", target: Paral
     reader = HFReader(hf_dir)
     optional = {"lm_head.weight"} if model.tie_embeddings else set()
     reader.validate(hf_shapes(model), optional=optional)
-    return hf_config, model, reader
+    return model, reader
 
 
 def hf_to_megatron(
@@ -80,10 +80,10 @@ def hf_to_megatron(
 
     torch_dtype = check_dtype(dtype)
     check_empty_output(out_dir)
-    hf_config, model, reader = plan(hf_dir, dtype, transformer_impl, target)
+    model, reader = plan(hf_dir, dtype, transformer_impl, target)
     entries = {}
     all_rules = rules(model)
-    for rule in progress_bar(all_rules, "read HF", show_progress):
+    for rule in progress_bar(all_rules, "read HF", "tensor", show_progress):
         pieces = [reader.get(name) for name in rule.hf_names]
         entries[entry_name(rule)] = sharded_tensor(rule, owned(rule.to_megatron(pieces).to(torch_dtype)), model.num_layers)
         del pieces
@@ -93,5 +93,5 @@ def hf_to_megatron(
     os.makedirs(out_dir, exist_ok=True)
     with single_process_group():
         dist_checkpointing.save(entries, out_dir)
-    write_model_config(out_dir, model, hf_config)
+    write_model_config(out_dir, model, hf_config_file=os.path.join(hf_dir, "config.json"))
     return model

@@ -33,12 +33,14 @@ def initialize(
     parallel: ParallelConfig,
     seed: int = 1234,
     timeout_minutes: float = 30.0,
+    store: torch.distributed.Store | None = None,
 ) -> RuntimeInfo:
     """Initialise torch.distributed (from torchrun's env vars), Megatron parallel state and RNGs.
 
     On a machine without CUDA, Megatron-Core's CUDA assumptions are neutralised first
     and the gloo backend is used; with CUDA, NCCL and the local GPU are used and
-    nothing is patched.
+    nothing is patched. ``store`` replaces the TCP rendezvous on MASTER_ADDR:MASTER_PORT
+    (e.g. a FileStore for a process that runs alone).
     """
     from megatron.core import parallel_state
 
@@ -58,10 +60,12 @@ def initialize(
         device, backend = torch.device("cuda", local_rank), "nccl"
 
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        if store is None:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
         torch.distributed.init_process_group(
             backend=backend,
+            store=store,
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),

@@ -6,6 +6,10 @@ Layout of ``<root>``::
     iter_0000120.tmp/    a save in progress; never read
     latest               text file naming the newest complete checkpoint
 
+A trainer keeps this root at ``<output_dir>/checkpoints``. Every tool that takes a
+checkpoint path (the trainer's ``student.checkpoint``, ``anchored-convert --ckpt``) reads
+it through ``checkpoint_dirs.resolve_checkpoint_dir``.
+
 A save writes into ``iter_N.tmp``, all ranks meet at a barrier, then rank 0
 renames the folder and replaces ``latest`` atomically (write + fsync + rename).
 A process killed mid-save therefore leaves the previous checkpoint and its
@@ -20,7 +24,9 @@ import shutil
 import torch
 
 from anchored_megatron.models.layout import unwrap
-from anchored_megatron.training.checkpoint_dirs import LATEST, checkpoint_name, iterations, latest_checkpoint  # noqa: F401 - re-exported
+from anchored_megatron.training.checkpoint_dirs import (  # noqa: F401 - the layout's names, re-exported
+    LATEST, RUN_CHECKPOINTS, checkpoint_name, iterations, latest_checkpoint, previous_checkpoint, resolve_checkpoint_dir,
+)
 
 # Only the distributed optimizer's fully reshardable format survives a change of TP/PP/DP.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}

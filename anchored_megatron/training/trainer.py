@@ -154,14 +154,14 @@ class Trainer:
         return progress
 
     def _save(self, progress: Progress) -> None:
-        from anchored_megatron.convert.megatron_io import write_model_config
+        from anchored_megatron.convert.megatron_io import write_trainer_model_config
 
         progress.sampler = self.sampler.state_dict()
         progress.scheduler = self.scheduler.state_dict()
         common = {"progress": dataclasses.asdict(progress), "layout": self._layout()}
         path = ckpt.save_checkpoint(self.ckpt_root, progress.step, self.wrapped, self.optimizer, common, rank_state=self._rank_state())
         if self.runtime.rank == 0:
-            write_model_config(path, self.cfg.model)
+            write_trainer_model_config(path, self.cfg.model, self.cfg.student.checkpoint)
             ckpt.prune(self.ckpt_root, keep=self.cfg.train.keep_checkpoints)
             if self.snapshot is not None:
                 # A snapshot is needed while any kept checkpoint lies inside its iteration.
