@@ -93,3 +93,13 @@ def test_cli_dry_run_exit_codes(files, monkeypatch, capsys):
     assert "TP 2 x PP 1 x DP 1" in capsys.readouterr().out
     assert train_main(["--dry-run", *files, "model.preset=tiny", "anchor.alpha=1.5"]) == 2
     assert "anchor.alpha" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("example, world_size", [("llama3_8b_anchored.yaml", 32), ("llama3_70b_anchored.yaml", 128)])
+def test_the_example_configs_pass_the_trainers_validation(example, world_size):
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", example)
+    cfg = load_run_config(path)
+    text = dry_run(cfg, world_size=world_size, check_files=False)
+    assert text.startswith("config: valid")
