@@ -143,7 +143,7 @@ def _read_parquet(path: str):
     import pyarrow.parquet as pq
 
     try:
-        # Buffered reads go page by page; by default a whole row group (often 100s of MB) is read at once.
+        # Buffered reads go page by page; by default each column's chunk of a whole row group is read at once.
         parquet = pq.ParquetFile(path, buffer_size=_PARQUET_BUFFER_BYTES, pre_buffer=False)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for corrupt files
         raise DataError(f"{path}: cannot read Parquet file: {exc}") from None
