@@ -12,7 +12,6 @@ setup(
         # a bare requirement would let pip pull a multi-GB CUDA build.
         "torch>=2.4",
         "numpy",
-        "datasets>=5.2,<6",  # records.py relies on its JSON loader options (on_mixed_types, chunksize)
         "sentencepiece",
         "tensorboard",
         "pyyaml",
