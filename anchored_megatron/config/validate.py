@@ -119,21 +119,29 @@ def complete_model_from_student(cfg, check_files: bool) -> None:
 
 
 # ---- cross-section checks --------------------------------------------------------------------
+def _changed(cfg, key: str) -> bool:
+    """The user set ``key`` to something other than its default: a value that would change
+    the run if it were used. (A restated default, e.g. from a copied config.yaml, changes nothing.)"""
+    if key not in cfg.explicit_keys:
+        return False
+    section, name = key.split(".", 1)
+    value = getattr(getattr(cfg, section), name)
+    return value != getattr(type(getattr(cfg, section))(), name)
+
+
 def _check_options_the_objective_uses(cfg) -> None:
+    """An option this run would ignore, set to a value that would matter, is refused by name."""
     objective = cfg.anchor.objective
-    for key in sorted(cfg.explicit_keys):
-        section, _, name = key.partition(".")
-        if section == "anchor" and objective not in _ANCHOR_OPTION_USERS.get(name, (objective,)):
-            users = " or ".join(_ANCHOR_OPTION_USERS[name])
-            raise ConfigError(f"{key}: is not used by anchor.objective={objective} (only by {users}); remove it")
-    explicit = cfg.explicit_keys
-    if "anchor.jsd_beta" in explicit and cfg.anchor.divergence != "jsd":
+    for name, users in _ANCHOR_OPTION_USERS.items():
+        if objective not in users and _changed(cfg, f"anchor.{name}"):
+            raise ConfigError(f"anchor.{name}: is not used by anchor.objective={objective} (only by {' or '.join(users)}); remove it")
+    if _changed(cfg, "anchor.jsd_beta") and cfg.anchor.divergence != "jsd":
         raise ConfigError(f"anchor.jsd_beta: is used only with anchor.divergence=jsd, got divergence={cfg.anchor.divergence}; remove it")
-    if "anchor.alpha_end" in explicit and cfg.anchor.alpha_schedule != "linear":
+    if _changed(cfg, "anchor.alpha_end") and cfg.anchor.alpha_schedule != "linear":
         raise ConfigError("anchor.alpha_end: is used only with anchor.alpha_schedule=linear; remove it or set the schedule")
-    if "reference.checkpoint" in explicit and cfg.reference.checkpoint is not None and not cfg.anchor.needs_reference:
+    if _changed(cfg, "reference.checkpoint") and not cfg.anchor.needs_reference:
         raise ConfigError(f"reference.checkpoint: is not used by anchor.objective={objective} (it has no frozen reference); remove it")
-    if "model.fp8_recipe" in explicit and cfg.model.fp8 is None:
+    if _changed(cfg, "model.fp8_recipe") and cfg.model.fp8 is None:
         raise ConfigError("model.fp8_recipe: is used only with model.fp8 (hybrid or e4m3); remove it or set model.fp8")
 
 

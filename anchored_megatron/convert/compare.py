@@ -8,8 +8,6 @@ the training hot path).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -89,22 +87,20 @@ def run_compare(hf_dir: str, ckpt_dir: str, parallel: ParallelConfig, tokens: to
     """Call on every rank of a torchrun job, or alone; the reporting rank returns the Comparison.
 
     ``ckpt_dir`` is a checkpoint directory or a trainer output_dir (its newest checkpoint).
-    Alone (no WORLD_SIZE in the environment) the one-rank group meets on a file store, so no
-    TCP port is bound. A group made here is destroyed before returning: a process that exits
-    with a live gloo group can abort in its destructors. A caller's group is left alone.
+    Alone, the one-rank group binds no TCP port (see ``platform.initialize``). A group made
+    here is destroyed before returning: a process that exits with a live gloo group can abort
+    in its destructors. A caller's group is left alone.
     """
     from anchored_megatron.platform import initialize, shutdown
 
     if torch.distributed.is_initialized():
         initialize(parallel)
         return _compare(hf_dir, ckpt_dir, parallel, tokens, dtype)
-    with tempfile.TemporaryDirectory(prefix="compare-store-") as tmp:
-        store = None if "WORLD_SIZE" in os.environ else torch.distributed.FileStore(os.path.join(tmp, "store"), 1)
-        initialize(parallel, store=store)
-        try:
-            return _compare(hf_dir, ckpt_dir, parallel, tokens, dtype)
-        finally:
-            shutdown()
+    initialize(parallel)
+    try:
+        return _compare(hf_dir, ckpt_dir, parallel, tokens, dtype)
+    finally:
+        shutdown()
 
 
 def _compare(hf_dir: str, ckpt_dir: str, parallel: ParallelConfig, tokens: torch.Tensor, dtype: str) -> Comparison | None:

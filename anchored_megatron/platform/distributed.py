@@ -33,14 +33,13 @@ def initialize(
     parallel: ParallelConfig,
     seed: int = 1234,
     timeout_minutes: float = 30.0,
-    store: torch.distributed.Store | None = None,
 ) -> RuntimeInfo:
     """Initialise torch.distributed (from torchrun's env vars), Megatron parallel state and RNGs.
 
     On a machine without CUDA, Megatron-Core's CUDA assumptions are neutralised first
     and the gloo backend is used; with CUDA, NCCL and the local GPU are used and
-    nothing is patched. ``store`` replaces the TCP rendezvous on MASTER_ADDR:MASTER_PORT
-    (e.g. a FileStore for a process that runs alone).
+    nothing is patched. A process that runs alone (WORLD_SIZE unset or 1, no MASTER_PORT) meets on an in-memory
+    store and binds no port, so single-process runs never collide on a shared machine.
     """
     from megatron.core import parallel_state
 
@@ -60,7 +59,10 @@ def initialize(
         device, backend = torch.device("cuda", local_rank), "nccl"
 
     if not torch.distributed.is_initialized():
-        if store is None:
+        store = None
+        if world_size == 1 and not os.environ.get("MASTER_PORT"):
+            store = torch.distributed.HashStore()
+        else:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29500")
         torch.distributed.init_process_group(

@@ -125,6 +125,15 @@ def test_defaults_of_options_the_objective_ignores_are_fine(run):
     assert validated(args + ["anchor.objective=sft"]).anchor.alpha == 0.5
 
 
+def test_a_resolved_config_written_back_as_input_is_accepted(run):
+    """Every option restated (as in a run's config.yaml): defaults the objective ignores are fine."""
+    args = [a for a in run["args"] if not a.startswith("reference.")]
+    first = validated(args + ["anchor.objective=sft"])
+    again = load_run_config(None, [f"{section}={json.dumps(value)}" for section, value in first.to_dict().items()])
+    again.validate(1)
+    assert again.to_dict() == first.to_dict()
+
+
 def test_an_output_dir_below_a_file_is_refused(run):
     blocker = run["root"] / "blocker"
     blocker.write_text("")
