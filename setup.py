@@ -18,6 +18,7 @@ setup(
         "pyyaml",
         "psutil",
         "tqdm",
+        "xxhash",  # checkpoint manifests (also required by datasets)
         "tokenizers",
         "jinja2",
         "pyarrow",
@@ -34,6 +35,7 @@ setup(
             "anchored-sft=anchored_megatron.cli:train_main",
             "anchored-convert=anchored_megatron.convert.cli:main",
             "anchored-train-tokenizer=anchored_megatron.data.train_tokenizer:main",
+            "anchored-checkpoint=anchored_megatron.training.checkpoint_cli:main",
         ],
     },
 )
