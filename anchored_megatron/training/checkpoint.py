@@ -33,6 +33,8 @@ LATEST = "latest"
 # Only the distributed optimizer's fully reshardable format survives a change of TP/PP/DP.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 COMMON_STATE = "common.pt"  # Megatron's name for the state every rank shares
+# Kept in common.pt: tells a checkpoint whose manifest was deleted from one written before manifests.
+MANIFEST_MARKER = "manifest_format"
 
 
 class CheckpointError(RuntimeError):
@@ -178,7 +180,12 @@ def checkpoint_problems(path: str, checksums: bool = True) -> list[str] | None:
         if os.path.isdir(path):
             try:
                 files = manifest.read_manifest(path)
-                head = (manifest.listing_problems(path, files) if files is not None else [], files)
+                if files is not None:
+                    head = (manifest.listing_problems(path, files), files)
+                elif _saved_with_manifest(path):
+                    head = ([f"{manifest.MANIFEST}: missing (the save wrote one)"], {})
+                else:
+                    head = ([], None)
             except manifest.ManifestError as exc:
                 head = ([str(exc)], {})
     problems, files = _from_rank0(head)
@@ -188,6 +195,14 @@ def checkpoint_problems(path: str, checksums: bool = True) -> list[str] | None:
         share = manifest.balanced_shares(files, _world_size())[_rank()]
         problems = sorted(p for part in _from_all(manifest.checksum_problems(path, files, share)) for p in part)
     return problems
+
+
+def _saved_with_manifest(path: str) -> bool:
+    try:
+        common = torch.load(os.path.join(path, COMMON_STATE), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - an unreadable common.pt is reported by the load, naming it
+        return False
+    return isinstance(common, dict) and MANIFEST_MARKER in common
 
 
 def verify_checkpoint(path: str, checksums: bool = True, advice: str | None = None) -> bool:
@@ -222,6 +237,7 @@ def save_checkpoint(
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=False, metadata=OPTIMIZER_METADATA)
     state["trainer"] = dict(common_state or {})
+    state[MANIFEST_MARKER] = manifest.FORMAT
     dist_checkpointing.save(state, tmp_dir, content_metadata=OPTIMIZER_METADATA)
     if rank_state is not None:
         path = _rank_state_path(tmp_dir, _rank())

@@ -96,8 +96,9 @@ def test_deleted_rank_state_refuses_resume(tiny_run, trained, tmp_path, ranks):
         (lambda c: _truncate(c / "rank_state" / "rank_00000.pt"), r"rank_state/rank_00000.pt: \d+ bytes, manifest.json says \d+"),
         (lambda c: (c / "notes.txt").write_text("x"), r"notes.txt: not in manifest.json \(a file the save did not write\)"),
         (lambda c: (c / "manifest.json").write_text("{"), r"manifest.json: unreadable \(JSONDecodeError"),
+        (lambda c: os.remove(c / "manifest.json"), r"manifest.json: missing \(the save wrote one\)"),
     ],
-    ids=["truncated-distcp", "deleted-common", "truncated-rank-state", "extra-file", "broken-manifest"],
+    ids=["truncated-distcp", "deleted-common", "truncated-rank-state", "extra-file", "broken-manifest", "deleted-manifest"],
 )
 def test_damaged_checkpoint_is_named_with_the_repoint_command(trained, tmp_path, damage, problem):
     import re
@@ -111,6 +112,14 @@ def test_damaged_checkpoint_is_named_with_the_repoint_command(trained, tmp_path,
     first, advice = str(info.value).splitlines()
     assert re.fullmatch(f"checkpoint {re.escape(str(_checkpoint(run, 4)))}: {problem}.*", first), first
     assert advice == f"To resume from the previous checkpoint, point 'latest' at it: {_repoint_command(run, 2)}"
+
+
+def _as_written_before_manifests(checkpoint):
+    """What an older version saved: no manifest.json, and no marker in common.pt saying there was one."""
+    os.remove(checkpoint / "manifest.json")
+    common = torch.load(checkpoint / "common.pt", weights_only=True)
+    del common["manifest_format"]
+    torch.save(common, checkpoint / "common.pt")
 
 
 def load_without_manifest_rank(cfg_dict, cases):
@@ -144,7 +153,7 @@ def test_checkpoint_without_manifest_loads_with_one_line_and_read_failures_are_n
         ("truncated-rank-state", lambda c: _truncate(c / "rank_state" / "rank_00000.pt")),
     ]:
         run = _copy_run(trained, tmp_path / name)
-        os.remove(_checkpoint(run, 4) / "manifest.json")
+        _as_written_before_manifests(_checkpoint(run, 4))
         damage(_checkpoint(run, 4))
         cases[name] = (run, str(_checkpoint(run, 4)))
     outcomes = ranks(load_without_manifest_rank, 1, run_config(tiny_run, tmp_path / "loader"), {k: v[1] for k, v in cases.items()})[0]
