@@ -16,9 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     use = commands.add_parser("use", help="verify ITERATION, then point 'latest' at it: the next start resumes from there")
     for command in (listing, use):
         command.add_argument("output_dir", help="the run's output_dir (or its checkpoints/ folder)")
-    use.add_argument("iteration", type=int, help="the checkpoint's step number (iter_N)")
-    for command in (listing, use):
         command.add_argument("--sizes-only", action="store_true", help="compare file sizes only, skip the checksums")
+    use.add_argument("iteration", type=int, help="the checkpoint's step number (iter_N)")
     args = parser.parse_args(argv)
 
     from anchored_megatron.training import checkpoint as ckpt
