@@ -17,6 +17,7 @@ setup(
         "pyyaml",
         "psutil",
         "tqdm",
+        "xxhash",  # checkpoint manifest checksums (XXH3-128)
         "tokenizers",
         "jinja2",
         "pyarrow",
@@ -33,6 +34,7 @@ setup(
             "anchored-sft=anchored_megatron.cli:train_main",
             "anchored-convert=anchored_megatron.convert.cli:main",
             "anchored-train-tokenizer=anchored_megatron.data.train_tokenizer:main",
+            "anchored-checkpoint=anchored_megatron.training.checkpoint_cli:main",
         ],
     },
 )

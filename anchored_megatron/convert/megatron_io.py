@@ -207,18 +207,24 @@ def _read_request(rule: Rule, data: torch.Tensor, global_shape: tuple[int, ...])
 
 
 
-def load_megatron_weights(chunks, ckpt_dir: str) -> None:
+def load_megatron_weights(chunks, ckpt_dir: str, checksums: bool = True) -> None:
     """Load a converted or trainer checkpoint into this rank's model chunks (any TP/PP/VPP).
 
     Collective: every rank of the job calls it. Only the model keys are read, so a trainer
-    checkpoint's optimizer state is left on disk.
+    checkpoint's optimizer state is left on disk. A directory with a ``manifest.json`` (a
+    trainer checkpoint) is verified against it first (checksums unless ``checksums=False``).
     """
     from megatron.core import dist_checkpointing
 
     from anchored_megatron.models.layout import unwrap
-    from anchored_megatron.training.checkpoint import model_keys, model_sharded_state_dict
+    from anchored_megatron.platform import safe_load
+    from anchored_megatron.training.checkpoint import model_keys, model_sharded_state_dict, read_checkpoint_files, verify_checkpoint
 
-    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), ckpt_dir)
+    safe_load.install()
+    safe_load.refuse_unsafe_torch_load(ckpt_dir)
+    advice = f"Re-create {ckpt_dir} (anchored-convert, or copy it again from where it came from)."
+    verify_checkpoint(ckpt_dir, checksums, advice)
+    loaded = read_checkpoint_files(ckpt_dir, "model weights (common.pt, *.distcp, .metadata)", lambda: dist_checkpointing.load(model_sharded_state_dict(chunks), ckpt_dir), advice)
     for i, (key, chunk) in enumerate(zip(model_keys(len(chunks)), chunks)):
         state = loaded[key]
         # Non-strict only for ``_extra_state`` (GPTModel drops output_layer's from its sharded dict).

@@ -21,13 +21,20 @@ def iterations(root: str) -> list[int]:
     return sorted(int(n[len("iter_"):]) for n in os.listdir(root) if n.startswith("iter_") and not n.endswith(".tmp"))
 
 
-def latest_checkpoint(root: str) -> str | None:
-    """The checkpoint ``root/latest`` names, or None when there is no pointer."""
+def latest_name(root: str) -> str | None:
+    """What ``root/latest`` says (a checkpoint's folder name), or None when there is no pointer."""
     pointer = os.path.join(root, LATEST)
     if not os.path.exists(pointer):
         return None
     with open(pointer, encoding="utf-8") as fh:
-        name = fh.read().strip()
+        return fh.read().strip()
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The checkpoint ``root/latest`` names, or None when there is no pointer."""
+    name = latest_name(root)
+    if name is None:
+        return None
     path = os.path.join(root, name)
     if not name or not os.path.isdir(path):
         raise FileNotFoundError(f"{pointer}: points at {name!r}, which does not exist")

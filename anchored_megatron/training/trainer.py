@@ -128,46 +128,94 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------
     def _load_initial_weights(self) -> Progress:
         """Resume from our own latest checkpoint, else start from the base; the reference is
-        always re-loaded from its own checkpoint."""
+        always re-loaded from its own checkpoint (and must be the one the run was trained with)."""
         from anchored_megatron.convert import load_megatron_weights
 
         cfg = self.cfg
-        if self.reference is not None and cfg.reference.checkpoint:
-            load_megatron_weights(self.reference, resolve_checkpoint_dir(cfg.reference.checkpoint, "reference.checkpoint"))
-        elif self.reference is not None:
+        checksums = cfg.train.verify_checkpoint_checksums
+        self.reference_identity = self._reference_identity()
+        if self.reference is not None and not cfg.reference.checkpoint:
             copy_weights(self.student, self.reference)  # random-init runs (tests): reference = the initial student
         latest = ckpt.latest_checkpoint(self.ckpt_root) if os.path.isdir(self.ckpt_root) else None
-        if latest is None:
-            if cfg.student.checkpoint:
-                load_megatron_weights(self.student, resolve_checkpoint_dir(cfg.student.checkpoint, "student.checkpoint"))
-                # The DDP/optimizer main params were copied at construction: refresh them.
-                self.optimizer.reload_model_params()
-            return Progress()
-        state = ckpt.load_checkpoint(latest, self.wrapped, self.optimizer, rank_state_loader=self._restore_rank_state)
+        progress = self._resume(latest) if latest is not None else None
+        if self.reference is not None and cfg.reference.checkpoint:
+            load_megatron_weights(self.reference, resolve_checkpoint_dir(cfg.reference.checkpoint, "reference.checkpoint"), checksums)
+        if progress is not None:
+            return progress
+        if cfg.student.checkpoint:
+            load_megatron_weights(self.student, resolve_checkpoint_dir(cfg.student.checkpoint, "student.checkpoint"), checksums)
+            # The DDP/optimizer main params were copied at construction: refresh them.
+            self.optimizer.reload_model_params()
+        return Progress()
+
+    def _resume(self, latest: str) -> Progress:
+        checksums = self.cfg.train.verify_checkpoint_checksums
+        state = ckpt.load_checkpoint(
+            latest, self.wrapped, self.optimizer, rank_state_loader=self._restore_rank_state,
+            checksums=checksums, check_common=self._check_reference, message=self.log.message,
+        )
         progress = Progress(**state["progress"])
         self.sampler.load_state_dict(progress.sampler)
         load_scheduler_state(self.scheduler, progress.scheduler)
         if self.snapshot is not None and progress.step % self.steps_per_iteration != 0:
             iteration = progress.step // self.steps_per_iteration
-            ckpt.load_checkpoint(os.path.join(self.snapshot_root, ckpt.checkpoint_name(iteration)), self.snapshot)
+            ckpt.load_checkpoint(
+                os.path.join(self.snapshot_root, ckpt.checkpoint_name(iteration)), self.snapshot, checksums=checksums,
+                advice=f"The snapshot of outer iteration {iteration} is needed to resume at step {progress.step}: resume from a "
+                f"checkpoint saved before that iteration (anchored-checkpoint list {self.ckpt_root}, then anchored-checkpoint use).",
+                message=self.log.message,
+            )
         self.log.message(f"resumed from {latest} at step {progress.step}")
         return progress
+
+    def _reference_identity(self) -> dict | None:
+        """The reference as a resumed run must find it again: resolved path + metadata digest
+        (computed on rank 0: the metadata of a large checkpoint is tens of MB)."""
+        from anchored_megatron.training.manifest import metadata_digest
+
+        cfg = self.cfg
+        if self.reference is None or not cfg.reference.checkpoint:
+            return None
+        identity = None
+        if self.runtime.rank == 0:
+            directory = os.path.realpath(resolve_checkpoint_dir(cfg.reference.checkpoint, "reference.checkpoint"))
+            identity = {"path": directory, "digest": metadata_digest(directory)}
+        box = [identity]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _check_reference(self, common: dict) -> None:
+        if "reference" not in common:  # written before references were recorded
+            return
+        saved, current = common["reference"], self.reference_identity
+        if saved == current:
+            return
+        change = f"it was trained against {_describe_reference(saved)}, the config now gives {_describe_reference(current)}"
+        if not self.cfg.train.allow_reference_change:
+            raise ConfigError(
+                f"reference.checkpoint: the run in {self.cfg.output_dir} cannot resume with another reference: {change}. "
+                "Point reference.checkpoint back at the original, or set train.allow_reference_change=true to continue with this one."
+            )
+        self.log.message(f"train.allow_reference_change: resuming with another reference: {change}")
 
     def _save(self, progress: Progress) -> None:
         from anchored_megatron.convert.megatron_io import write_trainer_model_config
 
         progress.sampler = self.sampler.state_dict()
         progress.scheduler = self.scheduler.state_dict()
-        common = {"progress": dataclasses.asdict(progress), "layout": self._layout()}
-        path = ckpt.save_checkpoint(self.ckpt_root, progress.step, self.wrapped, self.optimizer, common, rank_state=self._rank_state())
+        common = {"progress": dataclasses.asdict(progress), "layout": self._layout(), "reference": self.reference_identity}
+        path = ckpt.save_checkpoint(
+            self.ckpt_root, progress.step, self.wrapped, self.optimizer, common, rank_state=self._rank_state(),
+            add_files=lambda directory: write_trainer_model_config(directory, self.cfg.model, self.cfg.student.checkpoint),
+        )
         if self.runtime.rank == 0:
-            write_trainer_model_config(path, self.cfg.model, self.cfg.student.checkpoint)
             ckpt.prune(self.ckpt_root, keep=self.cfg.train.keep_checkpoints)
             if self.snapshot is not None:
                 # A snapshot is needed while any kept checkpoint lies inside its iteration.
                 oldest = min(ckpt.iterations(self.ckpt_root))
                 ckpt.prune_below(self.snapshot_root, oldest // self.steps_per_iteration)
         torch.distributed.barrier()
+        self.log.message(f"saved {path}")
 
     def _layout(self) -> list[int]:
         return [self.cfg.parallel.tp, self.cfg.parallel.pp, self.runtime.data_parallel_size]
@@ -306,6 +354,10 @@ class Trainer:
             f"kl_step {f(r['kl_step'], '.4f')} kl_ref {f(r['kl_reference'], '.4f')} lr {r['lr']:.2e} "
             f"grad_norm {f(r['grad_norm'], '.3f')} {r['step_time_s']:.2f}s {r['tokens_per_s']:.0f} tok/s"
         )
+
+
+def _describe_reference(identity: dict | None) -> str:
+    return "no reference checkpoint" if identity is None else f"{identity['path']} (metadata digest {identity['digest']})"
 
 
 def train(cfg: RunConfig) -> dict:
