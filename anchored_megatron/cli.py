@@ -8,13 +8,14 @@ import sys
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that describe the user's input (config, data, tokenizer) and carry a message that
-    names the option, file or line: printed as one line, never as a traceback."""
+    """Errors about the user's input or files (config, data, tokenizer, checkpoints) whose message
+    names the option, file or line and says what to do: printed as is, never as a traceback."""
     from anchored_megatron.config import ConfigError
     from anchored_megatron.data.records import DataError
     from anchored_megatron.data.tokenizer import TokenizerError
+    from anchored_megatron.training.checkpoint import CheckpointError
 
-    return ConfigError, DataError, TokenizerError
+    return ConfigError, DataError, TokenizerError, CheckpointError
 
 
 def _report(prog: str, kind: str, exc: BaseException) -> int:

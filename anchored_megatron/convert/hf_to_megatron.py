@@ -21,6 +21,8 @@ from anchored_megatron.convert.megatron_io import (
 )
 from anchored_megatron.convert.progress import progress_bar
 from anchored_megatron.convert.registry import family_for_hf_config
+from anchored_megatron.training import manifest
+from anchored_megatron.training.checkpoint import MANIFEST_MARKER, write_manifest
 
 EXPORT_DTYPES = ("bf16", "fp32")
 
@@ -90,8 +92,10 @@ def hf_to_megatron(
     reader.close()
     for layer in range(model.num_layers):
         entries.update(extra_state_objects(layer, model.num_layers))
+    entries[MANIFEST_MARKER] = manifest.FORMAT
     os.makedirs(out_dir, exist_ok=True)
     with single_process_group():
         dist_checkpointing.save(entries, out_dir)
-    write_model_config(out_dir, model, hf_config_file=os.path.join(hf_dir, "config.json"))
+        write_model_config(out_dir, model, hf_config_file=os.path.join(hf_dir, "config.json"))
+        write_manifest(out_dir)
     return model

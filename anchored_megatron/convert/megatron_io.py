@@ -241,9 +241,11 @@ def save_megatron_weights(chunks, ckpt_dir: str, model: ModelConfig) -> None:
     if torch.distributed.get_rank() == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
     torch.distributed.barrier()
-    from anchored_megatron.training.checkpoint import model_sharded_state_dict
+    from anchored_megatron.training import manifest
+    from anchored_megatron.training.checkpoint import MANIFEST_MARKER, model_sharded_state_dict, write_manifest
 
-    dist_checkpointing.save(model_sharded_state_dict(chunks), ckpt_dir)
+    dist_checkpointing.save({**model_sharded_state_dict(chunks), MANIFEST_MARKER: manifest.FORMAT}, ckpt_dir)
     if torch.distributed.get_rank() == 0:
         write_model_config(ckpt_dir, model)
     torch.distributed.barrier()
+    write_manifest(ckpt_dir)

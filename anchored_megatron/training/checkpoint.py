@@ -159,8 +159,9 @@ def _cause(exc: BaseException) -> str:
 
 
 # ---- the manifest: written collectively before publication, verified collectively on load ----
-def _write_manifest(directory: str) -> None:
-    """Collective: each rank checksums the files it wrote; rank 0 writes ``manifest.json``."""
+def write_manifest(directory: str) -> None:
+    """Collective: each rank checksums the files it wrote; rank 0 writes ``manifest.json``.
+    Call it last, once every file of the checkpoint is in ``directory``."""
     names = _from_rank0(manifest.list_files(directory) if _rank() == 0 else None)
     world, rank = _world_size(), _rank()
     entries = manifest.hash_entries(directory, [n for n in names if manifest.writer_rank(n, world) == rank])
@@ -216,6 +217,30 @@ def verify_checkpoint(path: str, checksums: bool = True, advice: str | None = No
     return problems is not None
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """Whether ENOSPC is behind ``exc``, also inside torch.distributed.checkpoint's per-rank failures
+    and the messages of Megatron's writer processes."""
+    import errno
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    seen, pending = set(), [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        # Megatron's writer processes report their OSError as text ("Worker failure: [Errno 28] ...").
+        if f"[Errno {errno.ENOSPC}]" in str(current):
+            return True
+        if isinstance(current, CheckpointException):
+            pending += [failure[0] if isinstance(failure, tuple) else failure for failure in current.failures.values()]
+        pending += [current.__cause__, current.__context__]
+    return False
+
+
 # ---- save / load ------------------------------------------------------------------------------
 def save_checkpoint(
     root: str, iteration: int, chunks, optimizer=None, common_state: dict | None = None, rank_state: dict | None = None,
@@ -240,15 +265,26 @@ def save_checkpoint(
         state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=False, metadata=OPTIMIZER_METADATA)
     state["trainer"] = dict(common_state or {})
     state[MANIFEST_MARKER] = manifest.FORMAT
-    dist_checkpointing.save(state, tmp_dir, content_metadata=OPTIMIZER_METADATA)
-    if rank_state is not None:
-        path = _rank_state_path(tmp_dir, _rank())
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(rank_state, path)
-    if add_files is not None and _rank() == 0:
-        add_files(tmp_dir)
-    _barrier()
-    _write_manifest(tmp_dir)
+    try:
+        dist_checkpointing.save(state, tmp_dir, content_metadata=OPTIMIZER_METADATA)
+        if rank_state is not None:
+            path = _rank_state_path(tmp_dir, _rank())
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(rank_state, path)
+        if add_files is not None and _rank() == 0:
+            add_files(tmp_dir)
+        _barrier()
+        write_manifest(tmp_dir)
+    except BaseException as exc:
+        if not _disk_full(exc):
+            raise
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # give the space back; the save never published
+        previous = latest_name(root)
+        raise CheckpointError(
+            f"saving checkpoint {checkpoint_name(iteration)} into {root}: the disk is full (No space left on device). "
+            + (f"'{LATEST}' still names the last complete checkpoint, {previous}: " if previous else "No checkpoint of this run is complete yet: ")
+            + "free space on that filesystem and relaunch the same command to resume."
+        ) from exc
     if _rank() == 0:
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(tmp_dir, final_dir)

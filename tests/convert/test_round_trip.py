@@ -130,3 +130,29 @@ def test_synthesised_config_takes_token_ids_from_the_tokenizer_or_leaves_them_un
     loaded = AutoConfig.from_pretrained(str(tmp_path / "without"))
     # Not transformers' Llama defaults (bos 1, eos 2): unknown ids stay unknown.
     assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (None, None, None)
+
+
+def test_a_converted_checkpoint_carries_a_manifest_that_catches_a_flipped_bit(tmp_path):
+    import xxhash
+
+    from anchored_megatron.training.checkpoint import CheckpointError, verify_checkpoint
+
+    hf_dir = make_hf_model("qwen3", str(tmp_path / "hf"), num_hidden_layers=2)
+    out = tmp_path / "mg"
+    hf_to_megatron(hf_dir, str(out), "fp32", show_progress=False)
+    with open(out / "manifest.json") as fh:
+        listed = json.load(fh)["files"]
+    on_disk = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs if f != "manifest.json")
+    assert sorted(listed) == on_disk
+    for name, entry in listed.items():
+        data = (out / name).read_bytes()
+        assert entry["size"] == len(data) and entry["digest"] == xxhash.xxh3_128_hexdigest(data), name
+    assert verify_checkpoint(str(out)) is True
+    shard = next(name for name in on_disk if name.endswith(".distcp"))
+    with open(out / shard, "r+b") as fh:
+        fh.seek(100)
+        byte = fh.read(1)[0]
+        fh.seek(100)
+        fh.write(bytes([byte ^ 1]))
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {out}: {shard}: "):
+        verify_checkpoint(str(out))

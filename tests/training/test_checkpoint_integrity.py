@@ -238,3 +238,51 @@ def test_manifest_lists_every_file_with_its_size_and_checksum(trained):
     for name, path in on_disk.items():
         data = open(path, "rb").read()
         assert manifest["files"][name] == {"size": len(data), "digest": xxhash.xxh3_128_hexdigest(data)}, name
+
+
+def disk_full_rank(cfg_dict, full_at_step):
+    """Train; every write of the save at ``full_at_step`` fails with ENOSPC, as on a full disk."""
+    import errno
+    import functools
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from anchored_megatron.training import trainer as trainer_module
+
+    # Megatron's torch_dist writer holds its own reference to torch's per-item writer.
+    original = filesystem_async._write_item
+    progress = {"step": None}
+
+    @functools.wraps(original)  # Megatron's async writer reads the signature to call it
+    def full_disk(*args, **kwargs):
+        if progress["step"] == full_at_step:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(*args, **kwargs)
+
+    filesystem_async._write_item = full_disk
+    save = trainer_module.Trainer._save
+
+    def tracking_save(self, p):
+        progress["step"] = p.step
+        return save(self, p)
+
+    trainer_module.Trainer._save = tracking_save
+    try:
+        train_rank(cfg_dict)
+    except Exception as exc:  # noqa: BLE001 - the test reads the message
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@pytest.mark.distributed
+def test_a_full_disk_during_a_save_says_so_and_keeps_latest(tiny_run, tmp_path, ranks):
+    out = tmp_path / "run"
+    error = ranks(disk_full_rank, 1, run_config(tiny_run, out, train__max_steps=4, train__save_interval=2), 4)[0]
+    root = out / "checkpoints"
+    assert error == (
+        f"CheckpointError: saving checkpoint iter_0000004 into {root}: the disk is full (No space left on device). "
+        "'latest' still names the last complete checkpoint, iter_0000002: free space on that filesystem and relaunch "
+        "the same command to resume."
+    )
+    assert (root / "latest").read_text().strip() == "iter_0000002"
+    assert sorted(os.listdir(root)) == ["iter_0000002", "latest"]  # the half-written save is gone
