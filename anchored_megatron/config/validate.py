@@ -54,6 +54,7 @@ def validate_run(cfg, world_size: int, check_files: bool = True) -> None:
     _check_pipeline_schedule(cfg)
     _check_checkpoints(cfg, check_files)
     if check_files:
+        _check_tokenizers(cfg)
         _check_output_dir(cfg, world_size)
 
 
@@ -204,6 +205,38 @@ def _check_reference_architecture(cfg, where: str) -> None:
                 f"reference.checkpoint: {name}={getattr(ref, name)!r} differs from the student's "
                 f"{getattr(cfg.model, name)!r}; the reference must share the student's architecture and vocabulary"
             )
+
+
+def _check_tokenizers(cfg) -> None:
+    """The data's tokenizer must fit the model's vocabulary and be the one any student or
+    reference checkpoint ships: the loss compares the roles' distributions token by token."""
+    from anchored_megatron.data.tokenizer import TokenizerError, load_tokenizer
+    from anchored_megatron.training.checkpoint_dirs import resolve_checkpoint_dir
+
+    def load(key: str, path: str):
+        try:
+            return load_tokenizer(path)
+        except TokenizerError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+
+    data_tokenizer = load("data.tokenizer", cfg.data.tokenizer)
+    require(
+        data_tokenizer.vocab_size <= cfg.model.vocab_size,
+        "data.tokenizer",
+        f"{cfg.data.tokenizer} has {data_tokenizer.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}",
+    )
+    fingerprints = {"data.tokenizer": data_tokenizer.fingerprint}
+    for key, ref in (("student.checkpoint", cfg.student), ("reference.checkpoint", cfg.reference)):
+        if ref.checkpoint is None:
+            continue
+        directory = resolve_checkpoint_dir(ref.checkpoint, key)
+        if any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer.model")):
+            fingerprints[key] = load(key, directory).fingerprint
+    require(
+        len(set(fingerprints.values())) == 1,
+        "data.tokenizer",
+        f"tokenizers differ between {', '.join(fingerprints)}: student and reference must share one tokenizer",
+    )
 
 
 def _check_output_dir(cfg, world_size: int) -> None:

@@ -57,12 +57,7 @@ class Trainer:
 
         cfg = self.cfg
         self.runtime = initialize(cfg.parallel, seed=cfg.seed)
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(
-                f"data.tokenizer: {cfg.data.tokenizer} has {self.tokenizer.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}"
-            )
-        self._check_checkpoint_tokenizers()
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)  # validate() checked it against the model and checkpoints
         self.dataset = build_sft_dataset(
             cfg.data, self.tokenizer, cfg.model.seq_length, seed=cfg.seed,
             rank=self.runtime.rank, world_size=self.runtime.world_size, barrier=torch.distributed.barrier,
@@ -80,21 +75,6 @@ class Trainer:
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
         self.is_logging_rank = self.runtime.rank == 0  # metrics are all-reduced, so every rank holds them
         self._build_roles()
-
-    def _check_checkpoint_tokenizers(self) -> None:
-        """Student and reference must share one tokenizer: compare any tokenizer shipped with them."""
-        from anchored_megatron.data import load_tokenizer
-
-        fingerprints = {}
-        for key, ref in (("student.checkpoint", self.cfg.student), ("reference.checkpoint", self.cfg.reference)):
-            if ref.checkpoint is None:
-                continue
-            directory = resolve_checkpoint_dir(ref.checkpoint, key)
-            if any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer.model")):
-                fingerprints[key] = load_tokenizer(directory).fingerprint
-        fingerprints["data.tokenizer"] = self.tokenizer.fingerprint
-        if len(set(fingerprints.values())) > 1:
-            raise ConfigError(f"tokenizers differ between {', '.join(fingerprints)}: student and reference must share one tokenizer")
 
     def _build_roles(self) -> None:
         from megatron.core.distributed import finalize_model_grads

@@ -9,6 +9,7 @@ import torch
 from anchored_megatron.cli import train_main
 from anchored_megatron.config import ConfigError, load_run_config
 from anchored_megatron.planning import dry_run, plan_memory, total_parameters
+from tests.conftest import write_word_tokenizer
 
 # Published parameter counts (Hugging Face model cards / safetensors metadata).
 PUBLISHED = {"llama3-1b": 1_235_814_400, "llama3-8b": 8_030_261_248, "llama3-70b": 70_553_706_496}
@@ -18,9 +19,7 @@ PUBLISHED = {"llama3-1b": 1_235_814_400, "llama3-8b": 8_030_261_248, "llama3-70b
 def files(tmp_path):
     data = tmp_path / "sft.jsonl"
     data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
-    tokenizer = tmp_path / "tok"
-    tokenizer.mkdir()
-    (tokenizer / "tokenizer.json").write_text("{}")
+    tokenizer = write_word_tokenizer(tmp_path / "tok")
     return [f"output_dir={tmp_path / 'out'}", f"data.paths=[{data}]", f"data.tokenizer={tokenizer}"]
 
 
