@@ -3,7 +3,8 @@
 ``validate_run`` first completes the model from the student checkpoint (field by field: the
 architecture is the checkpoint's, how to run it is the YAML's), then checks every section,
 the checks that need two sections or the world size, and (``check_files``) the files the run
-reads and the directory it writes. It needs no process group and no torch.
+reads and the directory it writes. It needs no process group; torch is imported only to load
+the tokenizers when the files are checked.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def validate_run(cfg, world_size: int, check_files: bool = True) -> None:
     _check_checkpoints(cfg, check_files)
     if check_files:
         _check_tokenizers(cfg)
-        _check_output_dir(cfg, world_size)
+        _check_output_dir(cfg)
 
 
 def check_packing(model: ModelConfig, packing: bool) -> None:
@@ -239,7 +240,7 @@ def _check_tokenizers(cfg) -> None:
     )
 
 
-def _check_output_dir(cfg, world_size: int) -> None:
+def _check_output_dir(cfg) -> None:
     """Refuse before anything heavy: a directory the run cannot write, or a disk without room
     for one checkpoint (the planner's estimate)."""
     from anchored_megatron.planning.memory import GIB, checkpoint_bytes
