@@ -360,11 +360,10 @@ class Trainer:
         )
 
     def _line(self, r: dict) -> str:
-        f = _number
-        divergence = f"kl_step {f(r['kl_step'], '.4f')} kl_ref {f(r['kl_reference'], '.4f')} " if "kl_step" in r else ""
+        divergence = f"kl_step {_number(r['kl_step'], '.4f')} kl_ref {_number(r['kl_reference'], '.4f')} " if "kl_step" in r else ""
         return (
-            f"step {r['step']}/{self.total_steps} stage {r['stage']} loss {f(r['loss'], '.4f')} {divergence}lr {r['lr']:.2e} "
-            f"grad_norm {f(r['grad_norm'], '.3f')} {r['step_time_s']:.2f}s {r['tokens_per_s']:.0f} tok/s"
+            f"step {r['step']}/{self.total_steps} stage {r['stage']} loss {_number(r['loss'], '.4f')} {divergence}lr {r['lr']:.2e} "
+            f"grad_norm {_number(r['grad_norm'], '.3f')} {r['step_time_s']:.2f}s {r['tokens_per_s']:.0f} tok/s"
         )
 
     def _summary(self, first_step: int, step: int, seconds: float, last: dict, saved: str | None) -> str:

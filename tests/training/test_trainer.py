@@ -188,7 +188,7 @@ def test_reference_with_another_vocabulary_is_refused(tiny_run, tmp_path, monkey
     (other / "model_config.yaml").write_text(yaml.safe_dump(config))
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(ConfigError, match=r"reference.checkpoint: vocab_size=320 differs from the student's 256"):
-        Trainer(build(RunConfig, run_config(tiny_run, tmp_path, reference__checkpoint=str(other))))
+        Trainer(build(RunConfig, run_config(tiny_run, tmp_path / "run", reference__checkpoint=str(other))))
 
 
 def nonfinite_rank(cfg_dict, bad_steps):
