@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from anchored_megatron.pipeline.stages import ExperimentConfig
+from anchored_megatron.pipeline.stages import METHODS, ExperimentConfig
 
 # The demo's sizes, chosen by measurement (bench/demo_sizing.py, docs/results.md): regime A
 # (plain answers, the base partly knows the target's answer), four skills (key-value recall
@@ -61,11 +61,17 @@ def run_demo(output_dir: str, sizes: dict, *, max_new_tokens: int = 32, progress
 
 
 def main(argv: list[str] | None = None) -> int:
+    from anchored_megatron.platform import compile_cache, warnings_filter
+
+    warnings_filter.install()
+    compile_cache.use_persistent_cache()  # the ranks it starts inherit it
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default=os.path.join("runs", "demo"))
     parser.add_argument("--tiny", action="store_true", help="minimal sizes (a smoke test, meaningless numbers)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help=f"methods to fine-tune (default: {' '.join(DEMO['methods'])})")
     args = parser.parse_args(argv)
-    out = run_demo(args.output_dir, TINY if args.tiny else DEMO)
+    sizes = TINY if args.tiny else DEMO
+    out = run_demo(args.output_dir, dict(sizes, methods=tuple(args.methods)) if args.methods else sizes)
     print()
     print(out["table"])
     print(f"wrote {out['report']} and {out['plot']} in {out['seconds']:.0f} s", file=sys.stderr)

@@ -83,17 +83,11 @@ def _run(cfg_dict, time_forward=False):
     return {"baseline_mb": baseline, "peak_mb": peak, "forward_s": forward_s}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--tp", type=int, default=2)
-    args = parser.parse_args(argv)
-
+def make_setting(root: str) -> str:
+    """Under ``root``: a tokenizer (tok/), 600 SFT records (the returned path), base/ and teacher/."""
     from anchored_megatron.data.train_tokenizer import main as train_tokenizer
     from anchored_megatron.testing import run_on_ranks
 
-    root = tempfile.mkdtemp(prefix="step-bench-")
     rng = random.Random(0)
     corpus = os.path.join(root, "corpus.txt")
     with open(corpus, "w") as fh:
@@ -106,6 +100,20 @@ def main(argv=None) -> int:
                       "response": " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 60)))}
             fh.write(json.dumps(record) + "\n")
     run_on_ranks(_make_checkpoints, 1, os.path.join(root, "base"), os.path.join(root, "teacher"))
+    return data
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tp", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    from anchored_megatron.testing import run_on_ranks
+
+    root = tempfile.mkdtemp(prefix="step-bench-")
+    data = make_setting(root)
 
     variants = {
         "sft": {"objective": "sft"},

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from anchored_megatron.config.errors import ConfigError, require
+from anchored_megatron.config.errors import require
 
 
 @dataclass

@@ -94,7 +94,8 @@ def _train_stage(stage: StageSpec, rank: int) -> dict:
         print(f"[{stage.name}] {trainer.total_steps} steps ({steps_per_epoch}/epoch), objective {cfg.anchor.objective}", file=sys.stderr, flush=True)
     os.makedirs(out, exist_ok=True)
     started = time.perf_counter()
-    with open(os.path.join(out, "train.log"), "a", encoding="utf-8") as log, contextlib.redirect_stdout(log):
+    # The trainer copies its lines into out/train.log itself; the demo's console shows stages only.
+    with open(os.devnull, "w", encoding="utf-8") as quiet, contextlib.redirect_stdout(quiet):
         trainer.run()
     record = {"key": stage.key, "steps_per_epoch": steps_per_epoch, "total_steps": trainer.total_steps,
               "train_seconds": round(time.perf_counter() - started, 1)}

@@ -52,6 +52,11 @@ def initialize(
     local_rank = _env_int("LOCAL_RANK", 0)
     parallel.validate(world_size)
 
+    if parallel.tp > 1:
+        # Megatron's tensor-parallel layers overlap their all-reduce with compute only when the GPU
+        # runs kernels in issue order; Megatron-LM's launch scripts set this, and Megatron warns
+        # without it. Read when CUDA starts, so set before set_device; a user's value is kept.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if shim_active:
         device, backend = torch.device("cpu"), "gloo"
     else:

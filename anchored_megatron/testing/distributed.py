@@ -35,12 +35,12 @@ def _rank_main(rank, world_size, port, fn, args, kwargs, results, stack_dir, thr
     os.environ.update(extra_env or {})
     stack_file = open(os.path.join(stack_dir, f"rank{rank}.stack"), "w")
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
-    import warnings
+    from anchored_megatron.platform import supervision, warnings_filter
 
+    warnings_filter.install()
+    supervision.exit_with_launcher()  # a killed parent (test run, demo) takes its ranks with it
     import torch
 
-    # Megatron warns on every import that apex/TE are absent; keep rank output readable.
-    warnings.filterwarnings("ignore", category=UserWarning)
     torch.set_num_threads(threads)
     try:
         value = fn(*args, **kwargs)

@@ -32,9 +32,7 @@ import torch
 
 from anchored_megatron.models.layout import unwrap
 from anchored_megatron.training import manifest
-from anchored_megatron.training.checkpoint_dirs import (  # noqa: F401 - the layout's names, re-exported
-    LATEST, RUN_CHECKPOINTS, checkpoint_name, iterations, latest_name, previous_checkpoint, resolve_checkpoint_dir,
-)
+from anchored_megatron.training.checkpoint_dirs import LATEST, RUN_CHECKPOINTS, checkpoint_name, iterations, latest_name
 
 # Only the distributed optimizer's fully reshardable format survives a change of TP/PP/DP.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}

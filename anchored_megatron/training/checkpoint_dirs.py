@@ -37,7 +37,7 @@ def latest_checkpoint(root: str) -> str | None:
         return None
     path = os.path.join(root, name)
     if not name or not os.path.isdir(path):
-        raise FileNotFoundError(f"{pointer}: points at {name!r}, which does not exist")
+        raise FileNotFoundError(f"{os.path.join(root, LATEST)}: points at {name!r}, which does not exist")
     return path
 
 

@@ -51,24 +51,29 @@ def build_optimizer(wrapped_chunks, cfg: OptimConfig, params_dtype: torch.dtype,
 
 
 def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int):
+    """The LR of update k (1-based) of ``total_steps`` with W = round(warmup_fraction x total_steps)
+    warm-up steps: lr x k / W while k <= W, then the decay from lr toward min_lr, reaching min_lr
+    one step after the last update, so every update (the last included) moves the weights
+    even when min_lr is 0."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     total_steps = max(1, total_steps)
-    warmup = min(int(round(cfg.warmup_fraction * total_steps)), total_steps - 1)
+    warmup = int(round(cfg.warmup_fraction * total_steps))  # < total_steps + 1, as Megatron requires
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if warmup else cfg.lr,
         max_lr=cfg.lr,
         min_lr=cfg.min_lr if cfg.lr_schedule != "constant" else cfg.lr,
         lr_warmup_steps=warmup,
-        lr_decay_steps=total_steps if cfg.lr_schedule != "constant" else warmup + 1,
+        lr_decay_steps=total_steps + 1 if cfg.lr_schedule != "constant" else warmup + 1,
         lr_decay_style=cfg.lr_schedule,
         start_wd=cfg.weight_decay,
         end_wd=cfg.weight_decay,
         wd_incr_steps=total_steps,
         wd_incr_style="constant",
     )
-    # Megatron's warm-up gives lr = 0 at step 0; start at step 1 so no update is wasted.
+    # Megatron's scheduler gives the LR of its step count; update k runs at count k (count 0 is
+    # the warm-up's lr 0), and the trainer steps the scheduler after each update.
     scheduler.step(increment=1)
     return scheduler
 

@@ -8,6 +8,7 @@ and steps the optimizer unless the loss was not finite.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
@@ -15,6 +16,7 @@ import time
 
 import torch
 
+from anchored_megatron.anchor import fused_passes
 from anchored_megatron.config import ConfigError, RunConfig
 from anchored_megatron.training import checkpoint as ckpt
 from anchored_megatron.training.checkpoint_dirs import resolve_checkpoint_dir
@@ -23,10 +25,15 @@ from anchored_megatron.training.metrics_log import MetricsLog
 from anchored_megatron.training.objectives import stage_loss
 from anchored_megatron.training.optim import load_scheduler_state
 from anchored_megatron.training.roles import RoleStack, adjust_tensor_shapes_for, copy_weights, freeze
+from anchored_megatron.training.run_files import TrainLog, write_run_config
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+def _number(value, spec: str) -> str:
+    return "n/a" if value is None or value != value else format(value, spec)
 
 
 @dataclasses.dataclass
@@ -50,13 +57,28 @@ class Trainer:
 
     # ---- set-up -------------------------------------------------------------------------
     def setup(self) -> None:
-        from megatron.core import parallel_state
-
-        from anchored_megatron.data import EpochSampler, build_sft_dataset, load_tokenizer
         from anchored_megatron.platform import initialize
+        from anchored_megatron.platform.run_lock import hold_output_dir
 
         cfg = self.cfg
         self.runtime = initialize(cfg.parallel, seed=cfg.seed)
+        self.is_logging_rank = self.runtime.rank == 0  # metrics are all-reduced, so every rank holds them
+        # Before anything heavy: a second launch into a directory in use stops here, on every rank.
+        self.output_lock = hold_output_dir(cfg.output_dir)
+        self.train_log = TrainLog(cfg.output_dir) if self.is_logging_rank else None
+        try:
+            with self._printing():
+                self._setup_run()
+        except BaseException:
+            self._close()
+            raise
+
+    def _setup_run(self) -> None:
+        from megatron.core import parallel_state
+
+        from anchored_megatron.data import EpochSampler, build_sft_dataset, load_tokenizer
+
+        cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)  # validate() checked it against the model and checkpoints
         self.dataset = build_sft_dataset(
             cfg.data, self.tokenizer, cfg.model.seq_length, seed=cfg.seed,
@@ -73,8 +95,22 @@ class Trainer:
         self.total_steps = self.steps_per_iteration * anchor.outer_iterations
         # max_steps stops the run early without changing the schedule (LR, stages) it follows.
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
-        self.is_logging_rank = self.runtime.rank == 0  # metrics are all-reduced, so every rank holds them
+        # Without a reference (sft) there is no divergence: its metrics would be undefined.
+        self.metric_names = SUM_NAMES[:-1] if cfg.anchor.needs_reference else ("loss",)
         self._build_roles()
+
+    def _printing(self):
+        """What the logging rank prints also goes to output_dir/train.log."""
+        return self.train_log.copying() if self.train_log is not None else contextlib.nullcontext()
+
+    def _close(self) -> None:
+        fused_passes.report_compiles_to(None)
+        if getattr(self, "log", None) is not None:
+            self.log.close()
+        if self.train_log is not None:
+            self.train_log.close()
+        if self.output_lock is not None:
+            self.output_lock.release()
 
     def _build_roles(self) -> None:
         from megatron.core.distributed import finalize_model_grads
@@ -221,15 +257,21 @@ class Trainer:
     def _begin_iteration(self, iteration: int, progress: Progress) -> None:
         """At a boundary: snapshot <- student (kept on disk for mid-iteration resumes), and
         a fresh optimizer + schedule when configured."""
+        anchor = self.cfg.anchor
+        events = [f"alpha {stage_loss(anchor, iteration).alpha:g}"] if anchor.objective == "anchored" else []
         if self.snapshot is not None:
             copy_weights(self.student, self.snapshot)
             ckpt.save_checkpoint(self.snapshot_root, iteration, self.snapshot)
-        if self.cfg.anchor.reset_optimizer_per_iteration and iteration != progress.optimizer_stage:
+            events.append("snapshot refreshed from the student")
+        if anchor.reset_optimizer_per_iteration and iteration != progress.optimizer_stage:
             from anchored_megatron.training.optim import build_scheduler, reset_optimizer_state
 
             reset_optimizer_state(self.optimizer)
             self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.steps_per_iteration)
             progress.optimizer_stage = iteration
+            events.append("optimizer state and LR schedule reset")
+        self.log.message(f"outer iteration {iteration + 1}/{anchor.outer_iterations} from step {progress.step}"
+                         + (": " + ", ".join(events) if events else ""))
 
     # ---- one step ---------------------------------------------------------------------------
     def _microbatches(self) -> list[dict]:
@@ -264,12 +306,14 @@ class Trainer:
         sums = self._reduce_sums(outputs)
         finite = bool(torch.isfinite(sums[0]).item())
         grad_norm = float("nan")
+        lr = self.optimizer.param_groups[0]["lr"]  # what this update uses; the scheduler then moves on
         if finite:
             _, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(increment=1)
         tokens = max(sums[-1].item(), 1.0)
-        record = {name: (sums[i] / tokens).item() for i, name in enumerate(SUM_NAMES[:-1])}
-        record.update(response_tokens=int(sums[-1].item()), grad_norm=float(grad_norm) if grad_norm is not None else None, finite=finite)
+        record = {name: (sums[SUM_NAMES.index(name)] / tokens).item() for name in self.metric_names}
+        record.update(response_tokens=int(sums[-1].item()), grad_norm=float(grad_norm) if grad_norm is not None else None,
+                      finite=finite, lr=lr)
         return record
 
     def _reduce_sums(self, outputs) -> torch.Tensor:
@@ -285,10 +329,24 @@ class Trainer:
 
     # ---- the main loop -----------------------------------------------------------------------
     def run(self) -> dict:
+        try:
+            with self._printing():
+                return self._train()
+        finally:
+            self._close()
+
+    def _train(self) -> dict:
         cfg = self.cfg
-        self.log = MetricsLog(cfg.output_dir, enabled=self.is_logging_rank, total_steps=self.stop_step, initial_step=0,
-                              tensorboard=cfg.train.tensorboard, progress_bar=cfg.train.progress_bar)
+        self.log = MetricsLog(cfg.output_dir, enabled=self.is_logging_rank, tensorboard=cfg.train.tensorboard,
+                              progress_bar=cfg.train.progress_bar)
+        fused_passes.report_compiles_to(self.log.message)
+        if self.is_logging_rank:
+            note = write_run_config(cfg.output_dir, cfg.to_dict())
+            if note is not None:
+                self.log.message(note)
         progress = self._load_initial_weights()
+        self.log.start(progress.step, self.stop_step)
+        first_step, loop_started, saved = progress.step, time.perf_counter(), None
         current = {"stage": stage_loss(cfg.anchor, progress.step // self.steps_per_iteration)}
         forward_step = make_forward_step(lambda: current["stage"], cfg.model.vocab_size)
         tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
@@ -303,8 +361,9 @@ class Trainer:
             elapsed = time.perf_counter() - started
             progress.step += 1
             progress.nonfinite_in_a_row = 0 if record["finite"] else progress.nonfinite_in_a_row + 1
-            record = {"step": progress.step, "stage": iteration, "alpha": current["stage"].alpha, **record,
-                      "lr": self.optimizer.param_groups[0]["lr"], "step_time_s": elapsed, "tokens_per_s": tokens_per_step / elapsed}
+            alpha = {"alpha": current["stage"].alpha} if cfg.anchor.objective == "anchored" else {}
+            record = {"step": progress.step, "stage": iteration, **alpha, **record,
+                      "step_time_s": elapsed, "tokens_per_s": tokens_per_step / elapsed}
             self.log.log(record, self._line(record) if progress.step % cfg.train.log_interval == 0 else None)
             last = record
             if progress.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
@@ -313,7 +372,10 @@ class Trainer:
                 self.log.message(f"step {progress.step}: non-finite loss, update skipped ({progress.nonfinite_in_a_row} in a row)")
             if self._should_save(progress.step):
                 self._save(progress)
+                saved = os.path.join(self.ckpt_root, ckpt.checkpoint_name(progress.step))
+                self.log.message(f"saved checkpoint {ckpt.checkpoint_name(progress.step)} -> {saved}")
         self.log.close()
+        self.log.message(self._summary(first_step, progress.step, time.perf_counter() - loop_started, last, saved))
         return last
 
     def _should_save(self, step: int) -> bool:
@@ -326,14 +388,22 @@ class Trainer:
         )
 
     def _line(self, r: dict) -> str:
-        def f(value, spec):
-            return "n/a" if value is None or value != value else format(value, spec)
-
+        divergence = f"kl_step {_number(r['kl_step'], '.4f')} kl_ref {_number(r['kl_reference'], '.4f')} " if "kl_step" in r else ""
         return (
-            f"step {r['step']}/{self.total_steps} stage {r['stage']} loss {f(r['loss'], '.4f')} "
-            f"kl_step {f(r['kl_step'], '.4f')} kl_ref {f(r['kl_reference'], '.4f')} lr {r['lr']:.2e} "
-            f"grad_norm {f(r['grad_norm'], '.3f')} {r['step_time_s']:.2f}s {r['tokens_per_s']:.0f} tok/s"
+            f"step {r['step']}/{self.total_steps} stage {r['stage']} loss {_number(r['loss'], '.4f')} {divergence}lr {r['lr']:.2e} "
+            f"grad_norm {_number(r['grad_norm'], '.3f')} {r['step_time_s']:.2f}s {r['tokens_per_s']:.0f} tok/s"
         )
+
+    def _summary(self, first_step: int, step: int, seconds: float, last: dict, saved: str | None) -> str:
+        steps = step - first_step
+        where = f"finished at step {step}/{self.total_steps}" if step == self.total_steps else \
+            f"stopped at step {step}/{self.total_steps} (train.max_steps)"
+        if steps == 0:
+            return f"{where}: nothing left to train"
+        resumed = f" (resumed at step {first_step})" if first_step else ""
+        tokens_per_s = steps * self.cfg.train.global_batch_size * self.cfg.model.seq_length / seconds
+        return (f"{where}: {steps} steps{resumed} in {seconds:.1f} s, {tokens_per_s:.0f} tok/s, "
+                f"final loss {_number(last.get('loss'), '.4f')}, last checkpoint {saved}")
 
 
 def _describe_reference(identity: dict | None) -> str:

@@ -1,7 +1,6 @@
 """What a user sees when their input is bad: one line naming the file, exit code 2, no traceback,
 also from several ranks under torchrun."""
 
-import json
 import os
 import shutil
 import subprocess
