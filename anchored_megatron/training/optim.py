@@ -90,6 +90,35 @@ def reset_optimizer_state(optimizer) -> None:
                     value.zero_()
 
 
+# The scheduler's saved fields that come from options, and the option each comes from.
+_SCHEDULE_OPTIONS = (
+    ("max_lr", "optim.lr"),
+    ("min_lr", "optim.min_lr"),
+    ("lr_decay_style", "optim.lr_schedule"),
+    ("lr_warmup_steps", "optim.warmup_fraction"),
+    ("start_wd", "optim.weight_decay"),
+)
+
+
+def check_resumed_schedule(scheduler, saved: dict, checkpoint: str) -> None:
+    """Refuse to resume with optimizer options other than those the checkpoint trained with.
+
+    Megatron's scheduler keeps the checkpoint's values on load and ignores the ones it was
+    built with, so a changed ``optim.lr`` would be dropped without a word.
+    """
+    from anchored_megatron.config import ConfigError
+
+    for field, option in _SCHEDULE_OPTIONS:
+        mine, theirs = getattr(scheduler, field), saved.get(field)
+        if theirs is not None and mine != theirs:
+            what = f"warm-up steps {mine} (optim.warmup_fraction x the run's steps)" if field == "lr_warmup_steps" else f"{mine!r}"
+            raise ConfigError(
+                f"{option}: gives {what}, but {checkpoint} was trained with {theirs!r}; a resumed run keeps the "
+                f"schedule it started with: set {option} back, or start a new run (another output_dir) from this "
+                "checkpoint as student.checkpoint"
+            )
+
+
 def load_scheduler_state(scheduler, state: dict) -> None:
     """Megatron's scheduler *adds* the saved step count to its own on load; start from 0."""
     scheduler.num_steps = 0

@@ -23,7 +23,7 @@ from anchored_megatron.training.checkpoint_dirs import resolve_checkpoint_dir
 from anchored_megatron.training.forward_step import SUM_NAMES, make_forward_step
 from anchored_megatron.training.metrics_log import MetricsLog
 from anchored_megatron.training.objectives import stage_loss
-from anchored_megatron.training.optim import load_scheduler_state
+from anchored_megatron.training.optim import check_resumed_schedule, load_scheduler_state
 from anchored_megatron.training.roles import RoleStack, adjust_tensor_shapes_for, copy_weights, freeze
 from anchored_megatron.training.run_files import TrainLog, write_run_config
 
@@ -168,7 +168,7 @@ class Trainer:
         checksums = self.cfg.train.verify_checkpoint_checksums
         state = ckpt.load_checkpoint(
             latest, self.wrapped, self.optimizer, rank_state_loader=self._restore_rank_state,
-            checksums=checksums, check_common=self._check_reference, message=self.log.message,
+            checksums=checksums, check_common=lambda common: self._check_resume(common, latest), message=self.log.message,
         )
         progress = Progress(**state["progress"])
         self.sampler.load_state_dict(progress.sampler)
@@ -199,6 +199,11 @@ class Trainer:
         box = [identity]
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
+
+    def _check_resume(self, common: dict, checkpoint: str) -> None:
+        """Before any tensor is read: the resumed run must train as the saved one did."""
+        check_resumed_schedule(self.scheduler, common["progress"]["scheduler"], checkpoint)
+        self._check_reference(common)
 
     def _check_reference(self, common: dict) -> None:
         if "reference" not in common:  # written before references were recorded

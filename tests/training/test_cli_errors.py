@@ -8,6 +8,7 @@ import sys
 
 from tests.training.conftest import run_config
 
+MESSAGE = "empty response: 'response' is empty (set data.on_bad_record: skip to skip such records)"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -41,16 +42,16 @@ def test_a_data_error_is_one_line_with_the_file_and_line(tiny_run, tmp_path):
                             capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == [f"anchored-sft: error: {bad}:3: empty response"], result.stderr
+    assert lines == [f"anchored-sft: error: {bad}:3: {MESSAGE}"], result.stderr
 
 
 def test_under_torchrun_the_message_is_printed_once(tiny_run, tmp_path):
     bad = _bad_data(tmp_path, tiny_run)
     config = _config_file(tiny_run, tmp_path, data__paths=[bad], data__cache_dir=str(tmp_path / "cache"), parallel__tp=2)
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "0", "-m", "anchored_megatron.train", "--config", config],
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "anchored_megatron.train", "--config", config],
                             capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("anchored-sft:")]
-    assert ours == [f"anchored-sft: error: {bad}:3: empty response"], result.stderr
+    assert ours == [f"anchored-sft: error: {bad}:3: {MESSAGE}"], result.stderr
     assert "anchored_megatron" not in result.stderr.replace("anchored_megatron.train FAILED", "").replace("-m anchored_megatron", "")

@@ -139,3 +139,29 @@ def test_each_objective_records_only_the_metrics_it_has(resumed_anchored_run, re
     for tag in ("alpha", "kl_step", "kl_reference"):
         assert _tensorboard_steps(reset_sft_run["out"], tag) is None
     assert _tensorboard_steps(reset_sft_run["out"], "loss") == list(range(1, 17))
+
+
+def changed_lr_rank(cfg_dict):
+    from anchored_megatron.config import ConfigError
+
+    try:
+        logged_rank(cfg_dict, 3)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.distributed
+def test_a_resume_with_another_lr_is_refused_not_ignored(resumed_anchored_run, tiny_run, tmp_path, ranks):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(resumed_anchored_run["out"], run)
+    cfg = run_config(tiny_run, run, optim__lr=1e-3, optim__lr_schedule="cosine", optim__min_lr=0.0, optim__warmup_fraction=0.25,
+                     train__save_interval=3, train__tensorboard=True)
+    message = ranks(changed_lr_rank, 1, cfg)[0]
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert message == (
+        f"optim.lr: gives 0.001, but {run / 'checkpoints' / latest} was trained with 0.003; a resumed run keeps the schedule it "
+        "started with: set optim.lr back, or start a new run (another output_dir) from this checkpoint as student.checkpoint"
+    )
