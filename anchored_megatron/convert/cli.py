@@ -105,6 +105,9 @@ def _tokens(args, vocab_size: int):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from anchored_megatron.platform import warnings_filter
+
+    warnings_filter.install()
     from anchored_megatron.config import ConfigError
 
     try:

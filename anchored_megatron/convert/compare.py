@@ -69,8 +69,13 @@ def megatron_logits(chunks, tokens: torch.Tensor, model: ModelConfig) -> torch.T
 
 def hf_logits(hf_dir: str, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The reference: transformers' model with eager attention, weights-only safetensors load."""
-    from transformers import AutoModelForCausalLM
+    import sys
 
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    if not sys.stderr.isatty():  # its weight-loading bar would write \r frames into a log
+        hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager", use_safetensors=True)
     model.eval()
     with torch.no_grad():

@@ -147,3 +147,4 @@ def test_compare_alone_runs_while_port_29500_is_taken(trained, tmp_path):
     assert done.returncode == 0, done.stderr
     diff = float(done.stdout.split("=")[1].split()[0])
     assert diff < 1e-4 and "top-1 agreement = 100.00%" in done.stdout, done.stdout
+    assert done.stderr == "", done.stderr  # no third-party warnings, no progress frames in a pipe
