@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from anchored_megatron.data.train_tokenizer import main as train_tokenizer
-    from anchored_megatron.testing import run_on_ranks
+    from anchored_megatron.platform import run_on_ranks
 
     root = tempfile.mkdtemp(prefix="step-bench-")
     rng = random.Random(0)

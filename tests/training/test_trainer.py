@@ -132,7 +132,7 @@ def test_snapshot_tracks_boundaries_and_reference_stays_frozen(tiny_run, tmp_pat
 
 @pytest.mark.distributed
 def test_kill_during_save_keeps_previous_checkpoint(tiny_run, single_process_run, tmp_path, ranks):
-    from anchored_megatron.testing import RankFailure
+    from anchored_megatron.platform import RankFailure
     from anchored_megatron.training.checkpoint import latest_checkpoint
 
     cfg = run_config(tiny_run, tmp_path, train__save_interval=2)

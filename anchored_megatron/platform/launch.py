@@ -1,8 +1,12 @@
-"""Run a function on N spawned gloo ranks and surface every rank's outcome.
+"""Launch a function on N local processes with torchrun's environment, and report every rank.
 
-A failure on one rank usually leaves the others blocked in a collective; the
-launcher then asks every still-running rank to dump its Python stack (faulthandler
-on SIGUSR1) before killing it, so the error report shows where each rank was.
+For work that runs on one machine without torchrun: the forgetting experiment and the demo
+(``anchored_megatron.experiment``), the test suite's multi-rank tests and the benchmarks.
+Multi-node training goes through torchrun and ``platform.initialize`` instead.
+
+A failure on one rank usually leaves the others blocked in a collective; the launcher then
+asks every still-running rank to dump its Python stack (faulthandler on SIGUSR1) before
+killing it, so the error report shows where each rank was.
 """
 
 from __future__ import annotations
@@ -48,20 +52,25 @@ def _rank_main(rank, world_size, port, fn, args, kwargs, results, stack_dir, thr
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
-        try:
-            from anchored_megatron.platform import shutdown
+        if torch.distributed.is_initialized():  # else there is nothing to end (and no Megatron to import)
+            try:
+                from anchored_megatron.platform import shutdown
 
-            shutdown()
-        except Exception:
-            pass
+                shutdown()
+            except Exception:
+                pass
 
 
 def run_on_ranks(fn, world_size: int, *args, timeout: float = 300.0, threads: int | None = None, env: dict | None = None, **kwargs) -> list:
-    """Call ``fn(*args, **kwargs)`` on ``world_size`` fresh processes; return each rank's result.
+    """Call ``fn(*args, **kwargs)`` on ``world_size`` fresh (spawned) processes; return the
+    list of each rank's return value, in rank order.
 
-    ``fn`` must be importable (a module-level function). Inside it, torchrun-style
-    environment variables are set; call ``anchored_megatron.platform.initialize``.
-    Raises RankFailure with every rank's traceback (or stack dump when it hung).
+    ``fn``, its arguments and its result must be picklable (``fn`` a module-level function).
+    Each process has RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR=127.0.0.1 and a
+    free MASTER_PORT set, plus ``env``; ``fn`` calls ``anchored_megatron.platform.initialize``.
+    ``threads``: torch threads per rank (default: the CPU cores shared evenly). ``timeout``:
+    seconds for the whole launch. Raises RankFailure holding every rank's traceback, or its
+    stack dump when it hung, once one rank fails (the others get 10 s) or the time is up.
     """
     import torch.multiprocessing as mp
 
@@ -69,17 +78,26 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 300.0, threads: in
     results = ctx.Queue()
     port = _free_port()
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
-    stack_dir = tempfile.mkdtemp(prefix="ranks-")
-    procs = [
-        ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, kwargs, results, stack_dir, threads, env), daemon=False)
-        for r in range(world_size)
-    ]
-    for p in procs:
-        p.start()
+    with tempfile.TemporaryDirectory(prefix="ranks-") as stack_dir:
+        procs = [
+            ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, kwargs, results, stack_dir, threads, env), daemon=False)
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        outcomes = _collect(procs, results, timeout)
+        _stop(procs, outcomes)
+        if all(outcomes.get(r, ("missing",))[0] == "ok" for r in range(world_size)):
+            return [outcomes[r][1] for r in range(world_size)]
+        raise RankFailure(f"{fn.__module__}.{fn.__qualname__} failed on {world_size} ranks:\n" + _report(procs, outcomes, stack_dir))
+
+
+def _collect(procs, results, timeout: float) -> dict[int, tuple[str, object]]:
+    """rank -> (status, value) until every rank reported, 10 s after the first failure, or the timeout."""
     outcomes: dict[int, tuple[str, object]] = {}
     deadline = time.monotonic() + timeout
     failed_at = None
-    while len(outcomes) < world_size:
+    while len(outcomes) < len(procs):
         now = time.monotonic()
         if now > deadline or (failed_at is not None and now > failed_at + 10.0):
             break
@@ -93,17 +111,23 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 300.0, threads: in
             if dead and failed_at is None:
                 # Give the queue a moment: a rank may have put its result just before exiting.
                 failed_at = time.monotonic()
+    return outcomes
+
+
+def _stop(procs, outcomes) -> None:
+    """Ask every rank without a result for its stack, then end every process."""
     for rank, proc in enumerate(procs):
         if rank not in outcomes and proc.is_alive():
             os.kill(proc.pid, signal.SIGUSR1)
-    time.sleep(0.2 if len(outcomes) < world_size else 0)
+    time.sleep(0.2 if len(outcomes) < len(procs) else 0)
     for proc in procs:
         proc.join(timeout=5)
         if proc.is_alive():
             proc.kill()
             proc.join()
-    if all(outcomes.get(r, ("missing",))[0] == "ok" for r in range(world_size)):
-        return [outcomes[r][1] for r in range(world_size)]
+
+
+def _report(procs, outcomes, stack_dir: str) -> str:
     report = []
     for rank, proc in enumerate(procs):
         status, value = outcomes.get(rank, (None, None))
@@ -112,8 +136,11 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 300.0, threads: in
         elif status == "error":
             report.append(f"--- rank {rank}: raised\n{value}")
         else:
-            with open(os.path.join(stack_dir, f"rank{rank}.stack")) as fh:
-                stack = fh.read().strip()
+            stack = ""
+            path = os.path.join(stack_dir, f"rank{rank}.stack")
+            if os.path.exists(path):  # absent when the process died before running the rank
+                with open(path) as fh:
+                    stack = fh.read().strip()
             why = f"exit code {proc.exitcode}" if proc.exitcode not in (None, -9) else "hung (killed)"
             report.append(f"--- rank {rank}: no result, {why}\n{stack or '(no stack dump)'}")
-    raise RankFailure(f"{fn.__module__}.{fn.__qualname__} failed on {world_size} ranks:\n" + "\n".join(report))
+    return "\n".join(report)
