@@ -103,7 +103,7 @@ def _check_tp(tp, per_rank):
         weighted, _ = reference_loss(leaf, reference, None if live else anchor, labels=labels, vocab_size=vocab_size, **options)
         (expected_grad,) = torch.autograd.grad((weighted * case["upstream"].double()).sum(), leaf)
         grad = torch.cat([r["results"][case_number]["grad"] for r in per_rank], dim=-1)
-        tolerance = 1e-6 if dtype == torch.float64 else 1e-2
+        tolerance = 1e-12 if dtype == torch.float64 else 1e-2  # float64: observed <= 9e-15 at TP 1, 2, 4
         errors = {"loss": relative_error(case["loss"], expected_loss), "grad": relative_error(grad, expected_grad)}
         for name, value in case["metrics"].items():
             errors[name] = relative_error(value, expected_metrics[name])
