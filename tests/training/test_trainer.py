@@ -25,8 +25,8 @@ def train_rank(cfg_dict):
 
 
 def probed_train_rank(cfg_dict):
-    from anchored_megatron.training.roles import weights_equal
     from anchored_megatron.training.trainer import Trainer
+    from tests.full_weights import weights_equal
 
     observations = {"boundary_equal": [], "inside_equal": []}
 
