@@ -53,7 +53,8 @@ def prepare_data(cfg: ExperimentConfig) -> dict:
         "eval": os.path.join(data_dir, "eval.json"),
     }
     seen = {r["prompt"] for r in pretrain} | {r["prompt"] for r in finetune}
-    _write_json(paths["eval"], eval_prompts(data, cfg.seed, exclude=seen))
+    # Compact, as before: the file's digest is part of every job's evaluation cache key.
+    write_atomically(paths["eval"], json.dumps(eval_prompts(data, cfg.seed, exclude=seen)))
     return paths
 
 

@@ -31,6 +31,27 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _as_bytes(value) -> bytes:
+    # A tensor put on the queue as it is travels as a file descriptor that the parent fetches
+    # from this process, which must still be alive by then; a rank that returns and exits
+    # first loses that race. Serialised, the result needs nothing from this process.
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _from_bytes(blob: bytes):
+    import io
+
+    import torch
+
+    return torch.load(io.BytesIO(blob), weights_only=False)  # written by our own rank process
+
+
 def _rank_main(rank, world_size, port, fn, args, kwargs, results, stack_dir, threads, extra_env):
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
@@ -48,7 +69,7 @@ def _rank_main(rank, world_size, port, fn, args, kwargs, results, stack_dir, thr
     torch.set_num_threads(threads)
     try:
         value = fn(*args, **kwargs)
-        results.put((rank, "ok", value))
+        results.put((rank, "ok", _as_bytes(value)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -88,7 +109,7 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 300.0, threads: in
         outcomes = _collect(procs, results, timeout)
         _stop(procs, outcomes)
         if all(outcomes.get(r, ("missing",))[0] == "ok" for r in range(world_size)):
-            return [outcomes[r][1] for r in range(world_size)]
+            return [_from_bytes(outcomes[r][1]) for r in range(world_size)]
         raise RankFailure(f"{fn.__module__}.{fn.__qualname__} failed on {world_size} ranks:\n" + _report(procs, outcomes, stack_dir))
 
 
