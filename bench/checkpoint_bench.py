@@ -95,7 +95,7 @@ def main() -> None:
 
     import torch
 
-    from anchored_megatron.testing import run_on_ranks
+    from anchored_megatron.platform import run_on_ranks
 
     print(f"# checkpoint_bench  {datetime.date.today()}  torch {torch.__version__}  {os.cpu_count()} CPU cores (shared)")
     print(f"# medians of {args.repeats}; one rank; page cache warm; rates in GB/s over every file of the checkpoint")

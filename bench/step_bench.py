@@ -86,7 +86,7 @@ def _run(cfg_dict, time_forward=False):
 def make_setting(root: str) -> str:
     """Under ``root``: a tokenizer (tok/), 600 SFT records (the returned path), base/ and teacher/."""
     from anchored_megatron.data.train_tokenizer import main as train_tokenizer
-    from anchored_megatron.testing import run_on_ranks
+    from anchored_megatron.platform import run_on_ranks
 
     rng = random.Random(0)
     corpus = os.path.join(root, "corpus.txt")
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tp", type=int, default=2)
     args = parser.parse_args(argv)
 
-    from anchored_megatron.testing import run_on_ranks
+    from anchored_megatron.platform import run_on_ranks
 
     root = tempfile.mkdtemp(prefix="step-bench-")
     data = make_setting(root)

@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from anchored_megatron.testing import run_on_ranks  # noqa: E402
+from anchored_megatron.platform import run_on_ranks  # noqa: E402
 
 
 @pytest.fixture(scope="session")

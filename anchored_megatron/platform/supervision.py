@@ -15,7 +15,7 @@ and needs the interpreter to run Python now and then (torch ops release the GIL;
 in native code that holds it would not notice).
 
 Only processes started as a rank are supervised (``LOCAL_RANK`` set, as torchrun and
-``anchored_megatron.testing.run_on_ranks`` do): a single process run from a shell keeps running
+``anchored_megatron.platform.run_on_ranks`` do): a single process run from a shell keeps running
 under ``nohup`` after the shell exits. A launcher that died before this is called (during the
 interpreter's start-up, well under a second) is not noticed.
 """

@@ -31,6 +31,7 @@ import sys
 import torch
 
 from anchored_megatron.models.layout import unwrap
+from anchored_megatron.platform.files import fsync_dir, write_atomically
 from anchored_megatron.training import manifest
 from anchored_megatron.training.checkpoint_dirs import LATEST, RUN_CHECKPOINTS, checkpoint_name, iterations, latest_name
 
@@ -83,24 +84,6 @@ def _from_all(obj) -> list:
     gathered = [None] * _world_size()
     torch.distributed.all_gather_object(gathered, obj)
     return gathered
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 RANK_STATE_DIR = "rank_state"
@@ -286,8 +269,8 @@ def save_checkpoint(
     if _rank() == 0:
         shutil.rmtree(final_dir, ignore_errors=True)
         os.replace(tmp_dir, final_dir)
-        _fsync_dir(root)
-        _atomic_write(os.path.join(root, LATEST), checkpoint_name(iteration) + "\n")
+        fsync_dir(root)
+        write_atomically(os.path.join(root, LATEST), checkpoint_name(iteration) + "\n")
     _barrier()
     return final_dir
 
@@ -406,5 +389,5 @@ def use_checkpoint(root: str, iteration: int, checksums: bool = True) -> bool:
     if iteration not in (iterations(root) if os.path.isdir(root) else []):
         raise _failure(path, ["no such checkpoint"], advice)
     verified = verify_checkpoint(path, checksums, advice)
-    _atomic_write(os.path.join(root, LATEST), checkpoint_name(iteration) + "\n")
+    write_atomically(os.path.join(root, LATEST), checkpoint_name(iteration) + "\n")
     return verified

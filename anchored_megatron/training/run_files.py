@@ -7,6 +7,8 @@ import contextlib
 import os
 import sys
 
+from anchored_megatron.platform.files import write_atomically
+
 CONFIG_FILE = "config.yaml"
 TRAIN_LOG = "train.log"
 
@@ -47,10 +49,7 @@ def write_run_config(output_dir: str, config: dict) -> str | None:
         old, new = _flatten(previous if isinstance(previous, dict) else {}), _flatten(config)
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         note = f"config changed since the previous start ({', '.join(changed)}); the previous one is kept as {CONFIG_FILE}.{number}"
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    write_atomically(path, text)
     return note
 
 

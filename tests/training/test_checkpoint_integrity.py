@@ -63,7 +63,7 @@ def _repoint_command(run, step):
 
 @pytest.mark.distributed
 def test_bit_flip_in_optimizer_shard_refuses_resume(tiny_run, trained, tmp_path, ranks):
-    from anchored_megatron.testing import RankFailure
+    from anchored_megatron.platform import RankFailure
 
     run = _copy_run(trained, tmp_path)
     shard, offset, length = _optimizer_item(_checkpoint(run, 4))
@@ -77,7 +77,7 @@ def test_bit_flip_in_optimizer_shard_refuses_resume(tiny_run, trained, tmp_path,
 
 @pytest.mark.distributed
 def test_deleted_rank_state_refuses_resume(tiny_run, trained, tmp_path, ranks):
-    from anchored_megatron.testing import RankFailure
+    from anchored_megatron.platform import RankFailure
 
     run = _copy_run(trained, tmp_path)
     os.remove(_checkpoint(run, 4) / "rank_state" / "rank_00000.pt")
@@ -205,7 +205,7 @@ def test_cli_repoints_latest_and_the_run_resumes_from_there(tiny_run, trained, t
 
 @pytest.mark.distributed
 def test_resume_with_another_reference_is_refused_unless_allowed(tiny_run, trained, tmp_path, ranks):
-    from anchored_megatron.testing import RankFailure
+    from anchored_megatron.platform import RankFailure
 
     run = _copy_run(trained, tmp_path)
     teacher, base = os.path.realpath(tiny_run["teacher"]), os.path.realpath(tiny_run["base"])

@@ -76,7 +76,7 @@ def resumed_anchored_run(tiny_run, tmp_path_factory, ranks):
     out = tmp_path_factory.mktemp("resumed")
     cfg = run_config(tiny_run, out, optim__lr_schedule="cosine", optim__min_lr=0.0, optim__warmup_fraction=0.25,
                      train__save_interval=3, train__tensorboard=True)
-    from anchored_megatron.testing import RankFailure
+    from anchored_megatron.platform import RankFailure
 
     with pytest.raises(RankFailure, match="exit code 17"):
         ranks(logged_rank, 1, cfg, 1, 5)

@@ -25,8 +25,8 @@ def train_rank(cfg_dict):
 
 
 def probed_train_rank(cfg_dict):
-    from anchored_megatron.training.roles import weights_equal
     from anchored_megatron.training.trainer import Trainer
+    from tests.full_weights import weights_equal
 
     observations = {"boundary_equal": [], "inside_equal": []}
 
@@ -60,14 +60,14 @@ def crashing_save_rank(cfg_dict, crash_at_step):
     """Train; the save at ``crash_at_step`` dies after writing its files, before publishing them."""
     from anchored_megatron.training import checkpoint
 
-    original = checkpoint._atomic_write
+    original = checkpoint.write_atomically
 
     def dying_write(path, text):
         if text.strip() == checkpoint.checkpoint_name(crash_at_step):
             os._exit(17)
         original(path, text)
 
-    checkpoint._atomic_write = dying_write
+    checkpoint.write_atomically = dying_write
     return train_rank(cfg_dict)
 
 
@@ -132,7 +132,7 @@ def test_snapshot_tracks_boundaries_and_reference_stays_frozen(tiny_run, tmp_pat
 
 @pytest.mark.distributed
 def test_kill_during_save_keeps_previous_checkpoint(tiny_run, single_process_run, tmp_path, ranks):
-    from anchored_megatron.testing import RankFailure
+    from anchored_megatron.platform import RankFailure
     from anchored_megatron.training.checkpoint import latest_checkpoint
 
     cfg = run_config(tiny_run, tmp_path, train__save_interval=2)
