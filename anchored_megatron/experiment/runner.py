@@ -124,7 +124,7 @@ def _evaluate_job(job: JobSpec, record: dict, prompts: dict, tokenizer, rank: in
     from anchored_megatron.eval import evaluate_chunks
     from anchored_megatron.models.builder import build_model_chunks
     from anchored_megatron.platform import initialize
-    from anchored_megatron.training.checkpoint_dirs import CHECKPOINTS_SUBDIR, checkpoint_name, iterations
+    from anchored_megatron.training.checkpoint_dirs import RUN_CHECKPOINTS, checkpoint_name, iterations
 
     out = job.run["output_dir"]
     cached = _read_json(os.path.join(out, EVAL_FILE))
@@ -133,7 +133,7 @@ def _evaluate_job(job: JobSpec, record: dict, prompts: dict, tokenizer, rank: in
     cfg = _run_config(job)
     initialize(cfg.parallel, seed=0)
     chunks = build_model_chunks(cfg.model, cfg.parallel)
-    root = os.path.join(out, CHECKPOINTS_SUBDIR)
+    root = os.path.join(out, RUN_CHECKPOINTS)
     steps = iterations(root)
     if not job.eval_every_epochs:
         steps = steps[-1:]

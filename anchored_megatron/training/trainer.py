@@ -95,8 +95,6 @@ class Trainer:
         self.total_steps = self.steps_per_iteration * anchor.outer_iterations
         # max_steps stops the run early without changing the schedule (LR, stages) it follows.
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
-        # Without a reference (sft) there is no divergence: its metrics would be undefined.
-        self.metric_names = SUM_NAMES[:-1] if cfg.anchor.needs_reference else ("loss",)
         self._build_roles()
 
     def _printing(self):
@@ -219,7 +217,7 @@ class Trainer:
             )
         self.log.message(f"train.allow_reference_change: resuming with another reference: {change}")
 
-    def _save(self, progress: Progress) -> None:
+    def _save(self, progress: Progress) -> str:
         from anchored_megatron.convert.megatron_io import write_trainer_model_config
 
         progress.sampler = self.sampler.state_dict()
@@ -236,7 +234,13 @@ class Trainer:
                 oldest = min(ckpt.iterations(self.ckpt_root))
                 ckpt.prune_below(self.snapshot_root, oldest // self.steps_per_iteration)
         torch.distributed.barrier()
-        self.log.message(f"saved {path}")
+        self.log.message(f"saved checkpoint {os.path.basename(path)} -> {path}")
+        return path
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        # Without a reference (sft) there is no divergence: its metrics would be undefined.
+        return SUM_NAMES[:-1] if self.cfg.anchor.needs_reference else ("loss",)
 
     def _layout(self) -> list[int]:
         return [self.cfg.parallel.tp, self.cfg.parallel.pp, self.runtime.data_parallel_size]
@@ -376,9 +380,7 @@ class Trainer:
             if not record["finite"]:
                 self.log.message(f"step {progress.step}: non-finite loss, update skipped ({progress.nonfinite_in_a_row} in a row)")
             if self._should_save(progress.step):
-                self._save(progress)
-                saved = os.path.join(self.ckpt_root, ckpt.checkpoint_name(progress.step))
-                self.log.message(f"saved checkpoint {ckpt.checkpoint_name(progress.step)} -> {saved}")
+                saved = self._save(progress)
         self.log.close()
         self.log.message(self._summary(first_step, progress.step, time.perf_counter() - loop_started, last, saved))
         return last
