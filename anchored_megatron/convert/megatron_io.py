@@ -183,8 +183,10 @@ def load_megatron_weights(chunks, ckpt_dir: str) -> None:
     from megatron.core import dist_checkpointing
 
     from anchored_megatron.models.layout import unwrap
+    from anchored_megatron.platform.mcore_compat import checkpoint_format
     from anchored_megatron.training.checkpoint import model_keys, model_sharded_state_dict
 
+    checkpoint_format.check_readable(ckpt_dir)
     loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), ckpt_dir)
     for i, (key, chunk) in enumerate(zip(model_keys(len(chunks)), chunks)):
         state = loaded[key]

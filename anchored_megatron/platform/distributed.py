@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from anchored_megatron.config import ParallelConfig
-from anchored_megatron.platform import cpu_shim, optimizer_fixes, safe_load
+from anchored_megatron.platform import cpu_shim, mcore_compat, safe_load
 
 
 @dataclass(frozen=True)
@@ -37,13 +37,15 @@ def initialize(
     """Initialise torch.distributed (from torchrun's env vars), Megatron parallel state and RNGs.
 
     On a machine without CUDA, Megatron-Core's CUDA assumptions are neutralised first
-    and the gloo backend is used; with CUDA, NCCL and the local GPU are used and
-    nothing is patched.
+    and the gloo backend is used; with CUDA, NCCL and the local GPU are used. On either,
+    the workarounds this Megatron-Core release needs are installed (``mcore_compat``).
     """
+    # Some of Megatron's deprecation notices fire at import: filter before the first import.
+    mcore_compat.silence_known_deprecations()
     from megatron.core import parallel_state
 
     shim_active = cpu_shim.install()
-    optimizer_fixes.apply()
+    mcore_compat.apply()
     safe_load.install()
 
     rank = _env_int("RANK", 0)

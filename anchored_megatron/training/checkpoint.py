@@ -127,6 +127,9 @@ def load_checkpoint(path: str, chunks, optimizer=None, strict: bool = True, rank
     """
     from megatron.core import dist_checkpointing
 
+    from anchored_megatron.platform.mcore_compat import checkpoint_format
+
+    checkpoint_format.check_readable(path)
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=True, metadata=OPTIMIZER_METADATA)
