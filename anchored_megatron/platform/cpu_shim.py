@@ -4,8 +4,8 @@ Megatron-Core assumes a GPU in a handful of places: tensors created with
 ``device="cuda"`` or ``device=torch.cuda.current_device()``, ``.cuda()`` calls,
 stream/event objects, the CUDA RNG tracker, and optimizer asserts that a tensor's
 ``type()`` is ``torch.cuda.FloatTensor``. This module neutralises exactly those
-when, and only when, CUDA is unavailable, in forward and in backward alike. With CUDA present ``install()`` is a
-no-op, so the same code path runs unchanged on a GPU cluster.
+when, and only when, CUDA is unavailable, in forward and in backward alike. With CUDA
+present ``install()`` is a no-op, so the same code path runs unchanged on a GPU cluster.
 """
 
 from __future__ import annotations

@@ -109,7 +109,14 @@ def compat_rank(ckpt_root):
     notices = [f"{w.category.__name__}: {w.message}" for w in caught
                if issubclass(w.category, (DeprecationWarning, FutureWarning)) or "deprecat" in str(w.message).lower()]
     notices += [f"log {r.name}: {r.getMessage()}" for r in records if "deprecat" in r.getMessage().lower()]
-    return {"notices": notices, "applied": mcore_compat.apply(), "version": mcore_compat.version(), "files": sorted(os.listdir(path))}
+    from megatron.core.distributed.fsdp import mcore_fsdp_adapter
+
+    te_linear = getattr(mcore_fsdp_adapter, "TELinear", None)  # 0.16 - 0.17 only
+    return {
+        "notices": notices, "applied": mcore_compat.apply(), "version": mcore_compat.version(), "files": sorted(os.listdir(path)),
+        # What the FSDP adapter asks of every module at TP > 1 (raises where TELinear is a MagicMock subclass).
+        "linear_is_te_linear": te_linear is not None and isinstance(torch.nn.Linear(1, 1), te_linear),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +139,11 @@ def test_each_workaround_is_applied_exactly_on_the_releases_that_need_it(compat_
         "fsdp.te_linear_isinstance": release < (0, 18),
         "fsdp.frozen_parameter_hooks": release < (0, 17),
     }
+
+
+@pytest.mark.distributed
+def test_the_fsdp_adapter_tells_a_torch_linear_from_a_te_linear_without_te(compat_run):
+    assert compat_run["linear_is_te_linear"] is False
 
 
 @pytest.mark.distributed
