@@ -29,7 +29,6 @@ from anchored_megatron.platform.mcore_compat.deprecations import silence_known_d
 
 SUPPORTED = ">=0.16.1,<0.20"
 OLDEST = (0, 16, 1)
-NEWEST_MINOR = (0, 19)
 
 
 @functools.cache
