@@ -3,7 +3,8 @@
 Each one below is raised by Megatron's own code about Megatron's own internals (or by torch about
 an API Megatron calls), repeats on every rank and often on every model built, and asks nothing of
 a user of this project. They are silenced by exact message, nothing broader: a notice not in the
-table still reaches the user, and so does every other warning from the same modules.
+table still reaches the user, and so does every other warning from the same modules. The
+warning filters are appended, so a user's own ``-W`` / ``PYTHONWARNINGS`` choices still win.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def silence_known_deprecations() -> None:
     """Install the filters (idempotent). Call before Megatron is imported to catch import-time ones."""
     for notice in NOTICES:
         if notice.category is not None:
-            warnings.filterwarnings("ignore", message=notice.message, category=notice.category)
+            warnings.filterwarnings("ignore", message=notice.message, category=notice.category, append=True)
     by_logger: dict[str, list[str]] = {}
     for notice in NOTICES:
         if notice.logger is not None:
