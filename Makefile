@@ -10,7 +10,7 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 MEGATRON_CORE ?=
-# The two ends of the supported range; `make test` runs the suite on both.
+# The two ends of the supported range: `make test` runs the suite on one, SECOND_TESTS on the other.
 MEGATRON_CORE_OLDEST := 0.16.1
 MEGATRON_CORE_NEWEST := 0.19.2
 # What `make test` runs in the second venv: the platform layer (distributed parity, optimizer and
