@@ -182,9 +182,14 @@ def checkpoint_problems(path: str, checksums: bool = True) -> list[str] | None:
 
 
 def _saved_with_manifest(path: str) -> bool:
-    try:
-        common = torch.load(os.path.join(path, COMMON_STATE), map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - an unreadable common.pt is reported by the load, naming it
+    from megatron.core import dist_checkpointing
+
+    from anchored_megatron.platform import safe_load
+
+    safe_load.install()
+    try:  # common.pt up to megatron-core 0.18, inside the torch_dist files from 0.19
+        common = dist_checkpointing.load_common_state_dict(path)
+    except Exception:  # noqa: BLE001 - an unreadable common state is reported by the load, naming it
         return False
     return isinstance(common, dict) and MANIFEST_MARKER in common
 
@@ -303,9 +308,11 @@ def load_checkpoint(
     from megatron.core import dist_checkpointing
 
     from anchored_megatron.platform import safe_load
+    from anchored_megatron.platform.mcore_compat import checkpoint_format
 
     safe_load.install()
     safe_load.refuse_unsafe_torch_load(path)
+    checkpoint_format.check_readable(path)
     if not verify_checkpoint(path, checksums, advice):
         _note(message, f"{path}: no {manifest.MANIFEST} (written before manifests): its files cannot be verified")
     common = read_checkpoint_files(path, COMMON_STATE, lambda: dist_checkpointing.load_common_state_dict(path), advice)
