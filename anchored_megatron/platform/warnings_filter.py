@@ -25,8 +25,9 @@ KNOWN = (
      "(models/te.py chooses each fused kernel where it exists)"),
     (UserWarning, r"Apex is not installed\. Falling back to Torch Norm", r"megatron\.core\.",
      "the same notice for the norm layers"),
-    (UserWarning, r"full scope is deprecated\. Use empty cuda_graph_scope", r"megatron\.core\.transformer\.transformer_config\Z",
-     "raised by TransformerConfig's own default (cuda_graph_scope='full'); CUDA graphs are not used"),
+    (UserWarning, r"full scope is deprecated\. Use empty cuda_graph_(scope|modules)", r"megatron\.core\.transformer\.transformer_config\Z",
+     "raised by TransformerConfig's own default (cuda_graph_scope='full'; 0.19 names it cuda_graph_modules); "
+     "CUDA graphs are not used"),
     (FutureWarning, r"`load_state_dict` is deprecated and will be removed", r"megatron\.core\.dist_checkpointing\.",
      "dist_checkpointing's torch_dist loader calls torch.distributed.checkpoint's old name"),
     (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor", rf"(torch|megatron)\.|{_SHIM}",
