@@ -32,6 +32,7 @@ import torch
 
 from anchored_megatron.models.layout import unwrap
 from anchored_megatron.platform.files import fsync_dir, write_atomically
+from anchored_megatron.platform.mcore_compat.checkpoint_format import take_writer_errors
 from anchored_megatron.training import manifest
 from anchored_megatron.training.checkpoint_dirs import LATEST, RUN_CHECKPOINTS, checkpoint_name, iterations, latest_name
 
@@ -210,7 +211,7 @@ def _disk_full(exc: BaseException) -> bool:
 
     from torch.distributed.checkpoint.api import CheckpointException
 
-    seen, pending = set(), [exc]
+    seen, pending = set(), [exc, *take_writer_errors()]
     while pending:
         current = pending.pop()
         if current is None or id(current) in seen:
@@ -251,6 +252,7 @@ def save_checkpoint(
         state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=False, metadata=OPTIMIZER_METADATA)
     state["trainer"] = dict(common_state or {})
     state[MANIFEST_MARKER] = manifest.FORMAT
+    take_writer_errors()  # a failure of an earlier save is not this one's
     try:
         dist_checkpointing.save(state, tmp_dir, content_metadata=OPTIMIZER_METADATA)
         if rank_state is not None:

@@ -14,7 +14,8 @@ function returns) and compares release numbers only where no cheap probe can tel
   frozen parameters).
 - ``specs``: reading a layer spec (0.18+ builds the MLP entry as a ``functools.partial``).
 - ``checkpoint_format``: 0.19+ keeps the common state inside the torch_dist files; older releases
-  cannot read such a checkpoint.
+  cannot read such a checkpoint. 0.18+ write in threads and drop a failed write's errno, which is
+  kept aside so that a full disk can still be told apart.
 - ``deprecations``: the deprecation notices particular releases print (installed with the other
   warning filters by ``platform.warnings_filter``).
 
@@ -61,11 +62,12 @@ def check_supported() -> None:
 
 def apply() -> dict[str, bool]:
     """Install every runtime workaround this Megatron-Core needs; returns {name: applied}."""
-    from anchored_megatron.platform.mcore_compat import fsdp, moe, optimizer
+    from anchored_megatron.platform.mcore_compat import checkpoint_format, fsdp, moe, optimizer
 
     check_supported()
     return {
         "optimizer": optimizer.apply(),
+        "checkpoint_format.writer_errors": checkpoint_format.keep_writer_errors(),
         **{f"moe.{name}": applied for name, applied in moe.apply().items()},
         **{f"fsdp.{name}": applied for name, applied in fsdp.apply().items()},
     }

@@ -13,6 +13,7 @@ the embedded state weights-only itself, and reads a legacy ``common.pt`` with
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -34,14 +35,26 @@ def reads_embedded_common_state() -> bool:
     return version() >= EMBEDDED_COMMON_STATE
 
 
+def is_embedded_common_state_format(checkpoint_dir: str) -> bool:
+    """Whether ``checkpoint_dir`` is in the 0.19 format. Told by its metadata.json, not by a
+    missing common.pt (a deleted file is damage, not a format): up to 0.18 it names the common
+    state's backend (``common_backend``), from 0.19 there is none to name."""
+    import json
+
+    try:
+        with open(os.path.join(checkpoint_dir, METADATA_FILE)) as fh:
+            config = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "sharded_backend" in config and "common_backend" not in config
+
+
 def check_readable(checkpoint_dir: str) -> None:
     """Raise CheckpointFormatError when the installed Megatron-Core cannot read ``checkpoint_dir``."""
     if reads_embedded_common_state():
         return
-    if not os.path.isfile(os.path.join(checkpoint_dir, METADATA_FILE)):
-        return  # not a dist checkpoint at all: the loader's own error says so
-    if os.path.exists(os.path.join(checkpoint_dir, COMMON_STATE_FILE)):
-        return
+    if not is_embedded_common_state_format(checkpoint_dir):
+        return  # the older format, or not a dist checkpoint at all: the loader's own error says what is wrong
     from anchored_megatron.platform.mcore_compat import version_string
 
     raise CheckpointFormatError(
@@ -84,3 +97,49 @@ def _load_common_pt(checkpoint_dir) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise CheckpointingException(f"Common file {path} does not exist") from exc
+
+
+# ---- the torch_dist writer's errors -----------------------------------------------------------
+_writer_errors: list[BaseException] = []
+
+
+def keep_writer_errors() -> bool:
+    """Keep the exceptions of the torch_dist writer's workers for ``take_writer_errors``.
+
+    From 0.18 the writer runs in threads of the saving process and turns a worker's exception
+    into ``RuntimeError("... error: <class 'OSError'>")``: the errno is gone, and with it the
+    difference between a full disk and any other failure. Earlier releases write in child
+    processes whose error text keeps the errno ("[Errno 28] ..."), which needs nothing.
+    Returns whether the recorder was installed (idempotent)."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    if hasattr(FileSystemWriterAsync, "write_preloaded_data_multiproc"):
+        return False
+    original = FileSystemWriterAsync.__dict__["write_preloaded_data"]
+    if getattr(original.__func__, "_keeps_errors", False):
+        return True
+    write = original.__func__
+
+    def write_preloaded_data(*args, **kwargs):
+        results_queue = kwargs.get("results_queue")
+        output = write(*args, **kwargs)
+        if output is not None and isinstance(output[1], BaseException):
+            _writer_errors.append(output[1])
+        elif results_queue is not None:
+            # A worker thread put (index, results or exception) on the queue instead of returning it.
+            for item in list(results_queue.queue):
+                if isinstance(item[1], BaseException) and item[1] not in _writer_errors:
+                    _writer_errors.append(item[1])
+        return output
+
+    replacement = staticmethod(functools.wraps(write)(write_preloaded_data))
+    replacement.__func__._keeps_errors = True
+    FileSystemWriterAsync.write_preloaded_data = replacement
+    return True
+
+
+def take_writer_errors() -> list[BaseException]:
+    """The writer exceptions recorded since the last call (see ``keep_writer_errors``)."""
+    errors = list(_writer_errors)
+    _writer_errors.clear()
+    return errors
