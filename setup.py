@@ -7,7 +7,12 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["anchored_megatron", "anchored_megatron.*"]),
     install_requires=[
-        "megatron-core==0.16.1",
+        # 0.16.1 - 0.19.x (platform/mcore_compat/ holds every difference). 0.17+ declare
+        # Python >= 3.12, so pip picks 0.16.1 on 3.11 and the newest 0.19.x on 3.12+.
+        "megatron-core>=0.16.1,<0.20",
+        # megatron-core 0.18+ imports triton at import time without declaring it; CUDA builds of
+        # torch bring it, the CPU build does not.
+        "triton; python_version >= '3.12' and sys_platform == 'linux'",
         # Install the CPU or CUDA build of torch yourself first (the Makefile does);
         # a bare requirement would let pip pull a multi-GB CUDA build.
         "torch>=2.4",
@@ -21,6 +26,7 @@ setup(
         "tokenizers",
         "jinja2",
         "pyarrow",
+        "einops",  # Megatron-FSDP imports it
     ],
     extras_require={
         "hf": ["transformers>=4.45", "safetensors"],

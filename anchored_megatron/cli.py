@@ -13,10 +13,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from anchored_megatron.config import ConfigError
     from anchored_megatron.data.records import DataError
     from anchored_megatron.data.tokenizer import TokenizerError
+    from anchored_megatron.platform.mcore_compat.checkpoint_format import CheckpointFormatError
     from anchored_megatron.platform.run_lock import OutputDirInUse
     from anchored_megatron.training.checkpoint import CheckpointError
 
-    return ConfigError, DataError, TokenizerError, CheckpointError, OutputDirInUse
+    return ConfigError, DataError, TokenizerError, CheckpointError, CheckpointFormatError, OutputDirInUse
 
 
 def _report(prog: str, kind: str, exc: BaseException) -> int:

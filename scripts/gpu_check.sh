@@ -7,7 +7,8 @@
 #
 #   scripts/gpu_check.sh [OUT_DIR]
 #
-# Needs: python3 with a CUDA PyTorch; megatron-core 0.16.1; this repository (run from anywhere).
+# Needs: python3 with a CUDA PyTorch; megatron-core 0.16.1 - 0.19.x (the newest, 0.19.2, is what the
+# GPU machine runs: it has Python 3.12); this repository (run from anywhere).
 # Optional: Transformer Engine (the TE layer spec, and the FP8 runs; without it those are
 # reported as skipped with the reason) and apex (fused kernels; used when present).
 #
@@ -19,10 +20,12 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
 #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
-#     -d .whl megatron-core==0.16.1
+#     -d .whl megatron-core==0.19.2
 #
-# (2.6 MB; its requirements torch, numpy and packaging are already on that machine). This script
-# installs every wheel in .whl/ into /tmp/site first when the folder exists. Transformer Engine
+# (2.4 MB, a cp312 wheel with a compiled extension: download it for the Python the GPU machine
+# runs. Its requirements torch, numpy, packaging and typing_extensions are already there, and
+# triton, which 0.18+ imports, comes with every CUDA build of torch.) This script installs every
+# wheel in .whl/ into /tmp/site first when the folder exists. Transformer Engine
 # cannot travel that way: its PyTorch extension is built against the local torch and its wheels
 # are far over the 64 MiB a device call carries, so FP8 runs only where TE is preinstalled.
 set -euo pipefail
@@ -30,6 +33,8 @@ cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-bench/results/gpu_step}}"
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
+# megatron-core 0.18+ would run `git rev-parse` at import and stamp its version with this repo's commit.
+export NO_VCS_VERSION=1
 PYTHON="${PYTHON:-python3}"
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then

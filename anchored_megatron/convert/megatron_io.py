@@ -218,10 +218,12 @@ def load_megatron_weights(chunks, ckpt_dir: str, checksums: bool = True) -> None
 
     from anchored_megatron.models.layout import unwrap
     from anchored_megatron.platform import safe_load
+    from anchored_megatron.platform.mcore_compat import checkpoint_format
     from anchored_megatron.training.checkpoint import model_keys, model_sharded_state_dict, read_checkpoint_files, verify_checkpoint
 
     safe_load.install()
     safe_load.refuse_unsafe_torch_load(ckpt_dir)
+    checkpoint_format.check_readable(ckpt_dir)
     advice = f"Re-create {ckpt_dir} (anchored-convert, or copy it again from where it came from)."
     verify_checkpoint(ckpt_dir, checksums, advice)
     loaded = read_checkpoint_files(ckpt_dir, "model weights (common.pt, *.distcp, .metadata)", lambda: dist_checkpointing.load(model_sharded_state_dict(chunks), ckpt_dir), advice)

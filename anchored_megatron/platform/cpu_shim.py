@@ -4,12 +4,13 @@ Megatron-Core assumes a GPU in a handful of places: tensors created with
 ``device="cuda"`` or ``device=torch.cuda.current_device()``, ``.cuda()`` calls,
 stream/event objects, the CUDA RNG tracker, and optimizer asserts that a tensor's
 ``type()`` is ``torch.cuda.FloatTensor``. This module neutralises exactly those
-when, and only when, CUDA is unavailable. With CUDA present ``install()`` is a
-no-op, so the same code path runs unchanged on a GPU cluster.
+when, and only when, CUDA is unavailable, in forward and in backward alike. With CUDA
+present ``install()`` is a no-op, so the same code path runs unchanged on a GPU cluster.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from contextlib import contextmanager
@@ -172,6 +173,39 @@ def _patch_nvtx() -> None:
         setattr(nvtx, name, _noop())
 
 
+def _engine_under_mode(run_backward):
+    """The autograd engine entry, run with a CUDA-to-CPU mode on the stack.
+
+    ``loss.backward()`` and ``torch.autograd.backward`` are torch functions, so the mode
+    handles them, and a mode is off while its own handler runs: the engine would then
+    capture a mode stack without it, and an autograd Function whose backward allocates on
+    ``torch.cuda.current_device()`` (Megatron's all-to-all for MoE tokens) fails. The entry
+    points cannot simply re-push the mode (every nested entry point would be handled, and
+    the mode popped, again); the engine entry below them is a plain function.
+    """
+
+    @functools.wraps(run_backward)
+    def run(*args, **kwargs):
+        if any(isinstance(mode, _CudaToCpuMode) for mode in _function_mode_stack()):
+            return run_backward(*args, **kwargs)
+        with _CudaToCpuMode():
+            return run_backward(*args, **kwargs)
+
+    return run
+
+
+def _function_mode_stack() -> list:
+    from torch.overrides import _get_current_function_mode_stack
+
+    return _get_current_function_mode_stack()
+
+
+def _patch_autograd_engine() -> None:
+    # torch.autograd.backward and torch.autograd.grad call the engine through this name.
+    _saved_cuda_attrs["autograd._engine_run_backward"] = torch.autograd._engine_run_backward
+    torch.autograd._engine_run_backward = _engine_under_mode(torch.autograd._engine_run_backward)
+
+
 def install() -> bool:
     """Neutralise Megatron-Core's CUDA assumptions on this thread.
 
@@ -189,6 +223,7 @@ def install() -> bool:
             setattr(torch.cuda, name, stand_in)
         _patch_nvtx()
         _patch_megatron_rng()
+        _patch_autograd_engine()
         _mode = _CudaToCpuMode()
         _mode.__enter__()
         _installed = True
@@ -210,6 +245,8 @@ def uninstall() -> None:
                 setattr(mrandom, name.split(".", 1)[1], value)
             elif name.startswith("nvtx."):
                 setattr(torch.cuda.nvtx, name.split(".", 1)[1], value)
+            elif name.startswith("autograd."):
+                setattr(torch.autograd, name.split(".", 1)[1], value)
             elif value is None:
                 delattr(torch.cuda, name)
             else:

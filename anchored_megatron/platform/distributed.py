@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from anchored_megatron.config import ParallelConfig
-from anchored_megatron.platform import cpu_shim, optimizer_fixes, safe_load
+from anchored_megatron.platform import cpu_shim, mcore_compat, safe_load, warnings_filter
 
 
 @dataclass(frozen=True)
@@ -42,18 +42,21 @@ def initialize(
     and binds no port, so single-process runs never collide on a shared machine. With
     CUDA: NCCL on GPU LOCAL_RANK. Without CUDA: gloo on CPU, after the CPU shim
     (``cpu_shim``) maps Megatron-Core's CUDA placements, streams, events and RNG tracker to
-    CPU. Either way two patches are installed: the distributed optimizer's fixes for torch
-    AdamW (``optimizer_fixes``; only when Megatron runs without apex and Transformer Engine),
-    and checkpoint metadata unpickled through an allow-list instead of plain pickle
-    (``safe_load``). An existing process group is kept; Megatron's parallel state is rebuilt
-    on every call. ``timeout_minutes`` is the process group's timeout for collectives. Returns
+    CPU. Either way the workarounds this Megatron-Core release needs are installed
+    (``mcore_compat``: e.g. the distributed optimizer's checkpoint-load fixes for torch AdamW,
+    applied only when Megatron runs without apex and Transformer Engine), and checkpoint
+    metadata is unpickled through an allow-list instead of plain pickle (``safe_load``), and the
+    known third-party warnings are filtered (``warnings_filter``). An existing process group is
+    kept; Megatron's parallel state is rebuilt on every call. ``timeout_minutes`` is the process group's timeout for collectives. Returns
     this process's RuntimeInfo (rank, device, backend, data-parallel size); raises
     ConfigError when ``parallel`` does not fit WORLD_SIZE.
     """
+    # Some of Megatron's deprecation notices fire at import: filter before the first import.
+    warnings_filter.install()
     from megatron.core import parallel_state
 
     shim_active = cpu_shim.install()
-    optimizer_fixes.apply()
+    mcore_compat.apply()
     safe_load.install()
 
     rank = _env_int("RANK", 0)

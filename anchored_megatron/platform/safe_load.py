@@ -93,24 +93,6 @@ def refuse_unsafe_torch_load(path: str) -> None:
         )
 
 
-def _weights_only_common_strategy():
-    from megatron.core.dist_checkpointing.mapping import CheckpointingException
-    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonLoadStrategy
-    from megatron.core.msc_utils import MultiStorageClientFeature
-
-    class WeightsOnlyCommonLoadStrategy(TorchCommonLoadStrategy):
-        def load_common(self, checkpoint_dir):
-            if MultiStorageClientFeature.is_enabled():
-                return super().load_common(checkpoint_dir)
-            path = os.path.join(checkpoint_dir, COMMON_STATE_FNAME)
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True)
-            except FileNotFoundError as exc:
-                raise CheckpointingException(f"Common file {path} does not exist") from exc
-
-    return WeightsOnlyCommonLoadStrategy()
-
-
 def _weights_only_first(load_bytes):
     def checked_load_bytes(self, read_item, value):
         # Older Transformer Engine versions store their extra state as a BytesIO (inert bytes).
@@ -127,11 +109,12 @@ def install() -> None:
     global _installed
     if _installed:
         return
-    from megatron.core.dist_checkpointing.strategies.base import StrategyAction, register_default_strategy
     from megatron.core.dist_checkpointing.strategies.torch import MCoreLoadPlanner
     from torch.distributed.checkpoint import filesystem
 
+    from anchored_megatron.platform.mcore_compat.checkpoint_format import load_common_state_weights_only
+
     filesystem.pickle = _PickleModule
-    register_default_strategy(StrategyAction.LOAD_COMMON, "torch", 1, _weights_only_common_strategy())
+    load_common_state_weights_only()
     MCoreLoadPlanner.load_bytes = _weights_only_first(MCoreLoadPlanner.load_bytes)
     _installed = True

@@ -2,8 +2,9 @@
 
 Each entry matches one warning by category, message and the module it is attributed to; any
 other warning, these messages from other modules included, still shows. Installed at start-up
-by the entry points (``anchored-sft``, the demo, every rank of ``testing.run_on_ranks``), never
-on import: a program that imports the library keeps its own warning settings. The filters are
+by the entry points (``anchored-sft``, ``anchored-convert``, the demo, every rank of
+``platform.run_on_ranks``) and by ``platform.initialize``, never on import: a program that imports
+the library keeps its own warning settings until it starts a run. The filters are
 appended, so ``-W`` / ``PYTHONWARNINGS`` choices of the user still take precedence.
 
 Without CUDA, a warning raised inside a torch op is attributed to the frame that called the op,
@@ -24,8 +25,9 @@ KNOWN = (
      "(models/te.py chooses each fused kernel where it exists)"),
     (UserWarning, r"Apex is not installed\. Falling back to Torch Norm", r"megatron\.core\.",
      "the same notice for the norm layers"),
-    (UserWarning, r"full scope is deprecated\. Use empty cuda_graph_scope", r"megatron\.core\.transformer\.transformer_config\Z",
-     "raised by TransformerConfig's own default (cuda_graph_scope='full'); CUDA graphs are not used"),
+    (UserWarning, r"full scope is deprecated\. Use empty cuda_graph_(scope|modules)", r"megatron\.core\.transformer\.transformer_config\Z",
+     "raised by TransformerConfig's own default (cuda_graph_scope='full'; 0.19 names it cuda_graph_modules); "
+     "CUDA graphs are not used"),
     (FutureWarning, r"`load_state_dict` is deprecated and will be removed", r"megatron\.core\.dist_checkpointing\.",
      "dist_checkpointing's torch_dist loader calls torch.distributed.checkpoint's old name"),
     (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor", rf"(torch|megatron)\.|{_SHIM}",
@@ -40,6 +42,10 @@ KNOWN = (
 
 
 def install() -> None:
-    """Add the filters (idempotent: an entry already in the list is not appended again)."""
+    """Add the filters, and the installed Megatron-Core release's own deprecation notices
+    (``mcore_compat.deprecations``); idempotent: an entry already in the list is not appended again."""
+    from anchored_megatron.platform.mcore_compat.deprecations import silence_known_deprecations
+
     for category, message, module, _why in KNOWN:
         warnings.filterwarnings("ignore", message=message, category=category, module=module, append=True)
+    silence_known_deprecations()

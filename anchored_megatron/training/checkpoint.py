@@ -32,6 +32,7 @@ import torch
 
 from anchored_megatron.models.layout import unwrap
 from anchored_megatron.platform.files import fsync_dir, write_atomically
+from anchored_megatron.platform.mcore_compat.checkpoint_format import take_writer_errors
 from anchored_megatron.training import manifest
 from anchored_megatron.training.checkpoint_dirs import LATEST, RUN_CHECKPOINTS, checkpoint_name, iterations, latest_name
 
@@ -182,9 +183,14 @@ def checkpoint_problems(path: str, checksums: bool = True) -> list[str] | None:
 
 
 def _saved_with_manifest(path: str) -> bool:
-    try:
-        common = torch.load(os.path.join(path, COMMON_STATE), map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - an unreadable common.pt is reported by the load, naming it
+    from megatron.core import dist_checkpointing
+
+    from anchored_megatron.platform import safe_load
+
+    safe_load.install()
+    try:  # common.pt up to megatron-core 0.18, inside the torch_dist files from 0.19
+        common = dist_checkpointing.load_common_state_dict(path)
+    except Exception:  # noqa: BLE001 - an unreadable common state is reported by the load, naming it
         return False
     return isinstance(common, dict) and MANIFEST_MARKER in common
 
@@ -205,7 +211,7 @@ def _disk_full(exc: BaseException) -> bool:
 
     from torch.distributed.checkpoint.api import CheckpointException
 
-    seen, pending = set(), [exc]
+    seen, pending = set(), [exc, *take_writer_errors()]
     while pending:
         current = pending.pop()
         if current is None or id(current) in seen:
@@ -246,6 +252,7 @@ def save_checkpoint(
         state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=False, metadata=OPTIMIZER_METADATA)
     state["trainer"] = dict(common_state or {})
     state[MANIFEST_MARKER] = manifest.FORMAT
+    take_writer_errors()  # a failure of an earlier save is not this one's
     try:
         dist_checkpointing.save(state, tmp_dir, content_metadata=OPTIMIZER_METADATA)
         if rank_state is not None:
@@ -303,9 +310,11 @@ def load_checkpoint(
     from megatron.core import dist_checkpointing
 
     from anchored_megatron.platform import safe_load
+    from anchored_megatron.platform.mcore_compat import checkpoint_format
 
     safe_load.install()
     safe_load.refuse_unsafe_torch_load(path)
+    checkpoint_format.check_readable(path)
     if not verify_checkpoint(path, checksums, advice):
         _note(message, f"{path}: no {manifest.MANIFEST} (written before manifests): its files cannot be verified")
     common = read_checkpoint_files(path, COMMON_STATE, lambda: dist_checkpointing.load_common_state_dict(path), advice)

@@ -8,6 +8,7 @@ from anchored_megatron.config import ConfigError, ModelConfig, ParallelConfig
 from anchored_megatron.config.validate import check_packing
 from anchored_megatron.models import builder, te
 from anchored_megatron.platform import accelerators
+from anchored_megatron.platform.mcore_compat import specs
 
 
 def fp8_model(**overrides) -> ModelConfig:
@@ -30,27 +31,32 @@ def machine(monkeypatch):
     return fake
 
 
-# ---- the real machine (this CPU box) ---------------------------------------------------------------
-def test_this_machine_reports_no_cuda_no_te_no_apex():
+# ---- a machine without CUDA, TE or apex (faked, so these hold on a GPU machine too) -----------------
+def test_machine_without_cuda_reports_no_cuda_no_te_no_apex(machine):
+    machine(cuda=False, te=False, apex=False)
     summary = accelerators.summary()
-    assert summary["device"] == "cpu" and summary["fp8_capable"] is False
+    assert summary["device"] == "cpu" and summary["cuda"] is None and summary["fp8_capable"] is False
     assert summary["transformer_engine"] is None and summary["apex"] is False
-    assert "transformer_engine" in accelerators.transformer_engine_import_error()
+    assert not any(summary["apex_extensions"].values())
+    assert "faked" in accelerators.transformer_engine_import_error()
 
 
-def test_fp8_without_cuda_is_refused_naming_the_option():
+def test_fp8_without_cuda_is_refused_naming_the_option(machine):
+    machine(cuda=False)
     with pytest.raises(ConfigError, match=r"^model.fp8: 'hybrid' needs a CUDA GPU.*model.fp8=null"):
         builder.transformer_config(fp8_model(), ParallelConfig())
 
 
-def test_te_spec_without_transformer_engine_is_refused_with_install_hint():
+def test_te_spec_without_transformer_engine_is_refused_with_install_hint(machine):
+    machine(cuda=True, te=False)
     model = ModelConfig(transformer_impl="transformer_engine")
     for build in (lambda: builder.layer_spec(model), lambda: builder.transformer_config(model, ParallelConfig())):
         with pytest.raises(ConfigError, match=r"^model.transformer_impl: .*pip install .*transformer_engine\[pytorch\].*transformer_impl=local"):
             build()
 
 
-def test_cpu_config_keeps_every_fusion_off_and_no_fp8():
+def test_cpu_config_keeps_every_fusion_off_and_no_fp8(machine):
+    machine(cuda=False)
     config = builder.transformer_config(ModelConfig(), ParallelConfig())
     assert config.fp8 is None and config.use_cpu_initialization
     assert not any(getattr(config, name) for name in te.FUSIONS_OFF)
@@ -138,7 +144,7 @@ class _StandInTEProvider:
     def column_parallel_layer_norm_linear(self):
         return _StandIn.LayerNormColumnLinear
 
-    def layer_norm(self, rms_norm=False, for_qk=False):
+    def layer_norm(self, rms_norm=False, for_qk=False, has_residual=False):
         return _StandIn.Norm
 
     def core_attention(self):
@@ -156,7 +162,7 @@ def test_te_spec_is_megatrons_te_layer_with_norms_fused_into_the_linears(machine
     machine(cuda=True, te=True)
     monkeypatch.setattr(gpt_layer_specs, "TESpecProvider", _StandInTEProvider, raising=False)
     spec = builder.layer_spec(ModelConfig(transformer_impl="transformer_engine", qk_layernorm=qk_layernorm))
-    attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
+    attention, mlp = spec.submodules.self_attention.submodules, specs.mlp_submodules(spec)
     assert attention.linear_qkv is _StandIn.LayerNormColumnLinear and mlp.linear_fc1 is _StandIn.LayerNormColumnLinear
     assert attention.linear_proj is _StandIn.RowLinear and mlp.linear_fc2 is _StandIn.RowLinear
     assert attention.core_attention is _StandIn.Attention

@@ -4,6 +4,18 @@ import pytest
 import torch
 
 
+class _AllocatesOnTheCudaDeviceInBackward(torch.autograd.Function):
+    """Like Megatron's all-to-all: its backward makes a tensor on ``torch.cuda.current_device()``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.empty(grad.shape, device=torch.cuda.current_device()).copy_(grad) * 2
+
+
 def _shim_behaviour():
     from megatron.core.tensor_parallel import random as mrandom
 
@@ -14,6 +26,7 @@ def _shim_behaviour():
         "synchronize": torch.cuda.synchronize,
         "Stream": torch.cuda.Stream,
         "get_rng": mrandom._get_cuda_rng_state,
+        "engine": torch.autograd._engine_run_backward,
     }
     real_is_available = torch.cuda.is_available
     torch.cuda.is_available = lambda: True  # what a GPU node reports
@@ -24,7 +37,8 @@ def _shim_behaviour():
             "functions_untouched": torch.cuda.current_device is before["current_device"]
             and torch.cuda.synchronize is before["synchronize"]
             and torch.cuda.Stream is before["Stream"]
-            and mrandom._get_cuda_rng_state is before["get_rng"],
+            and mrandom._get_cuda_rng_state is before["get_rng"]
+            and torch.autograd._engine_run_backward is before["engine"],
             "no_torch_function_mode": torch._C._len_torch_function_stack() == 0,
             "type_name": torch.zeros(1).type(),
         }
@@ -48,8 +62,16 @@ def _shim_behaviour():
     a = torch.rand(3)
     torch.cuda.set_rng_state(state)
     active["rng_roundtrip"] = torch.equal(a, torch.rand(3))
+    leaf = torch.ones(3, requires_grad=True)
+    _AllocatesOnTheCudaDeviceInBackward.apply(leaf).sum().backward()
+    active["backward_grad"] = leaf.grad.tolist()
+    (grad,) = torch.autograd.grad(_AllocatesOnTheCudaDeviceInBackward.apply(leaf).sum(), [leaf])
+    active["autograd_grad"] = grad.tolist()
     cpu_shim.uninstall()
-    active["restored"] = torch.cuda.current_device is before["current_device"] and torch._C._len_torch_function_stack() == 0
+    active["restored"] = (
+        torch.cuda.current_device is before["current_device"] and torch._C._len_torch_function_stack() == 0
+        and torch.autograd._engine_run_backward is before["engine"]
+    )
     return inert, active
 
 
@@ -68,5 +90,7 @@ def test_shim_is_inert_with_cuda_and_maps_cuda_to_cpu_without(ranks):
         "int_type_name": "torch.LongTensor",
         "elapsed_ms_nonnegative": True,
         "rng_roundtrip": True,
+        "backward_grad": [2.0, 2.0, 2.0],
+        "autograd_grad": [2.0, 2.0, 2.0],
         "restored": True,
     }

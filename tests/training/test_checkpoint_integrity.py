@@ -52,6 +52,23 @@ def _flip_bit(file, offset):
         fh.write(bytes([byte ^ 0x10]))
 
 
+def _common_state_file(checkpoint) -> str:
+    """The file the non-tensor state is read from: common.pt up to megatron-core 0.18; from 0.19
+    it is stored in the torch_dist files, through their .metadata."""
+    return "common.pt" if (checkpoint / "common.pt").exists() else ".metadata"
+
+
+def _last_shard(checkpoint) -> str:
+    """The last .distcp file (0.16 - 0.17 write two per rank, 0.18+ one)."""
+    return sorted(p.name for p in checkpoint.glob("__0_*.distcp"))[-1]
+
+
+def _common_state(checkpoint) -> dict:
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(str(checkpoint))
+
+
 def _truncate(file):
     with open(file, "r+b") as fh:
         fh.truncate(os.path.getsize(file) // 2)
@@ -91,8 +108,8 @@ def test_deleted_rank_state_refuses_resume(tiny_run, trained, tmp_path, ranks):
 @pytest.mark.parametrize(
     "damage, problem",
     [
-        (lambda c: _truncate(c / "__0_1.distcp"), r"__0_1.distcp: \d+ bytes, manifest.json says \d+"),
-        (lambda c: os.remove(c / "common.pt"), r"common.pt: missing"),
+        (lambda c: _truncate(c / _last_shard(c)), r"__0_\d.distcp: \d+ bytes, manifest.json says \d+"),
+        (lambda c: os.remove(c / _common_state_file(c)), r"(common.pt|\.metadata): missing"),
         (lambda c: _truncate(c / "rank_state" / "rank_00000.pt"), r"rank_state/rank_00000.pt: \d+ bytes, manifest.json says \d+"),
         (lambda c: (c / "notes.txt").write_text("x"), r"notes.txt: not in manifest.json \(a file the save did not write\)"),
         (lambda c: (c / "manifest.json").write_text("{"), r"manifest.json: unreadable \(JSONDecodeError"),
@@ -112,6 +129,16 @@ def test_damaged_checkpoint_is_named_with_the_repoint_command(trained, tmp_path,
     first, advice = str(info.value).splitlines()
     assert re.fullmatch(f"checkpoint {re.escape(str(_checkpoint(run, 4)))}: {problem}.*", first), first
     assert advice == f"To resume from the previous checkpoint, point 'latest' at it: {_repoint_command(run, 2)}"
+
+
+@pytest.fixture
+def before_manifests_format(trained):
+    from anchored_megatron.platform.mcore_compat.checkpoint_format import reads_embedded_common_state
+
+    if not (_checkpoint(trained, 4) / "common.pt").exists():
+        assert reads_embedded_common_state()
+        pytest.skip("checkpoints from before manifests have the common.pt layout of megatron-core <= 0.18: "
+                    "this project wrote none in the 0.19 format")
 
 
 def _as_written_before_manifests(checkpoint):
@@ -142,7 +169,7 @@ def load_without_manifest_rank(cfg_dict, cases):
 
 
 @pytest.mark.distributed
-def test_checkpoint_without_manifest_loads_with_one_line_and_read_failures_are_named(tiny_run, trained, tmp_path, ranks):
+def test_checkpoint_without_manifest_loads_with_one_line_and_read_failures_are_named(tiny_run, trained, tmp_path, ranks, before_manifests_format):
     """Checkpoints written before manifests: loaded unverified (one line says so); a damaged file
     still fails with the checkpoint, the file and the repoint command, not a bare EOFError."""
     cases = {}
@@ -220,7 +247,7 @@ def test_resume_with_another_reference_is_refused_unless_allowed(tiny_run, train
     cfg["train"]["allow_reference_change"] = True
     ranks(train_rank, 1, cfg)
     assert [r["step"] for r in _losses(run)][-1] == 5
-    common = torch.load(_checkpoint(run, 5) / "common.pt", weights_only=True)
+    common = _common_state(_checkpoint(run, 5))
     assert common["trainer"]["reference"]["path"] == base
 
 
@@ -234,7 +261,7 @@ def test_manifest_lists_every_file_with_its_size_and_checksum(trained):
         os.path.relpath(os.path.join(parent, f), checkpoint): os.path.join(parent, f)
         for parent, _, files in os.walk(checkpoint) for f in files if f != "manifest.json"
     }
-    assert set(manifest["files"]) == set(on_disk) >= {"common.pt", "metadata.json", ".metadata", "model_config.yaml", "rank_state/rank_00000.pt"}
+    assert set(manifest["files"]) == set(on_disk) >= {_common_state_file(checkpoint), "metadata.json", ".metadata", "model_config.yaml", "rank_state/rank_00000.pt"}
     for name, path in on_disk.items():
         data = open(path, "rb").read()
         assert manifest["files"][name] == {"size": len(data), "digest": xxhash.xxh3_128_hexdigest(data)}, name

@@ -1,8 +1,9 @@
-"""Fixes for Megatron-Core 0.16.1's distributed optimizer with torch Adam.
+"""Loading the distributed optimizer's checkpoint with torch Adam (megatron-core 0.16.1 - 0.19.2).
 
-Without apex or Transformer Engine the distributed optimizer wraps
-``torch.optim.AdamW``, whose per-parameter ``step`` tensor upstream does not
-handle on checkpoint load. Three bugs, all on that path only:
+Without apex or Transformer Engine the distributed optimizer wraps ``torch.optim.AdamW``,
+whose per-parameter ``step`` tensor upstream does not handle on checkpoint load. Three bugs,
+all on that path only, all still present in 0.19.2 (each was checked there by running the
+TP=2 x DP=2 -> TP=1 resume test with that one fix switched off):
 
 1. ``sharded_state_dict(is_loading=True)`` on an optimizer that never stepped
    asserts that a ``step`` exists (there is no state yet).
