@@ -22,7 +22,7 @@ from anchored_megatron.training.forward_step import SUM_NAMES, make_forward_step
 from anchored_megatron.training.metrics_log import MetricsLog
 from anchored_megatron.training.objectives import stage_loss
 from anchored_megatron.training.optim import load_scheduler_state
-from anchored_megatron.training.roles import RoleStack, adjust_tensor_shapes_for, copy_weights, freeze
+from anchored_megatron.training.roles import RoleStack, adjust_tensor_shapes_for, copy_weights, freeze, output_fusion
 
 
 class NonFiniteLossError(RuntimeError):
@@ -118,7 +118,7 @@ class Trainer:
             self.snapshot = build_model_chunks(cfg.model, cfg.parallel)
             freeze(self.snapshot)
         frozen = [roles for roles in (self.reference, self.snapshot) if roles is not None]
-        self.stacks = [RoleStack(self.wrapped[i], [roles[i] for roles in frozen]) for i in range(len(self.wrapped))]
+        self.stacks = [RoleStack(self.wrapped[i], [roles[i] for roles in frozen], output_fusion(cfg.model)) for i in range(len(self.wrapped))]
         self.num_roles = 1 + len(frozen)
         steps = self.steps_per_iteration if cfg.anchor.reset_optimizer_per_iteration else self.total_steps
         self.optimizer, self.scheduler = build_optimizer(self.wrapped, cfg.optim, config.params_dtype, steps)
