@@ -36,7 +36,7 @@ from anchored_megatron.anchor.loss import (
 )
 from anchored_megatron.anchor.token_loss import compute_dtype, token_loss
 from anchored_megatron.anchor.vocab_passes import LossSpec, ShardLayout, Workspace, chunk_rows
-from anchored_megatron.planning.loss_chunks import auto_chunk_tokens
+from anchored_megatron.planning import loss_chunks
 
 
 @dataclass(frozen=True)
@@ -67,13 +67,26 @@ def _reduce_scatter_sequence(grad: torch.Tensor, layout: ShardLayout) -> torch.T
     return out
 
 
-def _token_rows(hidden: torch.Tensor | None, weight: torch.Tensor | None, call: _Call):
-    """[tokens, h] in the weight's dtype (GEMM operands), the sequence gathered."""
+def _token_rows(hidden: torch.Tensor | None, call: _Call):
+    """[tokens, h], the sequence gathered (each chunk is cast to the weights' dtype when used:
+    ``Float16Module`` hands over fp32 hidden states, a whole cast copy would be one more)."""
     if hidden is None:
         return None
     if call.sequence_parallel and call.layout.size > 1:
         hidden = _gather_sequence(hidden, call.layout)
-    return hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def _add_weight_grad(grad_weight: torch.Tensor, scaled: torch.Tensor, rows: torch.Tensor) -> None:
+    """grad_weight += scaled^T rows: one GEMM when the dtypes agree, else per block of
+    vocabulary rows in the GEMM dtype (a bounded temporary) summed in the accumulator's."""
+    if scaled.dtype == grad_weight.dtype:
+        grad_weight.addmm_(scaled.t(), rows)
+        return
+    block = loss_chunks.weight_grad_block_rows(rows.shape[1], rows.element_size())
+    for start in range(0, grad_weight.shape[0], block):
+        stop = min(start + block, grad_weight.shape[0])
+        grad_weight[start:stop].add_(torch.mm(scaled[:, start:stop].t(), rows))
 
 
 class _FusedOutputLoss(torch.autograd.Function):
@@ -85,9 +98,9 @@ class _FusedOutputLoss(torch.autograd.Function):
                 labels, loss_mask, call: _Call):
         spec, layout = call.spec, call.layout
         valid = layout.valid_local
-        hidden = _token_rows(student_hidden, student_weight, call)
-        frozen = {"reference": (_token_rows(reference_hidden, reference_weight, call), reference_weight),
-                  "anchor": (_token_rows(anchor_hidden, anchor_weight, call), anchor_weight)}
+        hidden = _token_rows(student_hidden, call)
+        frozen = {"reference": (_token_rows(reference_hidden, call), reference_weight),
+                  "anchor": (_token_rows(anchor_hidden, call), anchor_weight)}
         num_tokens, device = hidden.shape[0], hidden.device
         dtype = compute_dtype(student_weight, reference_weight, anchor_weight)
         chunk = max(1, min(call.chunk_tokens, num_tokens))
@@ -113,11 +126,12 @@ class _FusedOutputLoss(torch.autograd.Function):
         fused = call.fused
         for rows in chunk_rows(num_tokens, chunk):
             n = rows.stop - rows.start
-            sources = {"student": torch.mm(hidden[rows], weight.t(), out=logits["student"][:n]),
+            chunk_hidden = hidden[rows].to(weight.dtype)
+            sources = {"student": torch.mm(chunk_hidden, weight.t(), out=logits["student"][:n]),
                        "labels": None if flat_labels is None else flat_labels[rows]}
             for name, (role_rows, role_weight) in frozen.items():
                 if role_rows is not None:
-                    sources[name] = torch.mm(role_rows[rows], role_weight[:valid].t(), out=logits[name][:n])
+                    sources[name] = torch.mm(role_rows[rows].to(role_weight.dtype), role_weight[:valid].t(), out=logits[name][:n])
             # Without a reference (sft, ce_weight = 1) nothing reads it: the student stands in.
             sources.setdefault("reference", sources["student"])
             sources.setdefault("anchor", None)
@@ -134,10 +148,7 @@ class _FusedOutputLoss(torch.autograd.Function):
             if grad_hidden is not None:
                 torch.mm(scaled, weight, out=grad_hidden[rows])
             if grad_weight is not None:
-                if scaled.dtype == dtype:
-                    grad_weight[:valid].addmm_(scaled.t(), hidden[rows])
-                else:  # low-precision GEMM per chunk, summed in fp32
-                    grad_weight[:valid].add_(torch.mm(scaled.t(), hidden[rows]))
+                _add_weight_grad(grad_weight[:valid], scaled, chunk_hidden)
 
         ctx.call = call
         ctx.grad_hidden = grad_hidden
@@ -263,7 +274,7 @@ def fused_output_anchored_loss(
     if chunk_tokens is None:
         roles = 1 + (reference_hidden is not None) + (anchor_hidden is not None)
         compute_bytes = torch.empty((), dtype=compute_dtype(student_weight, reference_weight, anchor_weight)).element_size()
-        chunk_tokens = auto_chunk_tokens(local_vocab, roles, student_weight.element_size(), fused, compute_bytes)
+        chunk_tokens = loss_chunks.auto_chunk_tokens(local_vocab, roles, student_weight.element_size(), fused, compute_bytes)
     if loss_mask is None:
         loss_mask = torch.ones(gathered, dtype=torch.float32, device=student_hidden.device)
     call = _Call(spec=spec, layout=layout, loss_scale=float(loss_scale), chunk_tokens=int(chunk_tokens), fused=fused,

@@ -33,3 +33,13 @@ def bytes_per_token(local_vocab: int, num_roles: int, logits_bytes: int, compile
 def auto_chunk_tokens(local_vocab: int, num_roles: int, logits_bytes: int, compiled: bool, compute_bytes: int = 4) -> int:
     """Tokens per chunk so that the temporaries fit ``CHUNK_BUDGET_BYTES`` (at least one)."""
     return max(1, CHUNK_BUDGET_BYTES // bytes_per_token(local_vocab, num_roles, logits_bytes, compiled, compute_bytes))
+
+
+# The output weight's gradient is summed over chunks in fp32; with lower-precision weights each
+# chunk's product comes out of the GEMM in their dtype, one block of vocabulary rows at a time
+# so that this temporary stays small next to the weight.
+WEIGHT_GRAD_BLOCK_BYTES = 64 * 2**20
+
+
+def weight_grad_block_rows(hidden_size: int, weight_bytes: int) -> int:
+    return max(1, WEIGHT_GRAD_BLOCK_BYTES // (hidden_size * weight_bytes))
