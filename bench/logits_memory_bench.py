@@ -19,14 +19,12 @@ import argparse
 import datetime
 import json
 import os
-import random
 import statistics
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-WORDS = "alpha beta gamma delta epsilon red blue green one two three four five six seven eight nine ten plus minus equals".split()
 VOCAB = 128256
 
 
@@ -73,23 +71,15 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=64)
     args = parser.parse_args(argv)
 
-    from anchored_megatron.data.train_tokenizer import main as train_tokenizer
     from anchored_megatron.testing import run_on_ranks
+    from bench.step_bench import make_checkpoints, write_tokenizer_and_data
 
     root = tempfile.mkdtemp(prefix="logits-memory-bench-")
-    rng = random.Random(0)
-    corpus = os.path.join(root, "corpus.txt")
-    with open(corpus, "w") as fh:
-        fh.write("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(2000)) + "\nUser: Assistant: System:\n")
-    train_tokenizer(["--input", corpus, "--vocab-size", "400", "--output", os.path.join(root, "tok")])
-    data = os.path.join(root, "sft.jsonl")
-    with open(data, "w") as fh:  # enough packed sequences of --seq tokens for every step
-        for _ in range(args.steps * args.seq // 40):
-            record = {"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))),
-                      "response": " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 60)))}
-            fh.write(json.dumps(record) + "\n")
+    tokenizer, data = write_tokenizer_and_data(root, args.steps * args.seq // 40)  # enough packed sequences for every step
     model = dict(num_layers=2, hidden_size=args.hidden, ffn_hidden_size=2 * args.hidden, num_attention_heads=2, num_query_groups=2,
                  vocab_size=VOCAB, seq_length=args.seq)
+    base, teacher = os.path.join(root, "base"), os.path.join(root, "teacher")
+    run_on_ranks(make_checkpoints, 1, base, teacher, model)
     variants = {
         "snapshot, unfused": ({"objective": "anchored", "source": "snapshot"}, False),
         "snapshot, fused": ({"objective": "anchored", "source": "snapshot"}, True),
@@ -100,15 +90,15 @@ def main(argv=None) -> int:
         for name, (anchor, fused) in variants.items():
             out = os.path.join(root, f"{name.replace(', ', '_')}_{round_index}")
             cfg = {
-                "output_dir": out, "seed": 1, "model": {**model, "fused_output_loss": fused}, "parallel": {"tp": 2},
-                "student": {"checkpoint": None},
-                "data": {"paths": [data], "tokenizer": os.path.join(root, "tok"), "cache_dir": os.path.join(root, "cache")},
+                "output_dir": out, "seed": 1, "model": {"fused_output_loss": fused}, "parallel": {"tp": 2},
+                "student": {"checkpoint": base},
+                "data": {"paths": [data], "tokenizer": tokenizer, "cache_dir": os.path.join(root, "cache")},
                 "anchor": {**anchor, "outer_iterations": 1, "epochs_per_iteration": 1},
                 "optim": {"lr": 1e-4}, "train": {"micro_batch_size": 1, "global_batch_size": 1, "max_steps": args.steps,
                                                   "save_at_iteration_end": False, "progress_bar": False, "tensorboard": False},
             }
             if anchor["objective"] != "sft":
-                cfg["reference"] = {"checkpoint": None}
+                cfg["reference"] = {"checkpoint": teacher}
             memory = run_on_ranks(_run, 2, cfg, timeout=3600)
             with open(os.path.join(out, "metrics.jsonl")) as fh:
                 times = [json.loads(line)["step_time_s"] for line in fh][1:]

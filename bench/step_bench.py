@@ -35,7 +35,8 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def _make_checkpoints(base_dir, teacher_dir):
+def make_checkpoints(base_dir, teacher_dir, model_dict):
+    """A random base and a teacher = base with every weight nudged (a rank function)."""
     import torch
 
     from anchored_megatron.config import ModelConfig, ParallelConfig
@@ -44,7 +45,7 @@ def _make_checkpoints(base_dir, teacher_dir):
     from anchored_megatron.platform import initialize
 
     initialize(ParallelConfig(), seed=1)
-    model = ModelConfig(**MODEL)
+    model = ModelConfig(**model_dict)
     chunks = build_model_chunks(model, ParallelConfig())
     save_megatron_weights(chunks, base_dir, model)
     with torch.no_grad():
@@ -84,17 +85,11 @@ def _run(cfg_dict, time_forward=False):
     return {"baseline_mb": baseline, "peak_mb": peak, "forward_s": forward_s}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--tp", type=int, default=2)
-    args = parser.parse_args(argv)
-
+def write_tokenizer_and_data(root: str, records: int) -> tuple[str, str]:
+    """A sentencepiece tokenizer (vocab 400) and ``records`` SFT records of random words under
+    ``root``: (tokenizer dir, data file)."""
     from anchored_megatron.data.train_tokenizer import main as train_tokenizer
-    from anchored_megatron.testing import run_on_ranks
 
-    root = tempfile.mkdtemp(prefix="step-bench-")
     rng = random.Random(0)
     corpus = os.path.join(root, "corpus.txt")
     with open(corpus, "w") as fh:
@@ -102,11 +97,25 @@ def main(argv=None) -> int:
     train_tokenizer(["--input", corpus, "--vocab-size", "400", "--output", os.path.join(root, "tok")])
     data = os.path.join(root, "sft.jsonl")
     with open(data, "w") as fh:
-        for _ in range(600):
+        for _ in range(records):
             record = {"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))),
                       "response": " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 60)))}
             fh.write(json.dumps(record) + "\n")
-    run_on_ranks(_make_checkpoints, 1, os.path.join(root, "base"), os.path.join(root, "teacher"))
+    return os.path.join(root, "tok"), data
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tp", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    from anchored_megatron.testing import run_on_ranks
+
+    root = tempfile.mkdtemp(prefix="step-bench-")
+    tokenizer, data = write_tokenizer_and_data(root, 600)
+    run_on_ranks(make_checkpoints, 1, os.path.join(root, "base"), os.path.join(root, "teacher"), MODEL)
 
     objectives = {
         "sft": {"objective": "sft"},
@@ -122,7 +131,7 @@ def main(argv=None) -> int:
             cfg = {
                 "output_dir": out, "seed": 1, "model": {**MODEL, "fused_output_loss": fused}, "parallel": {"tp": args.tp},
                 "student": {"checkpoint": os.path.join(root, "base")}, "reference": {"checkpoint": os.path.join(root, "teacher")},
-                "data": {"paths": [data], "tokenizer": os.path.join(root, "tok"), "cache_dir": os.path.join(root, "cache")},
+                "data": {"paths": [data], "tokenizer": tokenizer, "cache_dir": os.path.join(root, "cache")},
                 "anchor": {**anchor, "outer_iterations": 1, "epochs_per_iteration": 1},
                 "optim": {"lr": 1e-4}, "train": {"micro_batch_size": 2, "global_batch_size": 8, "max_steps": args.steps,
                                                   "save_at_iteration_end": False, "progress_bar": False, "tensorboard": False},

@@ -12,8 +12,7 @@ from functools import partial
 
 import torch
 
-from anchored_megatron.anchor import vocab_parallel_anchored_loss
-from anchored_megatron.anchor.fused_output import fused_output_anchored_loss
+from anchored_megatron.anchor import fused_output_anchored_loss, vocab_parallel_anchored_loss
 from anchored_megatron.training.objectives import StageLoss
 from anchored_megatron.training.roles import FusedOutput, RoleStack
 

@@ -124,3 +124,25 @@ def test_fused_follows_unfused_in_bf16(tiny_run, tmp_path, ranks):
     # the weight gradient summed in fp32), so they agree to bf16 precision, not exactly.
     _compare_layout(tiny_run, tmp_path, ranks, 2, {"anchored_snapshot": OBJECTIVES["anchored_snapshot"]}, 2e-2,
                     parallel__tp=2, model__params_dtype="bf16")
+
+
+def cli_rank(config_path: str, overrides: list):
+    from anchored_megatron.cli import train_main
+
+    return train_main(["--config", config_path, *overrides])
+
+
+@pytest.mark.distributed
+def test_cli_run_logs_the_same_losses_fused_and_unfused(tiny_run, tmp_path, ranks):
+    import yaml
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run_config(tiny_run, tmp_path / "unused", parallel__tp=2, train__max_steps=4)))
+    logged = {}
+    for fused in ("true", "false"):
+        out = tmp_path / fused
+        assert ranks(cli_rank, 2, str(config), [f"output_dir={out}", f"model.fused_output_loss={fused}"], timeout=900) == [0, 0]
+        logged[fused] = _losses(out)
+    assert len(logged["true"]) == len(logged["false"]) == 4
+    for a, b in zip(logged["true"], logged["false"]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(b["loss"])), (a["step"], a["loss"], b["loss"])
