@@ -1,13 +1,14 @@
 """The trainer with ``model.fused_output_loss`` on and off: same losses, gradients and weights,
 objective by objective, at TP=1, TP=2 and TP=2 x PP=2 (fp32), and within bf16 precision in bf16.
 
-Each layout is one launch that trains every case twice (fused, unfused) for three steps and
-returns, per run, every step's student gradients (Megatron's ``main_grad``) and the final
-weights of this rank; the parent compares. The unfused path is itself checked against a
+Each layout is one launch that trains every case twice (fused, in chunks of 24 tokens, and
+unfused) for three steps and returns, per run, every step's student gradients (Megatron's
+``main_grad``) and the final weights of this rank; the parent compares. The unfused path is itself checked against a
 single process and against float64 full-vocabulary references (test_trainer.py,
 tests/integrations); here the fused path must reproduce it.
 """
 
+import io
 import json
 import os
 
@@ -17,6 +18,7 @@ import torch
 from tests.training.conftest import run_config
 
 STEPS = 3
+CHUNK_TOKENS = 24  # 64-token microbatches in three chunks, the last one short
 # anchor.* options of each case (in place of the tiny run's); other overrides are dotted keys.
 OBJECTIVES = {
     "anchored_snapshot": {"anchor": {"objective": "anchored", "alpha": 0.5, "source": "snapshot"}},
@@ -26,8 +28,10 @@ OBJECTIVES = {
     "sft": {"anchor": {"objective": "sft"}},
 }
 # The model comes from the config (no checkpoint): a tied embedding needs a model built tied.
-TIED = {"anchor": OBJECTIVES["anchored_snapshot"]["anchor"], "student__checkpoint": None, "reference__checkpoint": None,
-        "model__tie_embeddings": True}
+# The reference then starts as a copy of the student, so the KL term starts at 0 with a
+# rounding-noise gradient that Adam would blow up: the CE term gives the step a real gradient.
+TIED = {"anchor": {**OBJECTIVES["anchored_snapshot"]["anchor"], "ce_weight": 0.5}, "student__checkpoint": None,
+        "reference__checkpoint": None, "model__tie_embeddings": True}
 
 
 def trained_rank(cases: dict):
@@ -52,7 +56,11 @@ def trained_rank(cases: dict):
         trainer.run()
         weights = {canonical_name(c, n): p.detach().clone() for c in trainer.student for n, p in unwrap(c).named_parameters()}
         results[name] = {"grads": grads, "weights": weights}
-    return results
+    # Bytes, not tensors: tensors through the result queue each need a shared-memory handle,
+    # which can vanish with the rank process before the parent picks it up.
+    buffer = io.BytesIO()
+    torch.save(results, buffer)
+    return buffer.getvalue()
 
 
 def _losses(output_dir):
@@ -61,8 +69,17 @@ def _losses(output_dir):
 
 
 def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|."""
     scale = expected.double().abs().max().clamp(min=1e-12)
     return ((actual.double() - expected.double()).abs().max() / scale).item()
+
+
+def _relative_norm(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||: for weights after Adam steps, since Adam's update of
+    an element with a near-zero gradient turns a rounding-level gradient difference into a step
+    of up to the learning rate (measured: 1.3e-5 of the largest weight, 5e-7 in norm); the norm
+    weighs such elements by their share."""
+    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp(min=1e-30)).item()
 
 
 def _compare_layout(tiny_run, tmp_path, ranks, world, cases: dict, tolerance: float, **layout):
@@ -72,12 +89,14 @@ def _compare_layout(tiny_run, tmp_path, ranks, world, cases: dict, tolerance: fl
         anchor = overrides.pop("anchor")
         for fused in (True, False):
             out = tmp_path / f"{case}_{'fused' if fused else 'unfused'}"
-            cfg = run_config(tiny_run, out, train__max_steps=STEPS, model__fused_output_loss=fused, **layout, **overrides)
+            chunking = {"model__fused_output_chunk_tokens": CHUNK_TOKENS} if fused else {}
+            cfg = run_config(tiny_run, out, train__max_steps=STEPS, model__fused_output_loss=fused, **chunking, **layout, **overrides)
             cfg["anchor"] = {**anchor, "outer_iterations": 2, "epochs_per_iteration": 1}
             if anchor["objective"] == "sft":
                 cfg.pop("reference")  # sft has no frozen role
             runs[(case, fused)] = (out, cfg)
-    per_rank = ranks(trained_rank, world, {f"{case}|{fused}": cfg for (case, fused), (_, cfg) in runs.items()}, timeout=1800)
+    per_rank = [torch.load(io.BytesIO(blob)) for blob in
+                ranks(trained_rank, world, {f"{case}|{fused}": cfg for (case, fused), (_, cfg) in runs.items()}, timeout=1800)]
     failures = []
     for case in cases:
         fused_losses, unfused_losses = _losses(runs[(case, True)][0]), _losses(runs[(case, False)][0])
@@ -97,7 +116,7 @@ def _compare_layout(tiny_run, tmp_path, ranks, world, cases: dict, tolerance: fl
                     if error > tolerance:
                         failures.append((case, rank, step, "grad", name, error))
             for name, expected in unfused_run["weights"].items():
-                error = _relative(fused_run["weights"][name], expected)
+                error = _relative_norm(fused_run["weights"][name], expected)
                 if error > tolerance:
                     failures.append((case, rank, "weight", name, error))
     assert not failures, failures[:10]
@@ -121,7 +140,8 @@ def test_fused_matches_unfused_tp2_pp2_every_objective_and_tied(tiny_run, tmp_pa
 @pytest.mark.distributed
 def test_fused_follows_unfused_in_bf16(tiny_run, tmp_path, ranks):
     # bf16 weights, activations and GEMMs on both paths; they round differently (chunked GEMMs,
-    # the weight gradient summed in fp32), so they agree to bf16 precision, not exactly.
+    # the weight gradient summed in fp32), so they agree to bf16 precision, not exactly
+    # (measured: gradients 1.3e-2 of their largest element, weights 4e-3 in norm).
     _compare_layout(tiny_run, tmp_path, ranks, 2, {"anchored_snapshot": OBJECTIVES["anchored_snapshot"]}, 2e-2,
                     parallel__tp=2, model__params_dtype="bf16")
 
