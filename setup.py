@@ -12,12 +12,12 @@ setup(
         # a bare requirement would let pip pull a multi-GB CUDA build.
         "torch>=2.4",
         "numpy",
-        "datasets>=5.2,<6",  # records.py relies on its JSON loader options (on_mixed_types, chunksize)
         "sentencepiece",
         "tensorboard",
         "pyyaml",
         "psutil",
         "tqdm",
+        "xxhash",  # checkpoint manifest checksums (XXH3-128)
         "tokenizers",
         "jinja2",
         "pyarrow",
@@ -34,6 +34,7 @@ setup(
             "anchored-sft=anchored_megatron.cli:train_main",
             "anchored-convert=anchored_megatron.convert.cli:main",
             "anchored-train-tokenizer=anchored_megatron.data.train_tokenizer:main",
+            "anchored-checkpoint=anchored_megatron.training.checkpoint_cli:main",
         ],
     },
 )

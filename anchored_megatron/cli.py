@@ -8,13 +8,15 @@ import sys
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that describe the user's input (config, data, tokenizer) and carry a message that
-    names the option, file or line: printed as one line, never as a traceback."""
+    """Errors about the user's input or files (config, data, tokenizer, checkpoints) whose message
+    names the option, file or line and says what to do: printed as is, never as a traceback."""
     from anchored_megatron.config import ConfigError
     from anchored_megatron.data.records import DataError
     from anchored_megatron.data.tokenizer import TokenizerError
+    from anchored_megatron.platform.run_lock import OutputDirInUse
+    from anchored_megatron.training.checkpoint import CheckpointError
 
-    return ConfigError, DataError, TokenizerError
+    return ConfigError, DataError, TokenizerError, CheckpointError, OutputDirInUse
 
 
 def _report(prog: str, kind: str, exc: BaseException) -> int:
@@ -24,7 +26,19 @@ def _report(prog: str, kind: str, exc: BaseException) -> int:
     return 2
 
 
+def _start_up() -> None:
+    """What every process of a command does first: the launcher watchdog, the warning filters,
+    the persistent compile cache."""
+    launcher = os.getppid()  # before the imports below, which take seconds
+    from anchored_megatron.platform import compile_cache, supervision, warnings_filter
+
+    warnings_filter.install()
+    supervision.exit_with_launcher(launcher)
+    compile_cache.use_persistent_cache()
+
+
 def train_main(argv: list[str] | None = None) -> int:
+    _start_up()
     parser = argparse.ArgumentParser(
         prog="anchored-sft",
         description="Anchored Learning (or an SFT baseline) on Megatron-Core. Launch with torchrun for several ranks.",

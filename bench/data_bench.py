@@ -75,7 +75,7 @@ def main() -> None:
 
     from anchored_megatron.data import DataConfig, EpochSampler, build_sft_dataset, collate, load_tokenizer
     from anchored_megatron.data.train_tokenizer import train
-    from anchored_megatron.testing import run_on_ranks
+    from anchored_megatron.platform import run_on_ranks
 
     work = tempfile.mkdtemp(prefix="data-bench-")
     try:

@@ -1,4 +1,4 @@
-"""Size the demo's base: train ONLY the base stage (TP=2, real trainer) at given sizes and
+"""Size the demo's base: train ONLY the base job (TP=2, real trainer) at given sizes and
 evaluate it (greedy, held-out items), printing train time, steps and per-skill accuracy.
 
     python bench/demo_sizing.py key=value ...   (ExperimentConfig fields; tuples as a,b,c)
@@ -12,14 +12,14 @@ import datetime
 import os
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse(argv: list[str]) -> dict:
     from anchored_megatron.demo import DEMO
-    from anchored_megatron.pipeline.stages import ExperimentConfig
+    from anchored_megatron.experiment.jobs import ExperimentConfig
 
     types = {f.name: f.type for f in fields(ExperimentConfig)}
     sizes = dict(DEMO)
@@ -33,28 +33,22 @@ def parse(argv: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-    from anchored_megatron.data import load_tokenizer
-    from anchored_megatron.pipeline.runner import _eval_digest, prepare_data, run_stages_on_rank
-    from anchored_megatron.pipeline.stages import ExperimentConfig, plan
-    from anchored_megatron.testing import run_on_ranks
+    from anchored_megatron.experiment.jobs import ExperimentConfig
+    from anchored_megatron.experiment.runner import prepare_jobs, run_jobs
 
     argv = sys.argv[1:] if argv is None else argv
     sizes = parse(argv)
     out = os.path.join("runs", "sizing", "_".join(a.replace("=", "").replace(",", "-") for a in argv)[:120] or "default")
     cfg = ExperimentConfig(output_dir=out, progress_bar=False, **sizes)
-    paths = prepare_data(cfg)
-    vocab = load_tokenizer(paths["tokenizer"]).vocab_size
-    base = plan(cfg, paths, vocab)[0]
-    eval_cfg = {"max_new_tokens": 32, "batch_size": 512, "eval_digest": _eval_digest(paths["eval"])}
+    jobs, paths, eval_cfg = prepare_jobs(cfg, max_new_tokens=32)
     started = time.perf_counter()
-    result = run_on_ranks(run_stages_on_rank, cfg.tp, [asdict(base)], paths["eval"], paths["tokenizer"], eval_cfg,
-                          timeout=3600, threads=max(1, 2 // cfg.tp))[0]["base"]
+    result = run_jobs(jobs[:1], paths, eval_cfg, cfg.tp, timeout=3600)["base"]
     wall = time.perf_counter() - started
     point = result["points"][-1]
     acc = point["accuracy"]
     general = sum(v for k, v in acc.items() if k != "target") / (len(acc) - 1)
-    line = (f"{datetime.datetime.now():%Y-%m-%d %H:%M} {' '.join(argv)} | steps {result['stage']['total_steps']} "
-            f"({result['stage']['steps_per_epoch']}/epoch), train {result['stage']['train_seconds']:.0f} s, eval {result['eval_seconds']:.0f} s, "
+    line = (f"{datetime.datetime.now():%Y-%m-%d %H:%M} {' '.join(argv)} | steps {result['train']['total_steps']} "
+            f"({result['train']['steps_per_epoch']}/epoch), train {result['train']['train_seconds']:.0f} s, eval {result['eval_seconds']:.0f} s, "
             f"launch wall {wall:.0f} s | general {general:.3f} | " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
             + f", target answer {point['target_answer']:.3f} | load {os.getloadavg()[0]:.1f}")
     print(line, flush=True)

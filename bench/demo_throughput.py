@@ -1,5 +1,5 @@
 """Trainer throughput at the demo's sizes: TP=2 (2 gloo ranks x 1 thread) vs TP=1 (1 rank x 2
-threads), measured side by side in one run on the demo's base-stage data (regime A, packed
+threads), measured side by side in one run on the data of the demo's base job (regime A, packed
 sequences). Each case trains ``--steps`` steps through the real trainer; the first
 ``--warmup`` steps are dropped; step time is the median of the rest (from metrics.jsonl).
 
@@ -43,7 +43,7 @@ def train_on_rank(run: dict) -> dict:
 
 
 def measure(run: dict, tp: int, steps: int, warmup: int) -> dict:
-    from anchored_megatron.testing import run_on_ranks
+    from anchored_megatron.platform import run_on_ranks
 
     run = copy.deepcopy(run)
     run["parallel"] = {"tp": tp}
@@ -58,10 +58,9 @@ def measure(run: dict, tp: int, steps: int, warmup: int) -> dict:
 
 
 def main(argv=None) -> int:
-    from anchored_megatron.data import load_tokenizer
     from anchored_megatron.demo import DEMO
-    from anchored_megatron.pipeline.runner import prepare_data
-    from anchored_megatron.pipeline.stages import ExperimentConfig, plan
+    from anchored_megatron.experiment.jobs import ExperimentConfig
+    from anchored_megatron.experiment.runner import prepare_jobs
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=14)
@@ -70,10 +69,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     work = tempfile.mkdtemp(prefix="demo-throughput-")
     cfg = ExperimentConfig(output_dir=work, **dict(DEMO, micro_batch_size=16, base_global_batch=64))
-    paths = prepare_data(cfg)
-    vocab = load_tokenizer(paths["tokenizer"]).vocab_size
-    base_run = plan(cfg, paths, vocab)[0].run
-    lines = [f"{datetime.datetime.now():%Y-%m-%d %H:%M} demo_throughput: base-stage SFT, regime A data, seq {cfg.seq_length}, "
+    base_run = prepare_jobs(cfg)[0][0].run
+    lines = [f"{datetime.datetime.now():%Y-%m-%d %H:%M} demo_throughput: base-job SFT, regime A data, seq {cfg.seq_length}, "
              f"{args.steps} steps, first {args.warmup} dropped, median step time (min-max); load avg {os.getloadavg()[0]:.1f} at start"]
     print(lines[0], flush=True)
     chosen = [CASES[int(i)] for i in args.cases.split(",")] if args.cases else CASES

@@ -1,11 +1,11 @@
 """Forgetting benchmark: does Anchored Learning keep SFT's target gain while losing less of
-what the base could do? Every stage is a real trainer run at TP=2 on 2 gloo ranks.
+what the base could do? Every job is a real trainer run at TP=2 on 2 gloo ranks.
 
-Full version (the issue's plan): regime C with 3 seeds x 2 fine-tuning learning rates
+Full version (the benchmark's plan): regime C with 3 seeds x 2 fine-tuning learning rates
 (mean ± std), regimes A and B with one seed as controls, T x K = 5 x 5, 500 held-out items
 per task. ``--reduced`` runs fewer seeds / learning rates / a smaller budget and says so in its
-output; ``--seeds/--lrs/--controls`` run (or re-render from the cache) part of the plan. Stages are cached under
-``--output-dir``: an interrupted run resumes at the first unfinished stage.
+output; ``--seeds/--lrs/--controls`` run (or re-render from the cache) part of the plan. Jobs are cached under
+``--output-dir``: an interrupted run resumes at the first unfinished job.
 
     python bench/forgetting.py [--reduced] [--output-dir runs/forgetting] [--results docs/results.md]
 
@@ -24,10 +24,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from anchored_megatron.eval.report import markdown_tables, plot_tradeoff  # noqa: E402
-from anchored_megatron.pipeline.runner import run_experiment  # noqa: E402
-from anchored_megatron.pipeline.stages import ExperimentConfig  # noqa: E402
+from anchored_megatron.experiment.jobs import ExperimentConfig  # noqa: E402
+from anchored_megatron.experiment.runner import run_experiment  # noqa: E402
 
-FULL = dict(  # REDUCED's model, data and base (so cached bases are reused), the issue's eval size and T x K
+FULL = dict(  # REDUCED's model, data and base (so cached bases are reused), the plan's eval size and T x K
     sizes=dict(skills=("add", "rev", "up", "rep"), target_min_steps=1, target_max_steps=2, pretrain_per_skill=2000, finetune_examples=500, eval_per_skill=500,
                hidden_size=128, num_layers=2, ffn_hidden_size=384, base_epochs=12, base_lr=3e-3, base_global_batch=64,
                teacher_epochs=3, finetune_global_batch=16, outer_iterations=5, epochs_per_iteration=5, eval_every_epochs=5),
@@ -75,7 +75,7 @@ def run(plan: dict, output_dir: str, reduced: bool, results_path: str) -> str:
         sections.append(markdown_tables(runs, title))
         plot = plot_tradeoff(runs, os.path.join(plot_dir, f"forgetting_{'' if reduced else 'full_'}{regime}_lr{lr:g}.png"), title)
         sections.append(f"![{title}]({os.path.relpath(plot, os.path.dirname(results_path) or '.')})\n")
-    sections.append(f"Wall time: {time.perf_counter() - started:.0f} s (stages reused from cache count ~0).")
+    sections.append(f"Wall time: {time.perf_counter() - started:.0f} s (jobs reused from the cache count ~0).")
     return "\n".join(sections)
 
 

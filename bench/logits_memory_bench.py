@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=64)
     args = parser.parse_args(argv)
 
-    from anchored_megatron.testing import run_on_ranks
+    from anchored_megatron.platform import run_on_ranks
     from bench.step_bench import make_checkpoints, write_tokenizer_and_data
 
     root = tempfile.mkdtemp(prefix="logits-memory-bench-")

@@ -196,7 +196,7 @@ def _merge_ranks(per_rank):
 
 
 def main():
-    from anchored_megatron.testing import run_on_ranks
+    from anchored_megatron.platform import run_on_ranks
 
     print(f"# loss_bench  {datetime.date.today().isoformat()}  torch {torch.__version__}  {os.cpu_count()} CPU cores (shared)")
     print(f"# {TOKENS} tokens, alpha={ALPHA}, forward+backward; time = min of repetitions; "

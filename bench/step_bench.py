@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tp", type=int, default=2)
     args = parser.parse_args(argv)
 
-    from anchored_megatron.testing import run_on_ranks
+    from anchored_megatron.platform import run_on_ranks
 
     root = tempfile.mkdtemp(prefix="step-bench-")
     tokenizer, data = write_tokenizer_and_data(root, 600)

@@ -133,8 +133,52 @@ def _kernel(name: str):
             with torch._dynamo.config.patch(recompile_limit=_GRAPHS_PER_KERNEL):
                 return compiled(*args)
 
-        _compiled[name] = call
+        def first_call(*args):
+            # The first call compiles; from the on-disk cache when an earlier run left it there.
+            marker = _compiled_marker(name, args[-1].device)
+            if not os.path.exists(marker):
+                _announce_cold_compile(os.path.dirname(os.path.dirname(marker)))
+            result = call(*args)
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+            open(marker, "w").close()
+            _compiled[name] = call
+            return result
+
+        _compiled[name] = first_call
     return _compiled[name]
+
+
+# Compiles the disk cache cannot serve are announced once per process to this callable (the
+# trainer's log); None keeps the library silent.
+_reporter = None
+_announced = False
+
+
+def report_compiles_to(reporter) -> None:
+    """Send a line to ``reporter(text)`` before the first compile that has no cached result (a
+    first run on this machine, a new torch, a cleared cache); None: say nothing."""
+    global _reporter
+    _reporter = reporter
+
+
+def _compiled_marker(name: str, device: torch.device) -> str:
+    """A file in Inductor's cache that says this kernel has been compiled into it before: keyed by
+    the kernels' source, the torch version and the device type, as the cached code is."""
+    import hashlib
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    with open(__file__, "rb") as fh:
+        source = fh.read()
+    key = hashlib.sha256(source + torch.__version__.encode() + device.type.encode()).hexdigest()[:16]
+    return os.path.join(cache_dir(), "anchored_megatron", f"{name}-{key}")
+
+
+def _announce_cold_compile(cache_dir: str) -> None:
+    global _announced
+    if _reporter is not None and not _announced:
+        _announced = True
+        _reporter(f"compiling the anchored loss kernels: tens of seconds, once; later runs load them from {cache_dir}")
 
 
 def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:

@@ -164,24 +164,47 @@ def vocab_parallel_anchored_loss(
     chunk_tokens: int | None = None,
     check_labels: bool = True,
 ):
-    """Per-token Anchored Learning loss on vocab-sharded logits ``[..., V_local]``.
+    """Per-token Anchored Learning loss on vocabulary-sharded logits (Megatron's ``parallel_output=True``).
 
-    loss = (1 - ce_weight) * tau^2 * D(q, p_theta) + ce_weight * CE(labels) (CE at tau = 1),
-    with p_theta = softmax(student / tau) and the anchor q built from the snapshot logits
-    (``anchor_logits``; None = the live student, detached) and the reference logits:
-    "logit": q = softmax(((1-alpha) z_s + alpha z_r) / tau); "prob": q = (1-alpha) p_s + alpha p_r.
-    D is "forward_kl" KL(q||p), "reverse_kl" KL(p||q) or "jsd" beta KL(q||m) + (1-beta) KL(p||m),
-    m = beta q + (1-beta) p.
+    A collective over the tensor-parallel group: every rank of the group calls it, in the same
+    order, with its own shard of the vocabulary (rank r holds columns [r V_local, (r+1) V_local)).
+    ``group=None`` uses Megatron's tensor-model-parallel group when ``megatron.core.parallel_state``
+    is initialised, else this process alone (the logits then hold the whole vocabulary); pass a
+    ``torch.distributed`` process group to shard over other ranks.
 
-    Returns the loss with the logits' leading shape (no reduction, fp32 or fp64), and with
-    ``return_metrics`` also a dict of per-token tensors without grad (all at temperature tau):
-    kl_step = KL(q||p_s), kl_bound = alpha (KL(p_r||p_s) + KL(p_s||p_r)) ("logit") or
-    alpha KL(p_r||p_s) ("prob") so that kl_step <= kl_bound, kl_reference = KL(p_r||p_theta),
-    entropy = H(p_theta).
+    loss = (1 - ce_weight) tau^2 D(q, p_theta) + ce_weight CE(labels), CE at tau = 1, with
+    p_theta = softmax(z_theta / tau) and the anchor q built from the snapshot z_s and the reference z_r:
+    "logit": q = softmax(((1 - alpha) z_s + alpha z_r) / tau); "prob": q = (1 - alpha) p_s + alpha p_r.
 
-    Only ``student_logits`` receives a gradient. ``vocab_size`` (default: the padded size)
-    excludes padded columns. ``chunk_tokens`` bounds the [chunk, V_local] temporaries (None:
-    about 1M elements each). ``check_labels=False`` skips the label range check (a host sync).
+    Args:
+        student_logits: ``[..., V_local]`` floating point (any leading shape, e.g. ``[s, b]``);
+            the only input that gets a gradient (in its own dtype; one backward per call).
+        reference_logits: the frozen reference z_r, same shape; never receives a gradient.
+        anchor_logits: the snapshot z_s, same shape, or None for the live student (detached).
+        alpha: anchor strength in [0, 1]; 1 is distillation toward the reference.
+        interpolation: "logit" or "prob", how q mixes snapshot and reference (above).
+        divergence: "forward_kl" KL(q || p_theta), "reverse_kl" KL(p_theta || q), or "jsd"
+            beta KL(q || m) + (1 - beta) KL(p_theta || m) with m = beta q + (1 - beta) p_theta.
+        jsd_beta: beta of "jsd", in [0, 1].
+        temperature: tau > 0, applied to every distribution of the divergence term.
+        labels: integer targets ``[...]`` (the logits' leading shape); required when ce_weight > 0.
+        ce_weight: weight in [0, 1] of the cross-entropy term.
+        ignore_index: the label of tokens without a CE term.
+        vocab_size: the real vocabulary; padded columns at or beyond it are left out of every
+            softmax (default: V_local x the group size, i.e. no padding).
+        group: the process group the vocabulary is sharded over (above).
+        return_metrics: also return the per-token metrics.
+        chunk_tokens: tokens per pass over the shard, bounding the ``[chunk, V_local]``
+            temporaries (None: about 1M elements each).
+        check_labels: check that labels lie in [0, vocab_size) or equal ignore_index (one host
+            sync); pass False when the data pipeline guarantees it.
+
+    Returns:
+        The per-token loss, shape ``[...]`` (no reduction), float64 if any logits are float64,
+        else float32. With ``return_metrics``: ``(loss, metrics)``, metrics a dict of per-token
+        tensors without grad, all at temperature tau: ``kl_step`` = KL(q || p_s), ``kl_bound`` =
+        alpha (KL(p_r || p_s) + KL(p_s || p_r)) ("logit") or alpha KL(p_r || p_s) ("prob"), so that
+        kl_step <= kl_bound; ``kl_reference`` = KL(p_r || p_theta); ``entropy`` = H(p_theta).
     """
     _check_tensors(student_logits, reference_logits, anchor_logits, labels)
     spec = build_spec(alpha, interpolation, divergence, jsd_beta, temperature, ce_weight, ignore_index,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from anchored_megatron.config.errors import ConfigError, require
+from anchored_megatron.config.errors import require
 
 
 @dataclass
@@ -138,6 +138,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest trainer checkpoints kept on disk
     max_nonfinite_in_a_row: int = 5  # skipped updates before the run aborts
     max_steps: int | None = None  # stop early (tests, smoke runs); None = all T x K epochs
+    verify_checkpoint_checksums: bool = True  # on load; file sizes are always checked against the manifest
+    allow_reference_change: bool = False  # resume with a reference.checkpoint other than the one trained against
     tensorboard: bool = True
     progress_bar: bool = True
 

@@ -3,7 +3,8 @@
 ``validate_run`` first completes the model from the student checkpoint (field by field: the
 architecture is the checkpoint's, how to run it is the YAML's), then checks every section,
 the checks that need two sections or the world size, and (``check_files``) the files the run
-reads and the directory it writes. It needs no process group and no torch.
+reads and the directory it writes. It needs no process group; torch is imported only to load
+the tokenizers when the files are checked.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def validate_run(cfg, world_size: int, check_files: bool = True) -> None:
     _check_pipeline_schedule(cfg)
     _check_checkpoints(cfg, check_files)
     if check_files:
-        _check_output_dir(cfg, world_size)
+        _check_tokenizers(cfg)
+        _check_output_dir(cfg)
 
 
 def check_packing(model: ModelConfig, packing: bool) -> None:
@@ -119,21 +121,29 @@ def complete_model_from_student(cfg, check_files: bool) -> None:
 
 
 # ---- cross-section checks --------------------------------------------------------------------
+def _changed(cfg, key: str) -> bool:
+    """The user set ``key`` to something other than its default: a value that would change
+    the run if it were used. (A restated default, e.g. from a copied config.yaml, changes nothing.)"""
+    if key not in cfg.explicit_keys:
+        return False
+    section, name = key.split(".", 1)
+    value = getattr(getattr(cfg, section), name)
+    return value != getattr(type(getattr(cfg, section))(), name)
+
+
 def _check_options_the_objective_uses(cfg) -> None:
+    """An option this run would ignore, set to a value that would matter, is refused by name."""
     objective = cfg.anchor.objective
-    for key in sorted(cfg.explicit_keys):
-        section, _, name = key.partition(".")
-        if section == "anchor" and objective not in _ANCHOR_OPTION_USERS.get(name, (objective,)):
-            users = " or ".join(_ANCHOR_OPTION_USERS[name])
-            raise ConfigError(f"{key}: is not used by anchor.objective={objective} (only by {users}); remove it")
-    explicit = cfg.explicit_keys
-    if "anchor.jsd_beta" in explicit and cfg.anchor.divergence != "jsd":
+    for name, users in _ANCHOR_OPTION_USERS.items():
+        if objective not in users and _changed(cfg, f"anchor.{name}"):
+            raise ConfigError(f"anchor.{name}: is not used by anchor.objective={objective} (only by {' or '.join(users)}); remove it")
+    if _changed(cfg, "anchor.jsd_beta") and cfg.anchor.divergence != "jsd":
         raise ConfigError(f"anchor.jsd_beta: is used only with anchor.divergence=jsd, got divergence={cfg.anchor.divergence}; remove it")
-    if "anchor.alpha_end" in explicit and cfg.anchor.alpha_schedule != "linear":
+    if _changed(cfg, "anchor.alpha_end") and cfg.anchor.alpha_schedule != "linear":
         raise ConfigError("anchor.alpha_end: is used only with anchor.alpha_schedule=linear; remove it or set the schedule")
-    if "reference.checkpoint" in explicit and cfg.reference.checkpoint is not None and not cfg.anchor.needs_reference:
+    if _changed(cfg, "reference.checkpoint") and not cfg.anchor.needs_reference:
         raise ConfigError(f"reference.checkpoint: is not used by anchor.objective={objective} (it has no frozen reference); remove it")
-    if "model.fp8_recipe" in explicit and cfg.model.fp8 is None:
+    if _changed(cfg, "model.fp8_recipe") and cfg.model.fp8 is None:
         raise ConfigError("model.fp8_recipe: is used only with model.fp8 (hybrid or e4m3); remove it or set model.fp8")
     if "model.fused_output_chunk_tokens" in explicit and not cfg.model.fused_output_loss:
         raise ConfigError("model.fused_output_chunk_tokens: is used only with model.fused_output_loss=true; remove it or enable the fusion")
@@ -200,7 +210,39 @@ def _check_reference_architecture(cfg, where: str) -> None:
             )
 
 
-def _check_output_dir(cfg, world_size: int) -> None:
+def _check_tokenizers(cfg) -> None:
+    """The data's tokenizer must fit the model's vocabulary and be the one any student or
+    reference checkpoint ships: the loss compares the roles' distributions token by token."""
+    from anchored_megatron.data.tokenizer import TokenizerError, load_tokenizer
+    from anchored_megatron.training.checkpoint_dirs import resolve_checkpoint_dir
+
+    def load(key: str, path: str):
+        try:
+            return load_tokenizer(path)
+        except TokenizerError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+
+    data_tokenizer = load("data.tokenizer", cfg.data.tokenizer)
+    require(
+        data_tokenizer.vocab_size <= cfg.model.vocab_size,
+        "data.tokenizer",
+        f"{cfg.data.tokenizer} has {data_tokenizer.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}",
+    )
+    fingerprints = {"data.tokenizer": data_tokenizer.fingerprint}
+    for key, ref in (("student.checkpoint", cfg.student), ("reference.checkpoint", cfg.reference)):
+        if ref.checkpoint is None:
+            continue
+        directory = resolve_checkpoint_dir(ref.checkpoint, key)
+        if any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer.model")):
+            fingerprints[key] = load(key, directory).fingerprint
+    require(
+        len(set(fingerprints.values())) == 1,
+        "data.tokenizer",
+        f"tokenizers differ between {', '.join(fingerprints)}: student and reference must share one tokenizer",
+    )
+
+
+def _check_output_dir(cfg) -> None:
     """Refuse before anything heavy: a directory the run cannot write, or a disk without room
     for one checkpoint (the planner's estimate)."""
     from anchored_megatron.planning.memory import GIB, checkpoint_bytes

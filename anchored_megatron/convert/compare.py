@@ -69,8 +69,13 @@ def megatron_logits(chunks, tokens: torch.Tensor, model: ModelConfig) -> torch.T
 
 def hf_logits(hf_dir: str, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The reference: transformers' model with eager attention, weights-only safetensors load."""
-    from transformers import AutoModelForCausalLM
+    import sys
 
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    if not sys.stderr.isatty():  # its weight-loading bar would write \r frames into a log
+        hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, attn_implementation="eager", use_safetensors=True)
     model.eval()
     with torch.no_grad():
@@ -84,16 +89,34 @@ def compare_logits(reference: torch.Tensor, candidate: torch.Tensor) -> Comparis
 
 
 def run_compare(hf_dir: str, ckpt_dir: str, parallel: ParallelConfig, tokens: torch.Tensor, dtype: str = "fp32") -> Comparison | None:
-    """Call on every rank of a job (or alone); the reporting rank returns the Comparison."""
+    """Call on every rank of a torchrun job, or alone; the reporting rank returns the Comparison.
+
+    ``ckpt_dir`` is a checkpoint directory or a trainer output_dir (its newest checkpoint).
+    Alone, the one-rank group binds no TCP port (see ``platform.initialize``). A group made
+    here is destroyed before returning: a process that exits with a live gloo group can abort
+    in its destructors. A caller's group is left alone.
+    """
+    from anchored_megatron.platform import initialize, shutdown
+
+    if torch.distributed.is_initialized():
+        initialize(parallel)
+        return _compare(hf_dir, ckpt_dir, parallel, tokens, dtype)
+    initialize(parallel)
+    try:
+        return _compare(hf_dir, ckpt_dir, parallel, tokens, dtype)
+    finally:
+        shutdown()
+
+
+def _compare(hf_dir: str, ckpt_dir: str, parallel: ParallelConfig, tokens: torch.Tensor, dtype: str) -> Comparison | None:
     import dataclasses
 
     from megatron.core import parallel_state
 
-    from anchored_megatron.convert.megatron_io import load_megatron_weights, load_model_config
+    from anchored_megatron.convert.megatron_io import checkpoint_dir, load_megatron_weights, load_model_config
     from anchored_megatron.models.builder import build_model_chunks
-    from anchored_megatron.platform import initialize
 
-    initialize(parallel)
+    ckpt_dir = checkpoint_dir(ckpt_dir)
     # A checkpoint trained in FP8 is compared at the requested dtype without FP8.
     model = dataclasses.replace(load_model_config(ckpt_dir), params_dtype=dtype, fp8=None, fp8_bf16_first_last_layers=0)
     model.validate(parallel)

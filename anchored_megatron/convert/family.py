@@ -16,6 +16,7 @@ from anchored_megatron.convert.errors import ConvertError
 # Megatron-Core 0.16.1's RotaryEmbedding applies Llama-3 scaling with these values
 # hard-coded; only ``factor`` can be passed through.
 LLAMA3_FIXED_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,9 @@ def to_hf_config(family: Family, model: ModelConfig, dtype: str) -> dict:
         "hidden_act": "silu",
         "tie_word_embeddings": model.tie_embeddings,
         "rope_parameters": rope,
-        "dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype],
+        "initializer_range": model.init_method_std,
+        "attention_dropout": 0.0,  # the Megatron model is built without dropout
+        "dtype": HF_DTYPE_NAMES[dtype],
         **family.extra_hf_keys,
     }
     if family.model_type == "llama":

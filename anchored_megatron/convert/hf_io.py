@@ -26,15 +26,23 @@ TOKENIZER_FILES = (
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def read_config(model_dir: str) -> dict:
-    path = os.path.join(model_dir, "config.json")
+def read_json(path: str, option: str = "") -> dict:
+    """A JSON file as a dict (keys in file order); errors name ``option`` (if any) and the file."""
+    where = f"{option} {path}" if option else path
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except FileNotFoundError:
-        raise ConvertError(f"{path}: not found (expected a Hugging Face model directory)") from None
+        raise ConvertError(f"{where}: not found") from None
     except json.JSONDecodeError as exc:
-        raise ConvertError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        raise ConvertError(f"{where}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+
+
+def read_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(path):
+        raise ConvertError(f"{path}: not found (expected a Hugging Face model directory)")
+    return read_json(path)
 
 
 class HFReader:

@@ -21,6 +21,8 @@ from anchored_megatron.convert.megatron_io import (
 )
 from anchored_megatron.convert.progress import progress_bar
 from anchored_megatron.convert.registry import family_for_hf_config
+from anchored_megatron.training import manifest
+from anchored_megatron.training.checkpoint import MANIFEST_MARKER, write_manifest
 
 EXPORT_DTYPES = ("bf16", "fp32")
 
@@ -48,7 +50,7 @@ def owned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def plan(hf_dir: str, dtype: str, transformer_impl: str = "local", target: ParallelConfig | None = None) -> tuple[dict, ModelConfig, HFReader]:
+def plan(hf_dir: str, dtype: str, transformer_impl: str = "local", target: ParallelConfig | None = None) -> tuple[ModelConfig, HFReader]:
     """Validate everything that can be validated before writing: config, layout, shards."""
     check_dtype(dtype)
     hf_config = read_config(hf_dir)
@@ -64,7 +66,7 @@ def plan(hf_dir: str, dtype: str, transformer_impl: str = "local", target: Paral
     reader = HFReader(hf_dir)
     optional = {"lm_head.weight"} if model.tie_embeddings else set()
     reader.validate(hf_shapes(model), optional=optional)
-    return hf_config, model, reader
+    return model, reader
 
 
 def hf_to_megatron(
@@ -80,18 +82,20 @@ def hf_to_megatron(
 
     torch_dtype = check_dtype(dtype)
     check_empty_output(out_dir)
-    hf_config, model, reader = plan(hf_dir, dtype, transformer_impl, target)
+    model, reader = plan(hf_dir, dtype, transformer_impl, target)
     entries = {}
     all_rules = rules(model)
-    for rule in progress_bar(all_rules, "read HF", show_progress):
+    for rule in progress_bar(all_rules, "read HF", "tensor", show_progress):
         pieces = [reader.get(name) for name in rule.hf_names]
         entries[entry_name(rule)] = sharded_tensor(rule, owned(rule.to_megatron(pieces).to(torch_dtype)), model.num_layers)
         del pieces
     reader.close()
     for layer in range(model.num_layers):
         entries.update(extra_state_objects(layer, model.num_layers))
+    entries[MANIFEST_MARKER] = manifest.FORMAT
     os.makedirs(out_dir, exist_ok=True)
     with single_process_group():
         dist_checkpointing.save(entries, out_dir)
-    write_model_config(out_dir, model, hf_config)
+        write_model_config(out_dir, model, hf_config_file=os.path.join(hf_dir, "config.json"))
+        write_manifest(out_dir)
     return model

@@ -1,4 +1,6 @@
-"""The Megatron side: a dist_checkpointing (torch_dist) directory plus ``model_config.yaml``.
+"""The Megatron side: a dist_checkpointing (torch_dist) directory plus ``model_config.yaml``,
+and ``hf_config.json``, the source HF config.json byte for byte. Conversion writes it and
+every trainer checkpoint carries it on, so export writes back the config the model came with.
 
 Vocabulary padding. The converter saves ``embedding.word_embeddings.weight`` and
 ``output_layer.weight`` with exactly ``vocab_size`` rows (no padding), so the checkpoint
@@ -17,8 +19,8 @@ conversion never instantiates a model.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,9 +28,10 @@ import torch
 
 from anchored_megatron.config import ModelConfig
 from anchored_megatron.convert.errors import ConvertError
+from anchored_megatron.convert.hf_io import read_json
 from anchored_megatron.convert.mapping import EXTRA_STATE_LINEARS, Rule
 
-HF_CONFIG_NAME = "hf_config.json"  # the source config.json, kept so export can reproduce it exactly
+HF_CONFIG_NAME = "hf_config.json"  # a byte copy of the source config.json, so export can reproduce it
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -88,13 +91,48 @@ def entry_name(rule: Rule) -> str:
     return name if rule.fragment is None else f"{name}.fragment{rule.fragment[0]}"
 
 
-def write_model_config(ckpt_dir: str, model: ModelConfig, hf_config: dict | None = None) -> None:
+def write_model_config(ckpt_dir: str, model: ModelConfig, hf_config_file: str | None = None) -> None:
+    """``model_config.yaml``, plus a byte copy of ``hf_config_file`` (the HF config.json the
+    weights descend from) as ``hf_config.json`` so export can give it back unchanged."""
     from anchored_megatron.config.stored import write_model_config as write_yaml
 
     write_yaml(ckpt_dir, model)
-    if hf_config is not None:
-        with open(os.path.join(ckpt_dir, HF_CONFIG_NAME), "w", encoding="utf-8") as fh:
-            json.dump(hf_config, fh, indent=2, sort_keys=True)
+    if hf_config_file is not None:
+        shutil.copyfile(hf_config_file, os.path.join(ckpt_dir, HF_CONFIG_NAME))
+
+
+def write_trainer_model_config(ckpt_dir: str, model: ModelConfig, student_checkpoint: str | None) -> None:
+    """The model files of a trainer checkpoint ``<root>/iter_N``, carrying the HF config along.
+
+    The HF config comes from where the weights descend: the run's previous checkpoint (so a
+    resumed run keeps it), else the student's source checkpoint. Neither holding one (a
+    random-init run) leaves it out, and export synthesises a config.
+    """
+    from anchored_megatron.training.checkpoint_dirs import previous_checkpoint, resolve_checkpoint_dir
+
+    previous = previous_checkpoint(ckpt_dir)
+    source = kept_hf_config_file(previous) if previous is not None else None
+    if source is None and student_checkpoint is not None:
+        source = kept_hf_config_file(resolve_checkpoint_dir(student_checkpoint, "student.checkpoint"))
+    write_model_config(ckpt_dir, model, source)
+
+
+def kept_hf_config_file(ckpt_dir: str) -> str | None:
+    """The HF config.json kept with a checkpoint, or None when it has none."""
+    path = os.path.join(ckpt_dir, HF_CONFIG_NAME)
+    return path if os.path.isfile(path) else None
+
+
+def checkpoint_dir(path: str, iteration: int | None = None) -> str:
+    """The checkpoint ``--ckpt`` names: a checkpoint directory, or a trainer output_dir
+    (its newest checkpoint, or the one saved at step ``iteration``)."""
+    from anchored_megatron.config import ConfigError
+    from anchored_megatron.training.checkpoint_dirs import resolve_checkpoint_dir
+
+    try:
+        return resolve_checkpoint_dir(path, "--ckpt", iteration)
+    except ConfigError as exc:
+        raise ConvertError(str(exc)) from None
 
 
 def load_model_config(ckpt_dir: str) -> ModelConfig:
@@ -113,11 +151,9 @@ def load_model_config(ckpt_dir: str) -> ModelConfig:
 
 
 def load_hf_config(ckpt_dir: str) -> dict | None:
-    path = os.path.join(ckpt_dir, HF_CONFIG_NAME)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    """The HF config kept with a checkpoint (keys in their source order), or None."""
+    path = kept_hf_config_file(ckpt_dir)
+    return read_json(path) if path is not None else None
 
 
 def stored_shapes(ckpt_dir: str) -> dict[str, tuple[int, ...]]:
@@ -171,18 +207,24 @@ def _read_request(rule: Rule, data: torch.Tensor, global_shape: tuple[int, ...])
 
 
 
-def load_megatron_weights(chunks, ckpt_dir: str) -> None:
+def load_megatron_weights(chunks, ckpt_dir: str, checksums: bool = True) -> None:
     """Load a converted or trainer checkpoint into this rank's model chunks (any TP/PP/VPP).
 
     Collective: every rank of the job calls it. Only the model keys are read, so a trainer
-    checkpoint's optimizer state is left on disk.
+    checkpoint's optimizer state is left on disk. A directory with a ``manifest.json`` (a
+    trainer checkpoint) is verified against it first (checksums unless ``checksums=False``).
     """
     from megatron.core import dist_checkpointing
 
     from anchored_megatron.models.layout import unwrap
-    from anchored_megatron.training.checkpoint import model_keys, model_sharded_state_dict
+    from anchored_megatron.platform import safe_load
+    from anchored_megatron.training.checkpoint import model_keys, model_sharded_state_dict, read_checkpoint_files, verify_checkpoint
 
-    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), ckpt_dir)
+    safe_load.install()
+    safe_load.refuse_unsafe_torch_load(ckpt_dir)
+    advice = f"Re-create {ckpt_dir} (anchored-convert, or copy it again from where it came from)."
+    verify_checkpoint(ckpt_dir, checksums, advice)
+    loaded = read_checkpoint_files(ckpt_dir, "model weights (common.pt, *.distcp, .metadata)", lambda: dist_checkpointing.load(model_sharded_state_dict(chunks), ckpt_dir), advice)
     for i, (key, chunk) in enumerate(zip(model_keys(len(chunks)), chunks)):
         state = loaded[key]
         # Non-strict only for ``_extra_state`` (GPTModel drops output_layer's from its sharded dict).
@@ -199,9 +241,11 @@ def save_megatron_weights(chunks, ckpt_dir: str, model: ModelConfig) -> None:
     if torch.distributed.get_rank() == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
     torch.distributed.barrier()
-    from anchored_megatron.training.checkpoint import model_sharded_state_dict
+    from anchored_megatron.training import manifest
+    from anchored_megatron.training.checkpoint import MANIFEST_MARKER, model_sharded_state_dict, write_manifest
 
-    dist_checkpointing.save(model_sharded_state_dict(chunks), ckpt_dir)
+    dist_checkpointing.save({**model_sharded_state_dict(chunks), MANIFEST_MARKER: manifest.FORMAT}, ckpt_dir)
     if torch.distributed.get_rank() == 0:
         write_model_config(ckpt_dir, model)
     torch.distributed.barrier()
+    write_manifest(ckpt_dir)

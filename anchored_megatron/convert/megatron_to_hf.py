@@ -16,12 +16,12 @@ import torch
 
 from anchored_megatron.config import ModelConfig
 from anchored_megatron.convert.errors import ConvertError
-from anchored_megatron.convert.family import Family, to_hf_config, to_model_config
-from anchored_megatron.convert.hf_io import HFShardWriter, copy_tokenizer, read_config
+from anchored_megatron.convert.family import HF_DTYPE_NAMES, to_hf_config, to_model_config
+from anchored_megatron.convert.hf_io import HFShardWriter, copy_tokenizer, read_json
 from anchored_megatron.convert.hf_to_megatron import check_dtype, check_empty_output
 from anchored_megatron.convert.mapping import is_vocab_key, megatron_shapes, rules
 from anchored_megatron.convert.megatron_io import (
-    load_entries, load_hf_config, load_model_config, single_process_group, stored_shapes,
+    HF_CONFIG_NAME, checkpoint_dir, load_entries, load_hf_config, load_model_config, single_process_group, stored_shapes,
 )
 from anchored_megatron.convert.progress import progress_bar
 from anchored_megatron.convert.registry import family_for_hf_config, family_for_model_config
@@ -31,35 +31,46 @@ _ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_h
                 "vocab_size", "rotary_base", "rope_scaling", "norm_epsilon", "tie_embeddings", "qkv_bias", "qk_layernorm")
 
 
-def _export_config(ckpt_dir: str, model: ModelConfig, dtype: str, hf_config_source: str | None, family_name: str | None) -> tuple[dict, Family]:
-    """config.json to write: the source HF config when known (checked against the checkpoint), else synthesised."""
+def _export_config(ckpt_dir: str, model: ModelConfig, dtype: str, hf_config_source: str | None, family_name: str | None,
+                   tokenizer_dir: str | None) -> dict:
+    """config.json to write: the source HF config when known (checked against the checkpoint;
+    only its dtype changes), else one synthesised from model_config.yaml and the tokenizer."""
     if hf_config_source is not None:
-        base = read_config(hf_config_source) if os.path.isdir(hf_config_source) else _read_json(hf_config_source)
-        where = hf_config_source
+        where = os.path.join(hf_config_source, "config.json") if os.path.isdir(hf_config_source) else hf_config_source
+        base = read_json(where, "--hf-config")
     else:
-        base, where = load_hf_config(ckpt_dir), os.path.join(ckpt_dir, "hf_config.json")
+        where, base = os.path.join(ckpt_dir, HF_CONFIG_NAME), load_hf_config(ckpt_dir)
     if base is None:
         family = family_for_model_config(model, family_name)
-        return to_hf_config(family, model, dtype), family
+        return {**to_hf_config(family, model, dtype), **_special_token_ids(tokenizer_dir)}
     family = family_for_hf_config(base, where)
+    if family_name is not None and family_name != family.name:
+        raise ConvertError(f"--family {family_name}: {where} describes a {family.name} model")
     implied = to_model_config(family, base, where, dtype)
     mismatched = [f"{f}: config {getattr(implied, f)!r} vs checkpoint {getattr(model, f)!r}"
                   for f in _ARCH_FIELDS if getattr(implied, f) != getattr(model, f)]
     if mismatched:
         raise ConvertError(f"{where}: does not describe the checkpoint in {ckpt_dir}: " + "; ".join(mismatched))
     config = dict(base)
-    dtype_name = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     dtype_key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
-    config[dtype_key] = dtype_name
-    return config, family
+    config[dtype_key] = HF_DTYPE_NAMES[dtype]
+    return config
 
 
-def _read_json(path: str) -> dict:
+def _special_token_ids(tokenizer_dir: str | None) -> dict:
+    """bos/eos/pad ids for a synthesised config: the tokenizer's when given, else explicitly
+    unknown, so that transformers' per-family defaults (Llama: bos 1, eos 2) do not apply."""
+    if tokenizer_dir is None:
+        return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    from anchored_megatron.data.tokenizer import TokenizerError, load_tokenizer
+
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except FileNotFoundError:
-        raise ConvertError(f"--hf-config {path}: not found") from None
+        tokenizer = load_tokenizer(tokenizer_dir)
+    except TokenizerError as exc:
+        raise ConvertError(f"--tokenizer: {exc}") from None
+    # The tokenizer stands EOS in for a missing pad token; only a distinct pad is its own.
+    pad = tokenizer.pad_id if tokenizer.pad_id != tokenizer.eos_id else None
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": pad}
 
 
 def _check_shapes(ckpt_dir: str, model: ModelConfig, stored: dict) -> None:
@@ -84,22 +95,29 @@ def megatron_to_hf(
     family_name: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     show_progress: bool = True,
+    iteration: int | None = None,
 ) -> list[str]:
-    """Export; returns the file names written to ``out_dir``."""
+    """Export; returns the file names written to ``out_dir``.
+
+    ``ckpt_dir`` is a checkpoint directory or a trainer output_dir (its newest checkpoint,
+    or the one saved at step ``iteration``).
+    """
     torch_dtype = check_dtype(dtype)
+    ckpt_dir = checkpoint_dir(ckpt_dir, iteration)
     check_empty_output(out_dir)
     model = load_model_config(ckpt_dir)
-    hf_config, _ = _export_config(ckpt_dir, model, dtype, hf_config_source, family_name)
+    hf_config = _export_config(ckpt_dir, model, dtype, hf_config_source, family_name, tokenizer_dir)
     all_rules = rules(model)
-    # One read per layer; the non-layer tensors (embedding, final norm, output) in one read.
-    by_layer = [list(g) for _, g in itertools.groupby(sorted(all_rules, key=lambda r: -1 if r.layer is None else r.layer), key=lambda r: r.layer)]
+    outside_layers = [r for r in all_rules if r.layer is None]  # embedding, final norm, output layer
+    layers = [[r for r in all_rules if r.layer == i] for i in range(model.num_layers)]
     with single_process_group():
         stored = stored_shapes(ckpt_dir)
         _check_shapes(ckpt_dir, model, stored)
         os.makedirs(out_dir, exist_ok=True)
         writer = HFShardWriter(out_dir, max_shard_bytes)
         stored_dtype = _stored_dtype(ckpt_dir)
-        for group in progress_bar(by_layer, "export layers", show_progress):
+        # One read per layer, and one for the tensors outside the layers.
+        for group in itertools.chain([outside_layers], progress_bar(layers, "export", "layer", show_progress)):
             loaded = load_entries(ckpt_dir, group, model, stored, dtype=stored_dtype)
             for rule in group:
                 tensor = loaded.pop(rule)
@@ -110,7 +128,9 @@ def megatron_to_hf(
             del loaded
         files = writer.finish()
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as fh:
-        json.dump(hf_config, fh, indent=2, sort_keys=True)
+        # The source's key order and save_pretrained's layout: a diff against the source shows only the dtype.
+        json.dump(hf_config, fh, indent=2)
+        fh.write("\n")
     files.append("config.json")
     if tokenizer_dir is not None:
         files += copy_tokenizer(tokenizer_dir, out_dir)

@@ -1,11 +1,13 @@
-"""A progress bar that stays quiet in tests and when stderr is not a terminal-like stream."""
+"""Progress bars for the converters: shown on terminals only, never in logs or pipes."""
 
 from __future__ import annotations
 
 
-def progress_bar(items, description: str, enabled: bool = True):
+def progress_bar(items, description: str, unit: str, enabled: bool = True):
+    """``items`` with a bar on a terminal (tqdm's ``disable=None``); ``enabled=False``
+    (``--no-progress``) keeps it off everywhere."""
     if not enabled:
         return items
     from tqdm import tqdm
 
-    return tqdm(items, desc=description, unit="tensor", leave=False)
+    return tqdm(items, desc=description, unit=unit, leave=False, disable=None)

@@ -9,17 +9,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from anchored_megatron.data import chat_template
-from anchored_megatron.data.records import (
-    BAD_FIELD,
-    TOO_LONG,
-    BadRecord,
-    DataError,
-    LazyLocation,
-    Location,
-    iter_messages,
-)
+from anchored_megatron.data.records import BadRecord, DataError, Location, iter_messages
+from anchored_megatron.data.schema import BAD_FIELD
 
 _CHUNK = 512  # records tokenised per encode_batch call
+TOO_LONG = "longer than seq_length"  # a problem kind, as those of records.py and schema.py
 
 
 @dataclass
@@ -58,7 +52,7 @@ def tokenize_files(paths: list[str], tokenizer, template: str, seq_length: int, 
     for file_index, path in enumerate(paths):
         records = skipped_before = 0
         skipped_before = sum(policy.counts.values())
-        chunk: list[tuple[Location | LazyLocation, list]] = []
+        chunk: list[tuple[Location, list]] = []
 
         def flush():
             nonlocal truncated

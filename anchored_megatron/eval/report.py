@@ -81,12 +81,6 @@ def general_at_target(points: list[tuple[float, float, float]], level: float) ->
     return None
 
 
-def _fmt(value, spec=".3f") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return format(value, spec)
-
-
 def _pm(values: list[float], spec=".3f") -> str:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
@@ -148,7 +142,7 @@ def markdown_tables(runs: list[dict], title: str = "") -> str:
 
 
 def bar_verdict(summaries: list[dict]) -> str:
-    """The issue's bar: anchored degradation <= half of SFT's at >= 90% of SFT's gain (means over runs)."""
+    """The method's claim as a bar: anchored degradation <= half of SFT's at >= 90% of SFT's gain (means over runs)."""
     if not all("anchored" in s and "sft" in s for s in summaries):
         return "Bar (anchored vs SFT): not evaluated (anchored or SFT missing)."
     mean = lambda key, m: statistics.mean(s[m][key] for s in summaries)  # noqa: E731

@@ -115,13 +115,25 @@ def anchored_loss_func(batch: dict, frozen_outputs: list, stage: StageLoss, voca
 class AnchoredLearning:
     """Anchored Learning (or a baseline objective of ``AnchorConfig``) for a Megatron-LM loop.
 
-    ``reference``: a checkpoint directory (``anchored-convert`` output or a trainer checkpoint,
-    read with ``convert.load_megatron_weights``) or ``fn(reference_chunk)`` that loads the
-    frozen reference's weights into the chunk built for this rank. None leaves the reference
-    as built (tests only).
-    ``vocab_size``: the tokenizer's true vocabulary; padded logit columns beyond it are masked.
-    ``fused_output_loss`` / ``fused_output_chunk_tokens``: as ``model.fused_output_loss`` and
-    ``model.fused_output_chunk_tokens`` (None: chunk from the memory budget).
+    Args:
+        anchor: the objective and its settings (validated here; ConfigError names the option).
+        vocab_size: the tokenizer's real vocabulary; padded logit columns beyond it are masked.
+        reference: where the frozen reference's weights come from, for objectives that use one:
+            a checkpoint directory (``anchored-convert`` output or a trainer checkpoint, read
+            with ``convert.load_megatron_weights``) or ``fn(reference_chunk)`` that loads them
+            into the chunk built for this rank. None leaves the reference as built (randomly
+            initialised: for tests).
+        steps_per_iteration: optimizer steps per outer iteration; with ``current_step`` it
+            decides when the snapshot is refreshed and the alpha schedule advances. Give both
+            or neither (then call ``begin_iteration`` yourself).
+        current_step: returns the completed optimizer steps, e.g.
+            ``lambda: get_args().curr_iteration``.
+        get_batch: ``get_batch(data_iterator)`` returns a microbatch, as a dict or Megatron-LM's
+            ``get_batch`` tuple (see ``default_get_batch``).
+        fused_output_loss: as ``model.fused_output_loss``: the last stage's models return final
+            hidden states and the loss makes the logits one token chunk at a time.
+        fused_output_chunk_tokens: as ``model.fused_output_chunk_tokens`` (None: from the
+            memory budget).
     """
 
     def __init__(

@@ -2,8 +2,8 @@
 
 Names are "canonical" when they use the global layer index (``decoder.layers.7``)
 rather than the index inside this rank's pipeline chunk, and tensors are "full"
-when they hold the whole TP=1 tensor. Converters, tests and weight copies between
-layouts go through these two helpers instead of re-deriving Megatron's layout.
+when they hold the whole TP=1 tensor. Converters go through these helpers instead of
+re-deriving Megatron's layout.
 """
 
 from __future__ import annotations
@@ -43,16 +43,6 @@ def partition_dim(param: torch.Tensor) -> int | None:
     return None
 
 
-def full_shape(param: torch.Tensor, tp_size: int) -> torch.Size:
-    """The TP=1 shape of a parameter whose local slice is ``param``."""
-    dim = partition_dim(param)
-    if dim is None:
-        return param.shape
-    shape = list(param.shape)
-    shape[dim] *= tp_size
-    return torch.Size(shape)
-
-
 def shard(full: torch.Tensor, name: str, param: torch.Tensor, tp_rank: int, tp_size: int, gated: bool = True) -> torch.Tensor:
     """This TP rank's slice of ``full`` for the parameter ``param`` named ``name``."""
     dim = partition_dim(param)
@@ -74,42 +64,3 @@ def unshard(shards: list[torch.Tensor], name: str, param: torch.Tensor, gated: b
         halves = [s.chunk(2, dim=0) for s in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
     return torch.cat(shards, dim=dim)
-
-
-def gather_full(tensor: torch.Tensor, name: str, param: torch.Tensor | None = None, group=None) -> torch.Tensor:
-    """All-gather the TP slices of ``tensor`` into the full tensor (on every rank of ``group``).
-
-    ``tensor`` is the parameter ``param`` itself or laid out like it (its grad, an optimizer
-    moment); the split dimension is read from ``param``.
-    """
-    from megatron.core import parallel_state
-
-    param = tensor if param is None else param
-    group = group or parallel_state.get_tensor_model_parallel_group()
-    size = torch.distributed.get_world_size(group)
-    if partition_dim(param) is None or size == 1:
-        return tensor.detach().clone()
-    pieces = [torch.empty_like(tensor) for _ in range(size)]
-    torch.distributed.all_gather(pieces, tensor.detach().contiguous(), group=group)
-    return unshard(pieces, name, param)
-
-
-def load_full_state(chunks, full_state: dict[str, torch.Tensor], strict: bool = True) -> None:
-    """Copy canonical full tensors into this rank's chunks (TP slice + pipeline placement)."""
-    from megatron.core import parallel_state
-
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    with torch.no_grad():
-        for chunk in chunks:
-            for local_name, param in unwrap(chunk).named_parameters():
-                name = canonical_name(chunk, local_name)
-                if name not in full_state:
-                    if name == "output_layer.weight" and "embedding.word_embeddings.weight" in full_state:
-                        # Tied embeddings: the last stage's copy of the embedding.
-                        name = "embedding.word_embeddings.weight"
-                    elif strict:
-                        raise KeyError(f"no tensor for parameter {name}")
-                    else:
-                        continue
-                param.copy_(shard(full_state[name], name, param, tp_rank, tp_size))

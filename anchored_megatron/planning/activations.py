@@ -18,8 +18,8 @@ Local spec (``get_gpt_layer_local_spec``, torch RMSNorm, unfused attention):
     and bf16, t = 1 and 2): the TP-split part matched exactly, the rest within 2%;
     tests/planning checks it on another shape.
 
-Transformer Engine spec (flash attention, norms fused into LayerNormLinear; not measured
-here, since TE cannot run on CPU):
+Transformer Engine spec (flash attention, norms fused into LayerNormLinear; derived, not
+calibrated, since the calibration runs on CPU where TE does not):
     per token   beta (4 h / t_sp + ((a + 2 g) d + a d + 5 F) / t) + 4 (2 + a / t)
     no s^2 term (flash attention saves q, k, v, the output and a softmax log-sum-exp only).
 

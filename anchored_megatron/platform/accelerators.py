@@ -19,11 +19,6 @@ INSTALL_TRANSFORMER_ENGINE = (
     "`pip install --no-build-isolation 'transformer_engine[pytorch]'` (it compiles against the installed "
     "PyTorch and CUDA), or run in an NVIDIA PyTorch container (nvcr.io/nvidia/pytorch:<yy.mm>-py3), which ships it"
 )
-INSTALL_APEX = (
-    "optional: build NVIDIA apex with its CUDA extensions: `pip install -v --no-build-isolation "
-    "--config-settings '--build-option=--cpp_ext' --config-settings '--build-option=--cuda_ext' "
-    "git+https://github.com/NVIDIA/apex` (the NVIDIA PyTorch containers ship it)"
-)
 
 # apex's compiled extensions Megatron-Core uses, by what they fuse.
 APEX_EXTENSIONS = {

@@ -34,11 +34,21 @@ def initialize(
     seed: int = 1234,
     timeout_minutes: float = 30.0,
 ) -> RuntimeInfo:
-    """Initialise torch.distributed (from torchrun's env vars), Megatron parallel state and RNGs.
+    """Start torch.distributed, Megatron's parallel state (``parallel``) and the RNGs (``seed``).
 
-    On a machine without CUDA, Megatron-Core's CUDA assumptions are neutralised first
-    and the gloo backend is used; with CUDA, NCCL and the local GPU are used and
-    nothing is patched.
+    Reads torchrun's RANK, WORLD_SIZE and LOCAL_RANK (defaults 0, 1, 0: one process) and, for
+    the rendezvous, MASTER_ADDR and MASTER_PORT, set to 127.0.0.1 and 29500 when absent. A
+    process that runs alone (WORLD_SIZE 1, no MASTER_PORT) meets on an in-memory store instead
+    and binds no port, so single-process runs never collide on a shared machine. With
+    CUDA: NCCL on GPU LOCAL_RANK. Without CUDA: gloo on CPU, after the CPU shim
+    (``cpu_shim``) maps Megatron-Core's CUDA placements, streams, events and RNG tracker to
+    CPU. Either way two patches are installed: the distributed optimizer's fixes for torch
+    AdamW (``optimizer_fixes``; only when Megatron runs without apex and Transformer Engine),
+    and checkpoint metadata unpickled through an allow-list instead of plain pickle
+    (``safe_load``). An existing process group is kept; Megatron's parallel state is rebuilt
+    on every call. ``timeout_minutes`` is the process group's timeout for collectives. Returns
+    this process's RuntimeInfo (rank, device, backend, data-parallel size); raises
+    ConfigError when ``parallel`` does not fit WORLD_SIZE.
     """
     from megatron.core import parallel_state
 
@@ -51,6 +61,11 @@ def initialize(
     local_rank = _env_int("LOCAL_RANK", 0)
     parallel.validate(world_size)
 
+    if parallel.tp > 1:
+        # Megatron's tensor-parallel layers overlap their all-reduce with compute only when the GPU
+        # runs kernels in issue order; Megatron-LM's launch scripts set this, and Megatron warns
+        # without it. Read when CUDA starts, so set before set_device; a user's value is kept.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if shim_active:
         device, backend = torch.device("cpu"), "gloo"
     else:
@@ -58,10 +73,15 @@ def initialize(
         device, backend = torch.device("cuda", local_rank), "nccl"
 
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        store = None
+        if world_size == 1 and not os.environ.get("MASTER_PORT"):
+            store = torch.distributed.HashStore()
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
         torch.distributed.init_process_group(
             backend=backend,
+            store=store,
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),

@@ -1,15 +1,28 @@
-"""Checkpoint metadata is read without executing arbitrary pickle.
+"""Checkpoints are read without executing arbitrary pickle.
 
-torch.distributed.checkpoint stores each checkpoint's ``.metadata`` as a pickle and reads it
-with ``pickle.load``; a crafted file could run code on every rank that loads it. Tensor data
-and the common state already go through ``torch.load(weights_only=True)``. This module swaps
-the metadata read for an unpickler that only builds the checkpoint-metadata classes torch
-writes there (plus torch.Size and dtypes) and refuses any other global, naming it.
+Three places in a dist_checkpointing load unpickle data from the checkpoint:
+
+- torch.distributed.checkpoint's ``.metadata`` is read with ``pickle.load``: swapped for an
+  unpickler that only builds the checkpoint-metadata classes torch writes there (plus
+  torch.Size and dtypes) and refuses any other global, naming it.
+- Megatron's ``common.pt`` is read with ``torch.load`` without ``weights_only``, so its safety
+  rests on torch's default (weights-only since 2.6) and ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``
+  turns it into a full unpickle: the common-state strategy is replaced by one that passes
+  ``weights_only=True`` (which that variable cannot override).
+- ShardedObjects inside the ``.distcp`` shards go through the torch planner's ``load_bytes``,
+  which calls ``torch.load(weights_only=False)`` unconditionally: every object is first
+  unpickled weights-only (refusing any global outside torch's allowlist) before Megatron's
+  planner builds it.
+
+On top of that, ``refuse_unsafe_torch_load`` refuses to load a checkpoint at all while
+``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set: any remaining default ``torch.load`` (Megatron's,
+a library's) would then run arbitrary code from the files.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import pickle
 
 import torch
@@ -27,12 +40,18 @@ _ALLOWED_GLOBALS = {
     ("builtins", "frozenset"),
     ("builtins", "slice"),
 }
+FORCE_UNSAFE_VARIABLE = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+_TRUE = ("1", "y", "yes", "true")  # the values torch.load treats as set
 
 _installed = False
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
     pass
+
+
+class UnsafeLoadSettingError(RuntimeError):
+    """The environment would make torch.load unpickle arbitrary objects."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -65,12 +84,54 @@ class _PickleModule:
         return restricted_load(io.BytesIO(data))
 
 
+def refuse_unsafe_torch_load(path: str) -> None:
+    """Raise when ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` would let ``torch.load`` run code from ``path``."""
+    if os.environ.get(FORCE_UNSAFE_VARIABLE, "0").lower() in _TRUE:
+        raise UnsafeLoadSettingError(
+            f"{FORCE_UNSAFE_VARIABLE} is set: torch.load would unpickle arbitrary objects, so a crafted "
+            f"file in {path} could run code; refusing to load it. Unset {FORCE_UNSAFE_VARIABLE}."
+        )
+
+
+def _weights_only_common_strategy():
+    from megatron.core.dist_checkpointing.mapping import CheckpointingException
+    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonLoadStrategy
+    from megatron.core.msc_utils import MultiStorageClientFeature
+
+    class WeightsOnlyCommonLoadStrategy(TorchCommonLoadStrategy):
+        def load_common(self, checkpoint_dir):
+            if MultiStorageClientFeature.is_enabled():
+                return super().load_common(checkpoint_dir)
+            path = os.path.join(checkpoint_dir, COMMON_STATE_FNAME)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except FileNotFoundError as exc:
+                raise CheckpointingException(f"Common file {path} does not exist") from exc
+
+    return WeightsOnlyCommonLoadStrategy()
+
+
+def _weights_only_first(load_bytes):
+    def checked_load_bytes(self, read_item, value):
+        # Older Transformer Engine versions store their extra state as a BytesIO (inert bytes).
+        with torch.serialization.safe_globals([io.BytesIO]):
+            torch.load(value, weights_only=True)
+        value.seek(0)
+        return load_bytes(self, read_item, value)
+
+    return checked_load_bytes
+
+
 def install() -> None:
-    """Route torch.distributed.checkpoint's metadata reads through the restricted unpickler."""
+    """Route every unpickling step of a dist_checkpointing load through a restricted loader."""
     global _installed
     if _installed:
         return
+    from megatron.core.dist_checkpointing.strategies.base import StrategyAction, register_default_strategy
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreLoadPlanner
     from torch.distributed.checkpoint import filesystem
 
     filesystem.pickle = _PickleModule
+    register_default_strategy(StrategyAction.LOAD_COMMON, "torch", 1, _weights_only_common_strategy())
+    MCoreLoadPlanner.load_bytes = _weights_only_first(MCoreLoadPlanner.load_bytes)
     _installed = True

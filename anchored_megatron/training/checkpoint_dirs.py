@@ -9,7 +9,7 @@ import os
 from anchored_megatron.config.errors import ConfigError
 
 LATEST = "latest"
-CHECKPOINTS_SUBDIR = "checkpoints"
+RUN_CHECKPOINTS = "checkpoints"  # the checkpoint root inside a trainer output_dir
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -21,41 +21,62 @@ def iterations(root: str) -> list[int]:
     return sorted(int(n[len("iter_"):]) for n in os.listdir(root) if n.startswith("iter_") and not n.endswith(".tmp"))
 
 
-def latest_checkpoint(root: str) -> str | None:
-    """The checkpoint ``root/latest`` names, or None when there is no pointer."""
+def latest_name(root: str) -> str | None:
+    """What ``root/latest`` says (a checkpoint's folder name), or None when there is no pointer."""
     pointer = os.path.join(root, LATEST)
     if not os.path.exists(pointer):
         return None
     with open(pointer, encoding="utf-8") as fh:
-        name = fh.read().strip()
+        return fh.read().strip()
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The checkpoint ``root/latest`` names, or None when there is no pointer."""
+    name = latest_name(root)
+    if name is None:
+        return None
     path = os.path.join(root, name)
     if not name or not os.path.isdir(path):
-        raise FileNotFoundError(f"{pointer}: points at {name!r}, which does not exist")
+        raise FileNotFoundError(f"{os.path.join(root, LATEST)}: points at {name!r}, which does not exist")
     return path
 
 
-def checkpoint_root(path: str) -> str | None:
-    """The folder holding ``latest`` for a trainer output dir or its ``checkpoints/``; None otherwise."""
-    for candidate in (path, os.path.join(path, CHECKPOINTS_SUBDIR)):
-        if os.path.exists(os.path.join(candidate, LATEST)):
-            return candidate
-    return None
+def previous_checkpoint(path: str) -> str | None:
+    """The newest complete checkpoint saved before ``path`` (an ``iter_N``) in its root, or None."""
+    root, name = os.path.split(os.path.normpath(path))
+    current = int(name[len("iter_"):].removesuffix(".tmp"))
+    earlier = [n for n in iterations(root) if n < current]
+    return os.path.join(root, checkpoint_name(earlier[-1])) if earlier else None
 
 
 def resolve_checkpoint_dir(path: str, key: str, iteration: int | None = None) -> str:
-    """One checkpoint directory from ``path``: a checkpoint itself, or a trainer output whose
-    ``latest`` names one (``iteration`` picks another of its checkpoints). ``key`` names the
-    option in errors."""
-    root = checkpoint_root(path)
-    if root is not None:
+    """The one checkpoint directory that ``path`` (the value of option ``key``) names.
+
+    ``path`` is a checkpoint (a directory with ``metadata.json``: a converted one, or one
+    ``iter_N`` of a run), a checkpoint root holding ``latest``, or a trainer output_dir
+    (whose root is ``checkpoints/``). A root gives its newest complete checkpoint, or the
+    one saved at step ``iteration``.
+    """
+    if not os.path.isdir(path):
+        raise ConfigError(f"{key}: {path}: no such directory")
+    roots = [c for c in (path, os.path.join(path, RUN_CHECKPOINTS)) if os.path.isfile(os.path.join(c, LATEST))]
+    if roots:
+        root = roots[0]
         if iteration is None:
-            return latest_checkpoint(root)
+            try:
+                return latest_checkpoint(root)
+            except FileNotFoundError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
         available = iterations(root)
         if iteration not in available:
-            raise ConfigError(f"{key}: {path}: has no checkpoint of iteration {iteration} (available: {', '.join(map(str, available)) or 'none'})")
+            listed = ", ".join(str(n) for n in available) or "none"
+            raise ConfigError(f"{key}: {root} holds no checkpoint of iteration {iteration} (available iterations: {listed})")
         return os.path.join(root, checkpoint_name(iteration))
-    if os.path.exists(os.path.join(path, "metadata.json")):
+    if os.path.isfile(os.path.join(path, "metadata.json")):
         if iteration is not None:
-            raise ConfigError(f"{key}: {path} is one checkpoint; an iteration can only be chosen in a trainer output directory")
+            raise ConfigError(f"{key}: {path} is a single checkpoint; iteration {iteration} can only be chosen in a trainer output_dir")
         return path
-    raise ConfigError(f"{key}: {path}: not a checkpoint (no metadata.json and no '{LATEST}' pointer)")
+    raise ConfigError(
+        f"{key}: {path}: not a checkpoint (expected a checkpoint directory with metadata.json, "
+        f"or a trainer output_dir whose {RUN_CHECKPOINTS}/{LATEST} names one)"
+    )

@@ -51,24 +51,29 @@ def build_optimizer(wrapped_chunks, cfg: OptimConfig, params_dtype: torch.dtype,
 
 
 def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int):
+    """The LR of update k (1-based) of ``total_steps`` with W = round(warmup_fraction x total_steps)
+    warm-up steps: lr x k / W while k <= W, then the decay from lr toward min_lr, reaching min_lr
+    one step after the last update, so every update (the last included) moves the weights
+    even when min_lr is 0."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     total_steps = max(1, total_steps)
-    warmup = min(int(round(cfg.warmup_fraction * total_steps)), total_steps - 1)
+    warmup = int(round(cfg.warmup_fraction * total_steps))  # < total_steps + 1, as Megatron requires
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if warmup else cfg.lr,
         max_lr=cfg.lr,
         min_lr=cfg.min_lr if cfg.lr_schedule != "constant" else cfg.lr,
         lr_warmup_steps=warmup,
-        lr_decay_steps=total_steps if cfg.lr_schedule != "constant" else warmup + 1,
+        lr_decay_steps=total_steps + 1 if cfg.lr_schedule != "constant" else warmup + 1,
         lr_decay_style=cfg.lr_schedule,
         start_wd=cfg.weight_decay,
         end_wd=cfg.weight_decay,
         wd_incr_steps=total_steps,
         wd_incr_style="constant",
     )
-    # Megatron's warm-up gives lr = 0 at step 0; start at step 1 so no update is wasted.
+    # Megatron's scheduler gives the LR of its step count; update k runs at count k (count 0 is
+    # the warm-up's lr 0), and the trainer steps the scheduler after each update.
     scheduler.step(increment=1)
     return scheduler
 
@@ -83,6 +88,35 @@ def reset_optimizer_state(optimizer) -> None:
             for key, value in state.items():
                 if torch.is_tensor(value):
                     value.zero_()
+
+
+# The scheduler's saved fields that come from options, and the option each comes from.
+_SCHEDULE_OPTIONS = (
+    ("max_lr", "optim.lr"),
+    ("min_lr", "optim.min_lr"),
+    ("lr_decay_style", "optim.lr_schedule"),
+    ("lr_warmup_steps", "optim.warmup_fraction"),
+    ("start_wd", "optim.weight_decay"),
+)
+
+
+def check_resumed_schedule(scheduler, saved: dict, checkpoint: str) -> None:
+    """Refuse to resume with optimizer options other than those the checkpoint trained with.
+
+    Megatron's scheduler keeps the checkpoint's values on load and ignores the ones it was
+    built with, so a changed ``optim.lr`` would be dropped without a word.
+    """
+    from anchored_megatron.config import ConfigError
+
+    for field, option in _SCHEDULE_OPTIONS:
+        mine, theirs = getattr(scheduler, field), saved.get(field)
+        if theirs is not None and mine != theirs:
+            what = f"warm-up steps {mine} (optim.warmup_fraction x the run's steps)" if field == "lr_warmup_steps" else f"{mine!r}"
+            raise ConfigError(
+                f"{option}: gives {what}, but {checkpoint} was trained with {theirs!r}; a resumed run keeps the "
+                f"schedule it started with: set {option} back, or start a new run (another output_dir) from this "
+                "checkpoint as student.checkpoint"
+            )
 
 
 def load_scheduler_state(scheduler, state: dict) -> None:

@@ -62,15 +62,6 @@ def copy_weights(source_chunks, target_chunks) -> None:
             param.copy_(src[name])
 
 
-def weights_equal(a_chunks, b_chunks) -> bool:
-    for a, b in zip(a_chunks, b_chunks, strict=True):
-        b_params = dict(unwrap(b).named_parameters())
-        for name, param in unwrap(a).named_parameters():
-            if not torch.equal(param, b_params[name]):
-                return False
-    return True
-
-
 class RoleStack(torch.nn.Module):
     """One pipeline chunk of the student plus the same chunk of each frozen role.
 

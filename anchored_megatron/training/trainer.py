@@ -8,6 +8,7 @@ and steps the optimizer unless the loss was not finite.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
@@ -15,18 +16,24 @@ import time
 
 import torch
 
+from anchored_megatron.anchor import fused_passes
 from anchored_megatron.config import ConfigError, RunConfig
 from anchored_megatron.training import checkpoint as ckpt
 from anchored_megatron.training.checkpoint_dirs import resolve_checkpoint_dir
 from anchored_megatron.training.forward_step import SUM_NAMES, make_forward_step
 from anchored_megatron.training.metrics_log import MetricsLog
 from anchored_megatron.training.objectives import stage_loss
-from anchored_megatron.training.optim import load_scheduler_state
+from anchored_megatron.training.optim import check_resumed_schedule, load_scheduler_state
 from anchored_megatron.training.roles import RoleStack, adjust_tensor_shapes_for, copy_weights, freeze, output_fusion
+from anchored_megatron.training.run_files import TrainLog, write_run_config
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+def _number(value, spec: str) -> str:
+    return "n/a" if value is None or value != value else format(value, spec)
 
 
 @dataclasses.dataclass
@@ -50,19 +57,29 @@ class Trainer:
 
     # ---- set-up -------------------------------------------------------------------------
     def setup(self) -> None:
-        from megatron.core import parallel_state
-
-        from anchored_megatron.data import EpochSampler, build_sft_dataset, load_tokenizer
         from anchored_megatron.platform import initialize
+        from anchored_megatron.platform.run_lock import hold_output_dir
 
         cfg = self.cfg
         self.runtime = initialize(cfg.parallel, seed=cfg.seed)
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(
-                f"data.tokenizer: {cfg.data.tokenizer} has {self.tokenizer.vocab_size} tokens but model.vocab_size is {cfg.model.vocab_size}"
-            )
-        self._check_checkpoint_tokenizers()
+        self.is_logging_rank = self.runtime.rank == 0  # metrics are all-reduced, so every rank holds them
+        # Before anything heavy: a second launch into a directory in use stops here, on every rank.
+        self.output_lock = hold_output_dir(cfg.output_dir)
+        self.train_log = TrainLog(cfg.output_dir) if self.is_logging_rank else None
+        try:
+            with self._printing():
+                self._setup_run()
+        except BaseException:
+            self._close()
+            raise
+
+    def _setup_run(self) -> None:
+        from megatron.core import parallel_state
+
+        from anchored_megatron.data import EpochSampler, build_sft_dataset, load_tokenizer
+
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)  # validate() checked it against the model and checkpoints
         self.dataset = build_sft_dataset(
             cfg.data, self.tokenizer, cfg.model.seq_length, seed=cfg.seed,
             rank=self.runtime.rank, world_size=self.runtime.world_size, barrier=torch.distributed.barrier,
@@ -78,23 +95,20 @@ class Trainer:
         self.total_steps = self.steps_per_iteration * anchor.outer_iterations
         # max_steps stops the run early without changing the schedule (LR, stages) it follows.
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
-        self.is_logging_rank = self.runtime.rank == 0  # metrics are all-reduced, so every rank holds them
         self._build_roles()
 
-    def _check_checkpoint_tokenizers(self) -> None:
-        """Student and reference must share one tokenizer: compare any tokenizer shipped with them."""
-        from anchored_megatron.data import load_tokenizer
+    def _printing(self):
+        """What the logging rank prints also goes to output_dir/train.log."""
+        return self.train_log.copying() if self.train_log is not None else contextlib.nullcontext()
 
-        fingerprints = {}
-        for key, ref in (("student.checkpoint", self.cfg.student), ("reference.checkpoint", self.cfg.reference)):
-            if ref.checkpoint is None:
-                continue
-            directory = resolve_checkpoint_dir(ref.checkpoint, key)
-            if any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer.model")):
-                fingerprints[key] = load_tokenizer(directory).fingerprint
-        fingerprints["data.tokenizer"] = self.tokenizer.fingerprint
-        if len(set(fingerprints.values())) > 1:
-            raise ConfigError(f"tokenizers differ between {', '.join(fingerprints)}: student and reference must share one tokenizer")
+    def _close(self) -> None:
+        fused_passes.report_compiles_to(None)
+        if getattr(self, "log", None) is not None:
+            self.log.close()
+        if self.train_log is not None:
+            self.train_log.close()
+        if self.output_lock is not None:
+            self.output_lock.release()
 
     def _build_roles(self) -> None:
         from megatron.core.distributed import finalize_model_grads
@@ -128,46 +142,105 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------
     def _load_initial_weights(self) -> Progress:
         """Resume from our own latest checkpoint, else start from the base; the reference is
-        always re-loaded from its own checkpoint."""
+        always re-loaded from its own checkpoint (and must be the one the run was trained with)."""
         from anchored_megatron.convert import load_megatron_weights
 
         cfg = self.cfg
-        if self.reference is not None and cfg.reference.checkpoint:
-            load_megatron_weights(self.reference, resolve_checkpoint_dir(cfg.reference.checkpoint, "reference.checkpoint"))
-        elif self.reference is not None:
+        checksums = cfg.train.verify_checkpoint_checksums
+        self.reference_identity = self._reference_identity()
+        if self.reference is not None and not cfg.reference.checkpoint:
             copy_weights(self.student, self.reference)  # random-init runs (tests): reference = the initial student
         latest = ckpt.latest_checkpoint(self.ckpt_root) if os.path.isdir(self.ckpt_root) else None
-        if latest is None:
-            if cfg.student.checkpoint:
-                load_megatron_weights(self.student, resolve_checkpoint_dir(cfg.student.checkpoint, "student.checkpoint"))
-                # The DDP/optimizer main params were copied at construction: refresh them.
-                self.optimizer.reload_model_params()
-            return Progress()
-        state = ckpt.load_checkpoint(latest, self.wrapped, self.optimizer, rank_state_loader=self._restore_rank_state)
+        progress = self._resume(latest) if latest is not None else None
+        if self.reference is not None and cfg.reference.checkpoint:
+            load_megatron_weights(self.reference, resolve_checkpoint_dir(cfg.reference.checkpoint, "reference.checkpoint"), checksums)
+        if progress is not None:
+            return progress
+        if cfg.student.checkpoint:
+            load_megatron_weights(self.student, resolve_checkpoint_dir(cfg.student.checkpoint, "student.checkpoint"), checksums)
+            # The DDP/optimizer main params were copied at construction: refresh them.
+            self.optimizer.reload_model_params()
+        return Progress()
+
+    def _resume(self, latest: str) -> Progress:
+        checksums = self.cfg.train.verify_checkpoint_checksums
+        state = ckpt.load_checkpoint(
+            latest, self.wrapped, self.optimizer, rank_state_loader=self._restore_rank_state,
+            checksums=checksums, check_common=lambda common: self._check_resume(common, latest), message=self.log.message,
+        )
         progress = Progress(**state["progress"])
         self.sampler.load_state_dict(progress.sampler)
         load_scheduler_state(self.scheduler, progress.scheduler)
         if self.snapshot is not None and progress.step % self.steps_per_iteration != 0:
             iteration = progress.step // self.steps_per_iteration
-            ckpt.load_checkpoint(os.path.join(self.snapshot_root, ckpt.checkpoint_name(iteration)), self.snapshot)
+            ckpt.load_checkpoint(
+                os.path.join(self.snapshot_root, ckpt.checkpoint_name(iteration)), self.snapshot, checksums=checksums,
+                advice=f"The snapshot of outer iteration {iteration} is needed to resume at step {progress.step}: resume from a "
+                f"checkpoint saved before that iteration (anchored-checkpoint list {self.ckpt_root}, then anchored-checkpoint use).",
+                message=self.log.message,
+            )
         self.log.message(f"resumed from {latest} at step {progress.step}")
         return progress
 
-    def _save(self, progress: Progress) -> None:
-        from anchored_megatron.convert.megatron_io import write_model_config
+    def _reference_identity(self) -> dict | None:
+        """The reference as a resumed run must find it again: resolved path + metadata digest
+        (computed on rank 0: the metadata of a large checkpoint is tens of MB)."""
+        from anchored_megatron.training.manifest import metadata_digest
+
+        cfg = self.cfg
+        if self.reference is None or not cfg.reference.checkpoint:
+            return None
+        identity = None
+        if self.runtime.rank == 0:
+            directory = os.path.realpath(resolve_checkpoint_dir(cfg.reference.checkpoint, "reference.checkpoint"))
+            identity = {"path": directory, "digest": metadata_digest(directory)}
+        box = [identity]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _check_resume(self, common: dict, checkpoint: str) -> None:
+        """Before any tensor is read: the resumed run must train as the saved one did."""
+        check_resumed_schedule(self.scheduler, common["progress"]["scheduler"], checkpoint)
+        self._check_reference(common)
+
+    def _check_reference(self, common: dict) -> None:
+        if "reference" not in common:  # written before references were recorded
+            return
+        saved, current = common["reference"], self.reference_identity
+        if saved == current:
+            return
+        change = f"it was trained against {_describe_reference(saved)}, the config now gives {_describe_reference(current)}"
+        if not self.cfg.train.allow_reference_change:
+            raise ConfigError(
+                f"reference.checkpoint: the run in {self.cfg.output_dir} cannot resume with another reference: {change}. "
+                "Point reference.checkpoint back at the original, or set train.allow_reference_change=true to continue with this one."
+            )
+        self.log.message(f"train.allow_reference_change: resuming with another reference: {change}")
+
+    def _save(self, progress: Progress) -> str:
+        from anchored_megatron.convert.megatron_io import write_trainer_model_config
 
         progress.sampler = self.sampler.state_dict()
         progress.scheduler = self.scheduler.state_dict()
-        common = {"progress": dataclasses.asdict(progress), "layout": self._layout()}
-        path = ckpt.save_checkpoint(self.ckpt_root, progress.step, self.wrapped, self.optimizer, common, rank_state=self._rank_state())
+        common = {"progress": dataclasses.asdict(progress), "layout": self._layout(), "reference": self.reference_identity}
+        path = ckpt.save_checkpoint(
+            self.ckpt_root, progress.step, self.wrapped, self.optimizer, common, rank_state=self._rank_state(),
+            add_files=lambda directory: write_trainer_model_config(directory, self.cfg.model, self.cfg.student.checkpoint),
+        )
         if self.runtime.rank == 0:
-            write_model_config(path, self.cfg.model)
             ckpt.prune(self.ckpt_root, keep=self.cfg.train.keep_checkpoints)
             if self.snapshot is not None:
                 # A snapshot is needed while any kept checkpoint lies inside its iteration.
                 oldest = min(ckpt.iterations(self.ckpt_root))
                 ckpt.prune_below(self.snapshot_root, oldest // self.steps_per_iteration)
         torch.distributed.barrier()
+        self.log.message(f"saved checkpoint {os.path.basename(path)} -> {path}")
+        return path
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        # Without a reference (sft) there is no divergence: its metrics would be undefined.
+        return SUM_NAMES[:-1] if self.cfg.anchor.needs_reference else ("loss",)
 
     def _layout(self) -> list[int]:
         return [self.cfg.parallel.tp, self.cfg.parallel.pp, self.runtime.data_parallel_size]
@@ -193,15 +266,21 @@ class Trainer:
     def _begin_iteration(self, iteration: int, progress: Progress) -> None:
         """At a boundary: snapshot <- student (kept on disk for mid-iteration resumes), and
         a fresh optimizer + schedule when configured."""
+        anchor = self.cfg.anchor
+        events = [f"alpha {stage_loss(anchor, iteration).alpha:g}"] if anchor.objective == "anchored" else []
         if self.snapshot is not None:
             copy_weights(self.student, self.snapshot)
             ckpt.save_checkpoint(self.snapshot_root, iteration, self.snapshot)
-        if self.cfg.anchor.reset_optimizer_per_iteration and iteration != progress.optimizer_stage:
+            events.append("snapshot refreshed from the student")
+        if anchor.reset_optimizer_per_iteration and iteration != progress.optimizer_stage:
             from anchored_megatron.training.optim import build_scheduler, reset_optimizer_state
 
             reset_optimizer_state(self.optimizer)
             self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.steps_per_iteration)
             progress.optimizer_stage = iteration
+            events.append("optimizer state and LR schedule reset")
+        self.log.message(f"outer iteration {iteration + 1}/{anchor.outer_iterations} from step {progress.step}"
+                         + (": " + ", ".join(events) if events else ""))
 
     # ---- one step ---------------------------------------------------------------------------
     def _microbatches(self) -> list[dict]:
@@ -236,12 +315,14 @@ class Trainer:
         sums = self._reduce_sums(outputs)
         finite = bool(torch.isfinite(sums[0]).item())
         grad_norm = float("nan")
+        lr = self.optimizer.param_groups[0]["lr"]  # what this update uses; the scheduler then moves on
         if finite:
             _, grad_norm, _ = self.optimizer.step()
             self.scheduler.step(increment=1)
         tokens = max(sums[-1].item(), 1.0)
-        record = {name: (sums[i] / tokens).item() for i, name in enumerate(SUM_NAMES[:-1])}
-        record.update(response_tokens=int(sums[-1].item()), grad_norm=float(grad_norm) if grad_norm is not None else None, finite=finite)
+        record = {name: (sums[SUM_NAMES.index(name)] / tokens).item() for name in self.metric_names}
+        record.update(response_tokens=int(sums[-1].item()), grad_norm=float(grad_norm) if grad_norm is not None else None,
+                      finite=finite, lr=lr)
         return record
 
     def _reduce_sums(self, outputs) -> torch.Tensor:
@@ -257,10 +338,24 @@ class Trainer:
 
     # ---- the main loop -----------------------------------------------------------------------
     def run(self) -> dict:
+        try:
+            with self._printing():
+                return self._train()
+        finally:
+            self._close()
+
+    def _train(self) -> dict:
         cfg = self.cfg
-        self.log = MetricsLog(cfg.output_dir, enabled=self.is_logging_rank, total_steps=self.stop_step, initial_step=0,
-                              tensorboard=cfg.train.tensorboard, progress_bar=cfg.train.progress_bar)
+        self.log = MetricsLog(cfg.output_dir, enabled=self.is_logging_rank, tensorboard=cfg.train.tensorboard,
+                              progress_bar=cfg.train.progress_bar)
+        fused_passes.report_compiles_to(self.log.message)
+        if self.is_logging_rank:
+            note = write_run_config(cfg.output_dir, cfg.to_dict())
+            if note is not None:
+                self.log.message(note)
         progress = self._load_initial_weights()
+        self.log.start(progress.step, self.stop_step)
+        first_step, loop_started, saved = progress.step, time.perf_counter(), None
         current = {"stage": stage_loss(cfg.anchor, progress.step // self.steps_per_iteration)}
         forward_step = make_forward_step(lambda: current["stage"], cfg.model.vocab_size)
         tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
@@ -275,8 +370,9 @@ class Trainer:
             elapsed = time.perf_counter() - started
             progress.step += 1
             progress.nonfinite_in_a_row = 0 if record["finite"] else progress.nonfinite_in_a_row + 1
-            record = {"step": progress.step, "stage": iteration, "alpha": current["stage"].alpha, **record,
-                      "lr": self.optimizer.param_groups[0]["lr"], "step_time_s": elapsed, "tokens_per_s": tokens_per_step / elapsed}
+            alpha = {"alpha": current["stage"].alpha} if cfg.anchor.objective == "anchored" else {}
+            record = {"step": progress.step, "stage": iteration, **alpha, **record,
+                      "step_time_s": elapsed, "tokens_per_s": tokens_per_step / elapsed}
             self.log.log(record, self._line(record) if progress.step % cfg.train.log_interval == 0 else None)
             last = record
             if progress.nonfinite_in_a_row >= cfg.train.max_nonfinite_in_a_row:
@@ -284,8 +380,9 @@ class Trainer:
             if not record["finite"]:
                 self.log.message(f"step {progress.step}: non-finite loss, update skipped ({progress.nonfinite_in_a_row} in a row)")
             if self._should_save(progress.step):
-                self._save(progress)
+                saved = self._save(progress)
         self.log.close()
+        self.log.message(self._summary(first_step, progress.step, time.perf_counter() - loop_started, last, saved))
         return last
 
     def _should_save(self, step: int) -> bool:
@@ -298,14 +395,26 @@ class Trainer:
         )
 
     def _line(self, r: dict) -> str:
-        def f(value, spec):
-            return "n/a" if value is None or value != value else format(value, spec)
-
+        divergence = f"kl_step {_number(r['kl_step'], '.4f')} kl_ref {_number(r['kl_reference'], '.4f')} " if "kl_step" in r else ""
         return (
-            f"step {r['step']}/{self.total_steps} stage {r['stage']} loss {f(r['loss'], '.4f')} "
-            f"kl_step {f(r['kl_step'], '.4f')} kl_ref {f(r['kl_reference'], '.4f')} lr {r['lr']:.2e} "
-            f"grad_norm {f(r['grad_norm'], '.3f')} {r['step_time_s']:.2f}s {r['tokens_per_s']:.0f} tok/s"
+            f"step {r['step']}/{self.total_steps} stage {r['stage']} loss {_number(r['loss'], '.4f')} {divergence}lr {r['lr']:.2e} "
+            f"grad_norm {_number(r['grad_norm'], '.3f')} {r['step_time_s']:.2f}s {r['tokens_per_s']:.0f} tok/s"
         )
+
+    def _summary(self, first_step: int, step: int, seconds: float, last: dict, saved: str | None) -> str:
+        steps = step - first_step
+        where = f"finished at step {step}/{self.total_steps}" if step == self.total_steps else \
+            f"stopped at step {step}/{self.total_steps} (train.max_steps)"
+        if steps == 0:
+            return f"{where}: nothing left to train"
+        resumed = f" (resumed at step {first_step})" if first_step else ""
+        tokens_per_s = steps * self.cfg.train.global_batch_size * self.cfg.model.seq_length / seconds
+        return (f"{where}: {steps} steps{resumed} in {seconds:.1f} s, {tokens_per_s:.0f} tok/s, "
+                f"final loss {_number(last.get('loss'), '.4f')}, last checkpoint {saved}")
+
+
+def _describe_reference(identity: dict | None) -> str:
+    return "no reference checkpoint" if identity is None else f"{identity['path']} (metadata digest {identity['digest']})"
 
 
 def train(cfg: RunConfig) -> dict:

@@ -11,7 +11,7 @@ import torch
 from anchored_megatron.anchor.fused_output import fused_output_anchored_loss
 from anchored_megatron.anchor.vocab_passes import Workspace
 from anchored_megatron.planning import loss_chunks
-from anchored_megatron.testing.memory import LiveBytes
+from tests.live_bytes import LiveBytes
 from tests.anchor.reference import reference_loss, relative_error
 
 OPTION_GRID = list(itertools.product(("logit", "prob"), ("forward_kl", "reverse_kl", "jsd"), (True, False), (1.0, 1.5), (0.0, 0.4)))

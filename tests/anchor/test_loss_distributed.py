@@ -2,7 +2,6 @@
 full-vocabulary reference. One launch per TP size runs every option combination; the
 parent compares (ranks only compute)."""
 
-import io
 import itertools
 
 import pytest
@@ -81,11 +80,7 @@ def _rank_all_cases(tp: int):
     megatron = vocab_parallel_cross_entropy(megatron_leaf.clone(), labels)  # it overwrites its input
     megatron.sum().backward()
     megatron_check = dict(ours=ours.detach(), megatron=megatron.detach(), ours_grad=ours_leaf.grad, megatron_grad=megatron_leaf.grad)
-    # Bytes, not tensors: hundreds of tensors through a torch.multiprocessing queue each need
-    # a shared-memory handle and can stall the hand-over.
-    buffer = io.BytesIO()
-    torch.save(dict(results=results, megatron=megatron_check), buffer)
-    return buffer.getvalue()
+    return dict(results=results, megatron=megatron_check)
 
 
 def _check_tp(tp, per_rank):
@@ -103,7 +98,7 @@ def _check_tp(tp, per_rank):
         weighted, _ = reference_loss(leaf, reference, None if live else anchor, labels=labels, vocab_size=vocab_size, **options)
         (expected_grad,) = torch.autograd.grad((weighted * case["upstream"].double()).sum(), leaf)
         grad = torch.cat([r["results"][case_number]["grad"] for r in per_rank], dim=-1)
-        tolerance = 1e-6 if dtype == torch.float64 else 1e-2
+        tolerance = 1e-12 if dtype == torch.float64 else 1e-2  # float64: observed <= 9e-15 at TP 1, 2, 4
         errors = {"loss": relative_error(case["loss"], expected_loss), "grad": relative_error(grad, expected_grad)}
         for name, value in case["metrics"].items():
             errors[name] = relative_error(value, expected_metrics[name])
@@ -125,5 +120,5 @@ def _check_tp(tp, per_rank):
 @pytest.mark.distributed
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_every_option_matches_float64_reference_and_megatron_ce(ranks, tp):
-    per_rank = [torch.load(io.BytesIO(blob)) for blob in ranks(_rank_all_cases, tp, tp, timeout=600)]
+    per_rank = ranks(_rank_all_cases, tp, tp, timeout=600)
     _check_tp(tp, per_rank)

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from anchored_megatron.config import ConfigError, ModelConfig, load_run_config
+from tests.conftest import write_word_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,9 +38,7 @@ def fake_checkpoint(path, **changes):
 def run(tmp_path):
     data = tmp_path / "sft.jsonl"
     data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
-    tokenizer = tmp_path / "tok"
-    tokenizer.mkdir()
-    (tokenizer / "tokenizer.json").write_text("{}")
+    tokenizer = write_word_tokenizer(tmp_path / "tok")
     student = fake_checkpoint(tmp_path / "base")
     teacher = fake_checkpoint(tmp_path / "teacher")
     base = [f"output_dir={tmp_path / 'out'}", f"data.paths=[{data}]", f"data.tokenizer={tokenizer}",
@@ -143,6 +142,15 @@ def test_defaults_of_options_the_objective_ignores_are_fine(run):
     assert validated(args + ["anchor.objective=sft"]).anchor.alpha == 0.5
 
 
+def test_a_resolved_config_written_back_as_input_is_accepted(run):
+    """Every option restated (as in a run's config.yaml): defaults the objective ignores are fine."""
+    args = [a for a in run["args"] if not a.startswith("reference.")]
+    first = validated(args + ["anchor.objective=sft"])
+    again = load_run_config(None, [f"{section}={json.dumps(value)}" for section, value in first.to_dict().items()])
+    again.validate(1)
+    assert again.to_dict() == first.to_dict()
+
+
 def test_an_output_dir_below_a_file_is_refused(run):
     blocker = run["root"] / "blocker"
     blocker.write_text("")
@@ -209,3 +217,15 @@ def test_cli_refuses_a_read_only_output_dir_before_anything_heavy(run):
         locked.chmod(0o755)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"anchored-sft: config error: output_dir: {locked / 'run'}: cannot write there ({locked}: ")
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_before_launch(run):
+    big = write_word_tokenizer(run["root"] / "big", words=[f"w{i}" for i in range(400)])
+    with pytest.raises(ConfigError, match=r"^data.tokenizer: .*big has 402 tokens but model.vocab_size is 300$"):
+        validated(run["args"] + [f"data.tokenizer={big}"])
+
+
+def test_a_checkpoint_shipping_another_tokenizer_is_refused_before_launch(run):
+    write_word_tokenizer(run["teacher"], words=["x", "y"])
+    with pytest.raises(ConfigError, match=r"^data.tokenizer: tokenizers differ between data.tokenizer, reference.checkpoint"):
+        validated(run["args"])

@@ -133,3 +133,20 @@ def test_export_refuses_a_config_that_does_not_describe_the_checkpoint(llama_dir
     with pytest.raises(ConvertError, match="num_layers"):
         megatron_to_hf(ckpt, str(tmp_path / "hf"), "fp32", hf_config_source=other, show_progress=False)
     assert not os.path.exists(tmp_path / "hf")
+
+
+def test_family_that_contradicts_the_kept_config_is_refused(llama_dir, tmp_path):
+    ckpt = str(tmp_path / "mg")
+    hf_to_megatron(llama_dir, ckpt, "fp32", show_progress=False)
+    with pytest.raises(ConvertError, match=r"--family qwen2: .*hf_config.json describes a llama model"):
+        megatron_to_hf(ckpt, str(tmp_path / "hf"), "fp32", family_name="qwen2", show_progress=False)
+    assert not os.path.exists(tmp_path / "hf")
+
+
+def test_compare_refuses_random_token_options_with_text(llama_dir, tmp_path, capsys):
+    from anchored_megatron.convert.cli import main as cli_main
+
+    ckpt = str(tmp_path / "mg")
+    hf_to_megatron(llama_dir, ckpt, "fp32", show_progress=False)
+    assert cli_main(["compare", "--hf", llama_dir, "--ckpt", ckpt, "--text", "hello", "--seq", "8"]) == 2
+    assert capsys.readouterr().err == "anchored-convert: error: --seq: shape random tokens; not used with --text\n"

@@ -102,3 +102,57 @@ def test_compare_command_reports_a_tiny_difference_and_full_agreement(tmp_path, 
     report = results[0][1]
     diff = float(report.split("=")[1].split()[0])
     assert diff < 1e-4 and "top-1 agreement = 100.00%" in report, report
+
+
+def _tokenizer_dir(path) -> str:
+    """A word-level tokenizer.json whose special ids differ from every family default."""
+    from tokenizers import Tokenizer, models
+
+    words = ["<unk>", "a", "b", "c", "d", "<pad>", "e", "<s>", "f", "</s>"]
+    os.makedirs(path)
+    Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")).save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as fh:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}, fh)
+    return str(path)
+
+
+def test_synthesised_config_takes_token_ids_from_the_tokenizer_or_leaves_them_unknown(tmp_path):
+    from transformers import AutoConfig
+
+    hf_dir = make_hf_model("llama", str(tmp_path / "hf"), num_hidden_layers=1)
+    hf_to_megatron(hf_dir, str(tmp_path / "mg"), "fp32", show_progress=False)
+    os.remove(tmp_path / "mg" / "hf_config.json")
+    megatron_to_hf(str(tmp_path / "mg"), str(tmp_path / "with_tok"), "fp32", tokenizer_dir=_tokenizer_dir(tmp_path / "tok"), show_progress=False)
+    config = _config(str(tmp_path / "with_tok"))
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (7, 9, 5)
+    assert config["initializer_range"] == 0.02 and config["head_dim"] == 8
+    megatron_to_hf(str(tmp_path / "mg"), str(tmp_path / "without"), "fp32", show_progress=False)
+    loaded = AutoConfig.from_pretrained(str(tmp_path / "without"))
+    # Not transformers' Llama defaults (bos 1, eos 2): unknown ids stay unknown.
+    assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (None, None, None)
+
+
+def test_a_converted_checkpoint_carries_a_manifest_that_catches_a_flipped_bit(tmp_path):
+    import xxhash
+
+    from anchored_megatron.training.checkpoint import CheckpointError, verify_checkpoint
+
+    hf_dir = make_hf_model("qwen3", str(tmp_path / "hf"), num_hidden_layers=2)
+    out = tmp_path / "mg"
+    hf_to_megatron(hf_dir, str(out), "fp32", show_progress=False)
+    with open(out / "manifest.json") as fh:
+        listed = json.load(fh)["files"]
+    on_disk = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs if f != "manifest.json")
+    assert sorted(listed) == on_disk
+    for name, entry in listed.items():
+        data = (out / name).read_bytes()
+        assert entry["size"] == len(data) and entry["digest"] == xxhash.xxh3_128_hexdigest(data), name
+    assert verify_checkpoint(str(out)) is True
+    shard = next(name for name in on_disk if name.endswith(".distcp"))
+    with open(out / shard, "r+b") as fh:
+        fh.seek(100)
+        byte = fh.read(1)[0]
+        fh.seek(100)
+        fh.write(bytes([byte ^ 1]))
+    with pytest.raises(CheckpointError, match=rf"^checkpoint {out}: {shard}: "):
+        verify_checkpoint(str(out))

@@ -1,11 +1,17 @@
-"""The demo pipeline at a minimal size: every stage trains on 2 gloo ranks (TP=2), every
-checkpoint is evaluated, the table and plot are well formed, and a second run reuses the
-cached stages."""
+"""The demo at a minimal size: every job trains on 2 gloo ranks (TP=2), every checkpoint is
+evaluated, the table and plot are well formed, and later runs reuse the cached jobs, also from
+the layout of versions that called them stages. The first run is the command a user types
+(``python -m anchored_megatron.demo``), in a subprocess, so that its stderr is what the user sees."""
 
 import json
 import os
+import re
+import subprocess
+import sys
 
 import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _table_rows(text, header_start):
@@ -20,11 +26,19 @@ def _table_rows(text, header_start):
 
 
 @pytest.mark.distributed
-def test_demo_pipeline_writes_a_consistent_table_and_plot_and_reuses_stages(tmp_path):
+def test_demo_writes_a_consistent_table_and_plot_and_reuses_jobs(tmp_path):
     from anchored_megatron.demo import TINY, run_demo
 
     sizes = dict(TINY, methods=("sft", "anchored"))
-    out = run_demo(str(tmp_path), sizes, max_new_tokens=12, progress_bar=False)
+    command = [sys.executable, "-m", "anchored_megatron.demo", "--tiny", "--methods", "sft", "anchored", "--output-dir", str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=ROOT, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    demo = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert demo.returncode == 0, demo.stderr
+    # Job lines and the closing line only: no warnings, no progress bars (stderr is not a terminal).
+    assert not [line for line in demo.stderr.splitlines() if "Warning" in line or "warnings.warn" in line], demo.stderr
+    assert "\r" not in demo.stderr
+    assert all(re.match(r"\[\w+\] |wrote ", line) for line in demo.stderr.splitlines()), demo.stderr
+    out = {"report": str(tmp_path / "results.md"), "plot": str(tmp_path / "tradeoff.png")}
     text = open(out["report"], encoding="utf-8").read()
 
     rows = _table_rows(text, "| method | epochs")
@@ -35,8 +49,8 @@ def test_demo_pipeline_writes_a_consistent_table_and_plot_and_reuses_stages(tmp_
     assert header[-len(sizes["skills"]):] == [f"deg. {s}" for s in sizes["skills"]]
 
     # The SFT row against the raw evaluation file, recomputed plainly.
-    def point(stage, index=-1):
-        with open(os.path.join(tmp_path, "stages", stage, "eval.json")) as fh:
+    def point(job, index=-1):
+        with open(os.path.join(tmp_path, "jobs", job, "eval.json")) as fh:
             return json.load(fh)["points"][index]
 
     base, sft = point("base"), point("sft")
@@ -48,7 +62,7 @@ def test_demo_pipeline_writes_a_consistent_table_and_plot_and_reuses_stages(tmp_
     if general(base) > 0:
         assert float(sft_row[6].rstrip("%")) == pytest.approx(100 * (general(base) - general(sft)) / general(base), abs=0.05)
     # Every budget epoch was evaluated for the methods (eval_every_epochs=1), one point for base and teacher.
-    with open(os.path.join(tmp_path, "stages", "anchored", "eval.json")) as fh:
+    with open(os.path.join(tmp_path, "jobs", "anchored", "eval.json")) as fh:
         epochs = [p["epoch"] for p in json.load(fh)["points"]]
     assert epochs == [1.0, 2.0]
     assert "entropy" in point("base")
@@ -58,16 +72,26 @@ def test_demo_pipeline_writes_a_consistent_table_and_plot_and_reuses_stages(tmp_
     image = matplotlib.image.imread(out["plot"])
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200
 
-    stamps = {s: os.path.getmtime(os.path.join(tmp_path, "stages", s, "stage.json")) for s in ("base", "teacher", "sft", "anchored")}
-    again = run_demo(str(tmp_path), sizes, max_new_tokens=12, progress_bar=False)
-    assert again["table"] == out["table"]
-    assert stamps == {s: os.path.getmtime(os.path.join(tmp_path, "stages", s, "stage.json")) for s in stamps}
+    names = ("base", "teacher", "sft", "anchored")
+    stamps = {n: os.path.getmtime(os.path.join(tmp_path, "jobs", n, "job.json")) for n in names}
+    again = run_demo(str(tmp_path), sizes, progress_bar=False)
+    assert again["table"] in demo.stdout
+    assert stamps == {n: os.path.getmtime(os.path.join(tmp_path, "jobs", n, "job.json")) for n in names}
+
+    # The layout written when jobs were called stages: moved, and still reused (renames keep mtimes).
+    os.rename(tmp_path / "jobs", tmp_path / "stages")
+    for n in names:
+        os.rename(tmp_path / "stages" / n / "job.json", tmp_path / "stages" / n / "stage.json")
+    from_old_layout = run_demo(str(tmp_path), sizes, progress_bar=False)
+    assert from_old_layout["table"] == again["table"]
+    assert not os.path.exists(tmp_path / "stages")
+    assert stamps == {n: os.path.getmtime(os.path.join(tmp_path, "jobs", n, "job.json")) for n in names}
 
 
 def test_experiment_target_step_range_reaches_every_data_set(tmp_path):
     from anchored_megatron.data.synthetic import finetune_records, pretrain_records
-    from anchored_megatron.pipeline.runner import regime_data
-    from anchored_megatron.pipeline.stages import ExperimentConfig
+    from anchored_megatron.experiment.jobs import ExperimentConfig
+    from anchored_megatron.experiment.runner import regime_data
 
     cfg = ExperimentConfig(output_dir=str(tmp_path), regime="A", skills=("up",), pretrain_per_skill=60, finetune_examples=60,
                            eval_per_skill=5, target_min_steps=1, target_max_steps=2)

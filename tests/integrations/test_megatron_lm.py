@@ -37,8 +37,9 @@ def full_tensor(name, shape, role, tied=False):
 def fill(chunk, role, add=False, tied=False):
     from megatron.core import parallel_state
 
-    from anchored_megatron.models.layout import canonical_name, full_shape, shard
+    from anchored_megatron.models.layout import canonical_name, shard
     from anchored_megatron.training.roles import unwrap
+    from tests.full_weights import full_shape
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
@@ -74,9 +75,10 @@ def dropin_rank(fused: bool, tied: bool):
     from anchored_megatron.config import AnchorConfig, ModelConfig, ParallelConfig
     from anchored_megatron.integrations.megatron_lm import AnchoredLearning
     from anchored_megatron.models.builder import build_model_chunk
-    from anchored_megatron.models.layout import canonical_name, gather_full
+    from anchored_megatron.models.layout import canonical_name
     from anchored_megatron.platform import initialize
-    from anchored_megatron.training.roles import unwrap, weights_equal
+    from anchored_megatron.training.roles import unwrap
+    from tests.full_weights import gather_full, weights_equal
 
     parallel = ParallelConfig(tp=2, pp=2)
     initialize(parallel, seed=1)

@@ -9,6 +9,7 @@ import torch
 from anchored_megatron.cli import train_main
 from anchored_megatron.config import ConfigError, load_run_config
 from anchored_megatron.planning import dry_run, plan_memory, total_parameters
+from tests.conftest import write_word_tokenizer
 
 # Published parameter counts (Hugging Face model cards / safetensors metadata).
 PUBLISHED = {"llama3-1b": 1_235_814_400, "llama3-8b": 8_030_261_248, "llama3-70b": 70_553_706_496}
@@ -18,9 +19,7 @@ PUBLISHED = {"llama3-1b": 1_235_814_400, "llama3-8b": 8_030_261_248, "llama3-70b
 def files(tmp_path):
     data = tmp_path / "sft.jsonl"
     data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
-    tokenizer = tmp_path / "tok"
-    tokenizer.mkdir()
-    (tokenizer / "tokenizer.json").write_text("{}")
+    tokenizer = write_word_tokenizer(tmp_path / "tok")
     return [f"output_dir={tmp_path / 'out'}", f"data.paths=[{data}]", f"data.tokenizer={tokenizer}"]
 
 
@@ -93,3 +92,13 @@ def test_cli_dry_run_exit_codes(files, monkeypatch, capsys):
     assert "TP 2 x PP 1 x DP 1" in capsys.readouterr().out
     assert train_main(["--dry-run", *files, "model.preset=tiny", "anchor.alpha=1.5"]) == 2
     assert "anchor.alpha" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("example, world_size", [("llama3_8b_anchored.yaml", 32), ("llama3_70b_anchored.yaml", 128)])
+def test_the_example_configs_pass_the_trainers_validation(example, world_size):
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", example)
+    cfg = load_run_config(path)
+    text = dry_run(cfg, world_size=world_size, check_files=False)
+    assert text.startswith("config: valid")

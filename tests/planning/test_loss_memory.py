@@ -15,7 +15,7 @@ def loss_memory_rank(fused: bool):
     from anchored_megatron.models.builder import build_model_chunks
     from anchored_megatron.planning.activations import loss_activation_bytes
     from anchored_megatron.platform import initialize
-    from anchored_megatron.testing.memory import LiveBytes
+    from tests.live_bytes import LiveBytes
     from anchored_megatron.training.forward_step import masked_loss
     from anchored_megatron.training.objectives import stage_loss
     from anchored_megatron.training.roles import RoleStack, freeze, output_fusion

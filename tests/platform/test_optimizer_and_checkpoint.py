@@ -32,7 +32,8 @@ def _initial_weights(chunks):
 
     from megatron.core import parallel_state
 
-    from anchored_megatron.models.layout import canonical_name, full_shape
+    from anchored_megatron.models.layout import canonical_name
+    from tests.full_weights import full_shape
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     weights = {}
@@ -47,8 +48,9 @@ def _initial_weights(chunks):
 def reference_rank(num_steps):
     """One process, plain torch: full-batch mean CE, clip_grad_norm_, torch.optim.AdamW."""
     from anchored_megatron.models.builder import build_model_chunks
-    from anchored_megatron.models.layout import canonical_name, load_full_state
+    from anchored_megatron.models.layout import canonical_name
     from anchored_megatron.platform import initialize
+    from tests.full_weights import load_full_state
 
     initialize(ParallelConfig(), seed=1)
     (model,) = build_model_chunks(MODEL, ParallelConfig())
@@ -95,8 +97,8 @@ class _Trainee:
         from megatron.core.distributed import finalize_model_grads
 
         from anchored_megatron.models.builder import build_model_chunks
-        from anchored_megatron.models.layout import load_full_state
         from anchored_megatron.training.optim import build_optimizer, wrap_ddp
+        from tests.full_weights import load_full_state
 
         self.chunks = build_model_chunks(MODEL, parallel)
         load_full_state(self.chunks, _initial_weights(self.chunks))
@@ -127,7 +129,8 @@ class _Trainee:
         return (loss / self.dp_size).item()
 
     def full_weights(self):
-        from anchored_megatron.models.layout import canonical_name, gather_full
+        from anchored_megatron.models.layout import canonical_name
+        from tests.full_weights import gather_full
 
         return {canonical_name(c, n): gather_full(p, n) for c in self.chunks for n, p in c.named_parameters()}
 

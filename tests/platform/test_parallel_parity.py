@@ -62,8 +62,9 @@ def parallel_rank(layouts, weights):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from anchored_megatron.models.builder import build_model_chunks
-    from anchored_megatron.models.layout import canonical_name, gather_full, load_full_state
+    from anchored_megatron.models.layout import canonical_name
     from anchored_megatron.platform import initialize
+    from tests.full_weights import gather_full, load_full_state
 
     results = {}
     for layout in layouts:

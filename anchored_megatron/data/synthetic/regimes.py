@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from anchored_megatron.data.synthetic import styles
 from anchored_megatron.data.synthetic.skills import GENERAL_SKILLS
 from anchored_megatron.data.synthetic.target import TargetTask
+from anchored_megatron.platform.files import write_atomically
 
 REGIMES = ("A", "B", "C")
 # The prompt/response layout the model sees (a Jinja chat template for data.chat_template):
@@ -131,11 +132,7 @@ def eval_prompts(data: RegimeData, seed: int, exclude: set[str] = frozenset()) -
 
 def write_jsonl(records: list[dict], path: str) -> str:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, "".join(json.dumps(record) + "\n" for record in records))
     return path
 
 

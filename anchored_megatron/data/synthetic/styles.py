@@ -53,9 +53,3 @@ def parse(response: str) -> str | None:
     """The content inside any valid dressing (None if the response is not one)."""
     match = _PARSE.match(response)
     return match.group("content") if match else None
-
-
-def num_dressings() -> int:
-    """How many distinct dressings a high-entropy response can take (for the entropy bound)."""
-    fillers = 1 + len(FILLERS) + len(FILLERS) ** 2
-    return fillers * len(PREFIXES) * len(ENDINGS)

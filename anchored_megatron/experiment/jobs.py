@@ -1,4 +1,6 @@
-"""The staged forgetting experiment: which trainer runs, with which configs, in which order.
+"""The forgetting experiment's jobs: which trainer runs, with which configs, in which order.
+
+A job is one trainer run plus the evaluation of its checkpoints:
 
 1. ``base``: SFT from random init on the regime's pretraining mixture, many epochs.
 2. ``teacher``: SFT of the base on the target (a short run).
@@ -7,8 +9,8 @@
    teacher), ``anchored`` (alpha, snapshot, T x K), ``anchored_live``, ``anchored_a3`` ((0.3, 10, 2)
    scaled to the budget).
 
-A stage's cache key hashes its run config (paths replaced by the keys / digests of what
-they point to), so a stage is re-run exactly when something it depends on changed.
+A job's cache key hashes its run config (paths replaced by the keys / digests of what
+they point to), so a job is re-run exactly when something it depends on changed.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from dataclasses import asdict, dataclass, field
 from anchored_megatron.data.synthetic import CHAT_TEMPLATE
 
 METHODS = ("sft", "sft_kl", "distill", "anchored", "anchored_live", "anchored_a3")
+JOBS_DIR = "jobs"  # under ExperimentConfig.output_dir, one directory per job
 
 
 @dataclass
-class StageSpec:
+class JobSpec:
     name: str
     run: dict  # a RunConfig as a dict (paths included)
-    depends: dict = field(default_factory=dict)  # RunConfig key -> stage name whose output it loads
+    depends: dict = field(default_factory=dict)  # RunConfig key -> name of the job whose output it loads
     eval_every_epochs: int = 0  # 0: evaluate the final checkpoint only
     entropy: bool = False  # report the model's per-token entropy on its own responses
     key: str = ""
@@ -100,10 +103,10 @@ def _model(cfg: ExperimentConfig, vocab_size: int) -> dict:
                 vocab_size=vocab_size, seq_length=cfg.seq_length)
 
 
-def plan(cfg: ExperimentConfig, paths: dict, vocab_size: int) -> list[StageSpec]:
-    """The stages in run order. ``paths``: tokenizer, pretrain, finetune, cache (from prepare_data)."""
+def plan(cfg: ExperimentConfig, paths: dict, vocab_size: int) -> list[JobSpec]:
+    """The jobs in run order. ``paths``: tokenizer, pretrain, finetune, cache (from prepare_data)."""
     cfg.validate()
-    root = os.path.join(cfg.output_dir, "stages")
+    root = os.path.join(cfg.output_dir, JOBS_DIR)
 
     def run(name, data_path, objective, epochs_t, epochs_k, lr, batch, student, reference=None, **anchor):
         return {
@@ -126,9 +129,9 @@ def plan(cfg: ExperimentConfig, paths: dict, vocab_size: int) -> list[StageSpec]
     ft = dict(data_path=paths["finetune"], lr=cfg.finetune_lr, batch=cfg.finetune_global_batch, student=base_dir)
     T, K = cfg.outer_iterations, cfg.epochs_per_iteration
     budget = T * K
-    stages = [
-        StageSpec("base", run("base", paths["pretrain"], "sft", 1, cfg.base_epochs, cfg.base_lr, cfg.base_global_batch, None), entropy=True),
-        StageSpec("teacher", run("teacher", objective="sft", epochs_t=1, epochs_k=cfg.teacher_epochs, **ft), depends={"student": "base"}),
+    jobs = [
+        JobSpec("base", run("base", paths["pretrain"], "sft", 1, cfg.base_epochs, cfg.base_lr, cfg.base_global_batch, None), entropy=True),
+        JobSpec("teacher", run("teacher", objective="sft", epochs_t=1, epochs_k=cfg.teacher_epochs, **ft), depends={"student": "base"}),
     ]
     reset = cfg.reset_optimizer_per_iteration
     method_runs = {
@@ -148,9 +151,9 @@ def plan(cfg: ExperimentConfig, paths: dict, vocab_size: int) -> list[StageSpec]
     }
     for name in cfg.methods:
         run_cfg, depends = method_runs[name]
-        stages.append(StageSpec(name, run_cfg, depends, eval_every_epochs=cfg.eval_every_epochs))
-    _assign_keys(stages, paths)
-    return stages
+        jobs.append(JobSpec(name, run_cfg, depends, eval_every_epochs=cfg.eval_every_epochs))
+    _assign_keys(jobs, paths)
+    return jobs
 
 
 def file_digest(path: str) -> str:
@@ -161,18 +164,18 @@ def file_digest(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _assign_keys(stages: list[StageSpec], paths: dict) -> None:
+def _assign_keys(jobs: list[JobSpec], paths: dict) -> None:
     keys = {}
     digests = {}
-    for stage in stages:
-        run = copy.deepcopy(stage.run)
+    for job in jobs:
+        run = copy.deepcopy(job.run)
         run.pop("output_dir")
         run["train"].pop("progress_bar")
         run["data"]["paths"] = [digests.setdefault(p, file_digest(p)) for p in run["data"]["paths"]]
         run["data"]["tokenizer"] = digests.setdefault(paths["tokenizer_model"], file_digest(paths["tokenizer_model"]))
         run["data"].pop("cache_dir")
-        for role, source in stage.depends.items():
+        for role, source in job.depends.items():
             run[role]["checkpoint"] = keys[source]
-        blob = json.dumps({"run": run, "eval_every_epochs": stage.eval_every_epochs, "entropy": stage.entropy}, sort_keys=True)
-        stage.key = hashlib.sha256(blob.encode()).hexdigest()[:16]
-        keys[stage.name] = stage.key
+        blob = json.dumps({"run": run, "eval_every_epochs": job.eval_every_epochs, "entropy": job.entropy}, sort_keys=True)
+        job.key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        keys[job.name] = job.key

@@ -1,0 +1,167 @@
+"""The learning rate every update uses, against the schedule written out plainly; metrics.jsonl
+after a run that died between checkpoints and was resumed; the metrics each objective records."""
+
+import json
+import math
+import os
+
+import pytest
+
+from anchored_megatron.config import RunConfig, build
+from tests.training.conftest import run_config
+
+STEPS_PER_EPOCH = 8  # 64 records packed into 32 sequences, 4 per step
+
+
+def expected_lr(update, steps, lr, warmup_fraction, style):
+    """LR of update ``update`` (1-based) of ``steps``: linear warm-up from 0 over W updates, then
+    the decay from lr that would reach 0 at update steps + 1 (so the last update still moves)."""
+    warmup = round(warmup_fraction * steps)
+    if update <= warmup:
+        return lr * update / warmup
+    progress = (update - warmup) / (steps + 1 - warmup)
+    return lr * (0.5 * (1.0 + math.cos(math.pi * progress)) if style == "cosine" else 1.0 - progress)
+
+
+def logged_rank(cfg_dict, attempt, die_after_step=None):
+    """Train; tag each record with ``attempt`` and note the LR the optimizer holds when each update
+    runs; with ``die_after_step`` the process dies right after that step's record is written."""
+    from anchored_megatron.training import metrics_log
+    from anchored_megatron.training.trainer import Trainer
+
+    original_log = metrics_log.MetricsLog.log
+
+    def log(self, record, line):
+        original_log(self, dict(record, attempt=attempt), line)
+        if record["step"] == die_after_step:
+            os._exit(17)
+
+    metrics_log.MetricsLog.log = log
+    used = []
+
+    class Probe(Trainer):
+        def _build_roles(self):
+            super()._build_roles()
+            step = self.optimizer.step
+
+            def recording_step():
+                used.append(self.optimizer.param_groups[0]["lr"])
+                return step()
+
+            self.optimizer.step = recording_step
+
+    trainer = Probe(build(RunConfig, cfg_dict))
+    trainer.setup()
+    trainer.run()
+    return used
+
+
+def _records(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def _tensorboard_steps(output_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(output_dir, "tensorboard"))
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else None
+
+
+@pytest.fixture(scope="module")
+def resumed_anchored_run(tiny_run, tmp_path_factory, ranks):
+    """Cosine to min_lr 0 over 16 steps; checkpoints every 3 steps; the first attempt dies after
+    logging step 5 (two steps past its checkpoint), the second resumes from step 3."""
+    out = tmp_path_factory.mktemp("resumed")
+    cfg = run_config(tiny_run, out, optim__lr_schedule="cosine", optim__min_lr=0.0, optim__warmup_fraction=0.25,
+                     train__save_interval=3, train__tensorboard=True)
+    from anchored_megatron.platform import RankFailure
+
+    with pytest.raises(RankFailure, match="exit code 17"):
+        ranks(logged_rank, 1, cfg, 1, 5)
+    first = _records(out)
+    used = ranks(logged_rank, 1, cfg, 2)[0]
+    return {"out": out, "first_attempt": first, "records": _records(out), "used": used}
+
+
+@pytest.fixture(scope="module")
+def reset_sft_run(tiny_run, tmp_path_factory, ranks):
+    """sft, linear decay, a fresh optimizer and schedule at each of the 2 outer iterations."""
+    out = tmp_path_factory.mktemp("reset")
+    cfg = run_config(tiny_run, out, anchor__objective="sft", anchor__reset_optimizer_per_iteration=True,
+                     optim__lr_schedule="linear", optim__min_lr=0.0, optim__warmup_fraction=0.25, train__tensorboard=True)
+    del cfg["anchor"]["alpha"], cfg["reference"]  # sft has neither
+    used = ranks(logged_rank, 1, cfg, 1)[0]
+    return {"out": out, "records": _records(out), "used": used}
+
+
+@pytest.mark.distributed
+def test_every_update_uses_the_scheduled_lr_through_a_resume(resumed_anchored_run):
+    records = resumed_anchored_run["records"]
+    steps = 2 * STEPS_PER_EPOCH
+    expected = [expected_lr(k, steps, 3e-3, 0.25, "cosine") for k in range(1, steps + 1)]
+    assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-12, abs=0)
+    assert records[-1]["lr"] > 0
+    # The LR recorded is the one the optimizer held when the resumed run's updates (steps 4-16) ran.
+    assert resumed_anchored_run["used"] == [r["lr"] for r in records[3:]]
+
+
+@pytest.mark.distributed
+def test_reset_per_iteration_restarts_the_schedule_each_iteration(reset_sft_run):
+    records = reset_sft_run["records"]
+    per_stage = [expected_lr(k, STEPS_PER_EPOCH, 3e-3, 0.25, "linear") for k in range(1, STEPS_PER_EPOCH + 1)]
+    assert [r["lr"] for r in records] == pytest.approx(per_stage * 2, rel=1e-12, abs=0)
+    assert reset_sft_run["used"] == [r["lr"] for r in records]
+    assert min(r["lr"] for r in records) > 0
+
+
+@pytest.mark.distributed
+def test_resumed_run_keeps_one_record_per_step(resumed_anchored_run):
+    first, records = resumed_anchored_run["first_attempt"], resumed_anchored_run["records"]
+    assert [r["step"] for r in first] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in records] == list(range(1, 17))
+    # Up to the checkpoint the first attempt's records stay as they were; after it, the resumed run's.
+    assert records[:3] == first[:3]
+    assert [r["attempt"] for r in records] == [1] * 3 + [2] * 13
+    assert _tensorboard_steps(resumed_anchored_run["out"], "loss") == list(range(1, 17))
+
+
+COMMON = {"step", "stage", "loss", "response_tokens", "grad_norm", "finite", "lr", "step_time_s", "tokens_per_s", "attempt"}
+
+
+@pytest.mark.distributed
+def test_each_objective_records_only_the_metrics_it_has(resumed_anchored_run, reset_sft_run):
+    anchored = COMMON | {"alpha", "kl_step", "kl_bound", "kl_reference", "entropy"}
+    assert all(set(r) == anchored for r in resumed_anchored_run["records"])
+    assert all(set(r) == COMMON for r in reset_sft_run["records"])
+    assert all(r["loss"] is not None for r in reset_sft_run["records"])
+    for tag in ("alpha", "kl_step", "kl_reference"):
+        assert _tensorboard_steps(reset_sft_run["out"], tag) is None
+    assert _tensorboard_steps(reset_sft_run["out"], "loss") == list(range(1, 17))
+
+
+def changed_lr_rank(cfg_dict):
+    from anchored_megatron.config import ConfigError
+
+    try:
+        logged_rank(cfg_dict, 3)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.distributed
+def test_a_resume_with_another_lr_is_refused_not_ignored(resumed_anchored_run, tiny_run, tmp_path, ranks):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(resumed_anchored_run["out"], run)
+    cfg = run_config(tiny_run, run, optim__lr=1e-3, optim__lr_schedule="cosine", optim__min_lr=0.0, optim__warmup_fraction=0.25,
+                     train__save_interval=3, train__tensorboard=True)
+    message = ranks(changed_lr_rank, 1, cfg)[0]
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert message == (
+        f"optim.lr: gives 0.001, but {run / 'checkpoints' / latest} was trained with 0.003; a resumed run keeps the schedule it "
+        "started with: set optim.lr back, or start a new run (another output_dir) from this checkpoint as student.checkpoint"
+    )
