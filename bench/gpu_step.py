@@ -200,7 +200,7 @@ def _synthetic_batches(cfg, num_microbatches: int, device) -> list[dict]:
 def _time_steps(cfg, shape: dict) -> dict:
     from anchored_megatron.platform import initialize, shutdown
     from anchored_megatron.training.forward_step import make_forward_step
-    from anchored_megatron.training.objectives import stage_loss
+    from anchored_megatron.training.objectives import iteration_loss
     from anchored_megatron.training.roles import copy_weights
     from anchored_megatron.training.trainer import Trainer
 
@@ -217,7 +217,7 @@ def _time_steps(cfg, shape: dict) -> dict:
             copy_weights(trainer.student, frozen)  # what an iteration start does, without the disk copy
     batches = _synthetic_batches(cfg, trainer.num_microbatches, device)
     trainer._microbatches = lambda: batches
-    forward_step = make_forward_step(lambda: stage_loss(cfg.anchor, 0), cfg.model.vocab_size)
+    forward_step = make_forward_step(lambda: iteration_loss(cfg.anchor, 0), cfg.model.vocab_size)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, losses = [], []

@@ -42,7 +42,7 @@ import torch
 
 from anchored_megatron.config import AnchorConfig, ConfigError
 from anchored_megatron.training.forward_step import masked_loss
-from anchored_megatron.training.objectives import StageLoss, stage_loss
+from anchored_megatron.training.objectives import IterationLoss, iteration_loss
 from anchored_megatron.training.roles import FusedOutput, OutputFusion, RoleStack, adjust_tensor_shapes_for, copy_weights, freeze
 
 # Keys of the loss dict, in SUM_NAMES order (the token count is the shared denominator).
@@ -101,13 +101,13 @@ def reported_losses(sums: torch.Tensor) -> dict[str, torch.Tensor]:
     return {name: torch.cat([sums[i : i + 1], tokens]) for i, name in enumerate(REPORTED_NAMES)}
 
 
-def anchored_loss_func(batch: dict, frozen_outputs: list, stage: StageLoss, vocab_size: int, output_tensor, fused: FusedOutput | None = None):
+def anchored_loss_func(batch: dict, frozen_outputs: list, terms: IterationLoss, vocab_size: int, output_tensor, fused: FusedOutput | None = None):
     """(loss_sum, num_tokens, {"lm loss": [sum, n], "kl_step": [sum, n], ...}) of one microbatch.
     The outputs are logits, or final hidden states with ``fused`` (``RoleStack.fused_output``)."""
     missing = [key for key in ("labels", "loss_mask") if batch.get(key) is None]
     if missing:
         raise KeyError(f"the last pipeline stage's batch lacks {', '.join(missing)} (keys given: {', '.join(k for k, v in batch.items() if v is not None)})")
-    loss_sum, sums = masked_loss(output_tensor, frozen_outputs, batch, stage, vocab_size, fused)
+    loss_sum, sums = masked_loss(output_tensor, frozen_outputs, batch, terms, vocab_size, fused)
     num_tokens = batch["loss_mask"].sum().to(torch.int)
     return loss_sum, num_tokens, reported_losses(sums)
 
@@ -170,7 +170,7 @@ class AnchoredLearning:
         self.fusion = OutputFusion(chunk_tokens=chunk) if fused_output_loss else None
         self.stacks: list[AnchoredRoleStack] = []
         self.iteration: int | None = None
-        self.stage: StageLoss = stage_loss(anchor, 0)
+        self.iteration_loss: IterationLoss = iteration_loss(anchor, 0)
 
     @property
     def frozen_roles(self) -> tuple[str, ...]:
@@ -226,7 +226,7 @@ class AnchoredLearning:
         if self.anchor.needs_snapshot:
             for stack in self.stacks:
                 copy_weights([stack.module], [stack.frozen[self.frozen_roles.index("snapshot")]])
-        self.stage = stage_loss(self.anchor, iteration)
+        self.iteration_loss = iteration_loss(self.anchor, iteration)
         self.iteration = iteration
 
     def _sync_iteration(self) -> None:
@@ -246,7 +246,7 @@ class AnchoredLearning:
         output = model(batch.get("tokens"), batch.get("position_ids"), batch.get("attention_mask"))
         stack = find_role_stack(model)
         frozen = stack.take_frozen_outputs()
-        return output, partial(anchored_loss_func, batch, frozen, self.stage, self.vocab_size, fused=stack.fused_output())
+        return output, partial(anchored_loss_func, batch, frozen, self.iteration_loss, self.vocab_size, fused=stack.fused_output())
 
 
 __all__ = ["AnchoredLearning", "AnchoredRoleStack", "REPORTED_NAMES", "anchored_loss_func", "as_batch_dict", "default_get_batch", "find_role_stack"]

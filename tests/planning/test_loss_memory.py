@@ -17,7 +17,7 @@ def loss_memory_rank(fused: bool):
     from anchored_megatron.platform import initialize
     from tests.live_bytes import LiveBytes
     from anchored_megatron.training.forward_step import masked_loss
-    from anchored_megatron.training.objectives import stage_loss
+    from anchored_megatron.training.objectives import iteration_loss
     from anchored_megatron.training.roles import RoleStack, freeze, output_fusion
 
     parallel = ParallelConfig()
@@ -36,7 +36,7 @@ def loss_memory_rank(fused: bool):
     frozen = stack.take_frozen_outputs()
     held = sum(t.untyped_storage().nbytes() for t in (output, *frozen))
     with LiveBytes() as meter:
-        masked_loss(output, frozen, batch, stage_loss(AnchorConfig(), 0), SHAPE["vocab_size"], stack.fused_output())
+        masked_loss(output, frozen, batch, iteration_loss(AnchorConfig(), 0), SHAPE["vocab_size"], stack.fused_output())
     planned = loss_activation_bytes(model, parallel, MICRO_BATCH, num_roles=3)
     if not fused:  # the output layer's saved input is held by the model's graph, not measured here
         planned -= MICRO_BATCH * s * 2 * SHAPE["hidden_size"]
