@@ -1,4 +1,4 @@
-"""GPU check: anchored-loss parity, and bf16 vs FP8 / anchored vs sft training steps, side by side.
+"""GPU check: anchored-loss parity, and bf16 vs FP8 / anchored vs sft / fused vs unfused output layer training steps, side by side.
 
     python bench/gpu_step.py all --out DIR            # on one GPU (scripts/gpu_check.sh calls this)
     python bench/gpu_step.py all --out DIR --cpu-smoke  # the same path on CPU with a tiny model
@@ -9,9 +9,10 @@
    bf16-valued fp32 logits over Llama-3's vocabulary (what a bf16 model hands the loss),
    plus the kernel's forward+backward time;
 2. training steps, each in its own process (fresh memory peak, a failure stays contained):
-   anchored and sft, in bf16 and in FP8, with the real trainer's roles, optimizer and
+   anchored and sft, in bf16 and in FP8, and bf16 anchored without the fused output layer
+   (``model.fused_output_loss=false``), with the real trainer's roles, optimizer and
    step (``Trainer._build_roles`` / ``Trainer._train_step``) on synthetic token batches;
-3. ratios measured in this one run (FP8 / bf16, anchored / sft), written to DIR/gpu_step.json
+3. ratios measured in this one run (FP8 / bf16, anchored / sft, fused / unfused), written to DIR/gpu_step.json
    and DIR/gpu_step.md and printed last.
 Configurations this machine cannot run (FP8 without Transformer Engine or an FP8 GPU) are
 recorded as skipped with the refusal's message, never estimated.
@@ -131,17 +132,18 @@ def _sync(device: torch.device) -> None:
 
 
 # ---- 2. one training configuration (own process) ---------------------------------------------
-def run_config(precision: str, objective: str, cpu_smoke: bool) -> dict:
+def run_config(precision: str, objective: str, cpu_smoke: bool, fused: bool = True) -> dict:
     """Build the trainer's roles for one configuration and time its steps."""
-    cfg, shape, record = plan_config(precision, objective, cpu_smoke)
+    cfg, shape, record = plan_config(precision, objective, cpu_smoke, fused)
     if "skipped" in record:
         return record
     return dict(record, **_time_steps(cfg, shape))
 
 
-def plan_config(precision: str, objective: str, cpu_smoke: bool):
+def plan_config(precision: str, objective: str, cpu_smoke: bool, fused: bool = True):
     """(RunConfig, shape, record); the record says ``skipped`` with the refusal when this
-    machine cannot run the configuration (checked without importing Megatron)."""
+    machine cannot run the configuration (checked without importing Megatron). ``fused``:
+    ``model.fused_output_loss``."""
     from anchored_megatron.config import ConfigError, ModelConfig, RunConfig
     from anchored_megatron.config import apply_preset
     from anchored_megatron.platform import accelerators
@@ -151,7 +153,7 @@ def plan_config(precision: str, objective: str, cpu_smoke: bool):
     # bf16 and FP8 share the TE layers when TE is here, so only the GEMM precision differs.
     # FP8 always asks for TE and bf16, so a machine without them shows its refusal.
     impl = "transformer_engine" if fp8 or accelerators.has_transformer_engine() else "local"
-    set_here = {"seq_length", "params_dtype", "transformer_impl", "fp8", "fp8_recipe"}
+    set_here = {"seq_length", "params_dtype", "transformer_impl", "fp8", "fp8_recipe", "fused_output_loss"}
     model = apply_preset(ModelConfig(
         preset=shape["preset"],
         seq_length=shape["seq_length"],
@@ -159,13 +161,14 @@ def plan_config(precision: str, objective: str, cpu_smoke: bool):
         transformer_impl=impl,
         fp8="hybrid" if fp8 else None,
         fp8_recipe="delayed",
+        fused_output_loss=fused,
     ), explicit=set_here)
     cfg = RunConfig(output_dir="unused-by-the-benchmark", model=model)
     cfg.anchor.objective = objective
     cfg.train.micro_batch_size = shape["micro_batch_size"]
     cfg.train.global_batch_size = shape["global_batch_size"]
     cfg.optim.lr = 1e-5
-    record = dict(precision=precision, objective=objective, transformer_impl=model.transformer_impl,
+    record = dict(precision=precision, objective=objective, fused_output_loss=fused, transformer_impl=model.transformer_impl,
                   preset=model.preset, seq_length=model.seq_length, tokens_per_step=shape["global_batch_size"] * model.seq_length)
     try:
         for part in (cfg.parallel.validate, lambda: model.validate(cfg.parallel), cfg.anchor.validate, cfg.optim.validate):
@@ -197,7 +200,7 @@ def _synthetic_batches(cfg, num_microbatches: int, device) -> list[dict]:
 def _time_steps(cfg, shape: dict) -> dict:
     from anchored_megatron.platform import initialize, shutdown
     from anchored_megatron.training.forward_step import make_forward_step
-    from anchored_megatron.training.objectives import stage_loss
+    from anchored_megatron.training.objectives import iteration_loss
     from anchored_megatron.training.roles import copy_weights
     from anchored_megatron.training.trainer import Trainer
 
@@ -214,7 +217,7 @@ def _time_steps(cfg, shape: dict) -> dict:
             copy_weights(trainer.student, frozen)  # what an iteration start does, without the disk copy
     batches = _synthetic_batches(cfg, trainer.num_microbatches, device)
     trainer._microbatches = lambda: batches
-    forward_step = make_forward_step(lambda: stage_loss(cfg.anchor, 0), cfg.model.vocab_size)
+    forward_step = make_forward_step(lambda: iteration_loss(cfg.anchor, 0), cfg.model.vocab_size)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, losses = [], []
@@ -237,7 +240,8 @@ def _time_steps(cfg, shape: dict) -> dict:
 
 
 # ---- 3. everything, side by side ------------------------------------------------------------------
-CONFIGS = [("bf16", "anchored"), ("fp8", "anchored"), ("bf16", "sft"), ("fp8", "sft")]
+# (precision, objective, model.fused_output_loss)
+CONFIGS = [("bf16", "anchored", True), ("bf16", "anchored", False), ("fp8", "anchored", True), ("bf16", "sft", True), ("fp8", "sft", True)]
 
 
 def run_all(out_dir: str, cpu_smoke: bool) -> dict:
@@ -252,9 +256,9 @@ def run_all(out_dir: str, cpu_smoke: bool) -> dict:
     report["loss_parity"] = loss_parity(device, PARITY_CPU if cpu_smoke else PARITY_GPU)
     print(f"loss parity passed: {report['loss_parity']['passed']}", flush=True)
     report["steps"] = []
-    for port, (precision, objective) in enumerate(CONFIGS):
-        report["steps"].append(_run_config_process(precision, objective, cpu_smoke, out_dir, 29610 + port))
-        print(f"{precision} {objective}: {_short(report['steps'][-1])}", flush=True)
+    for port, (precision, objective, fused) in enumerate(CONFIGS):
+        report["steps"].append(_run_config_process(precision, objective, fused, cpu_smoke, out_dir, 29610 + port))
+        print(f"{precision} {objective}{'' if fused else ' unfused'}: {_short(report['steps'][-1])}", flush=True)
     report["ratios"] = ratios(report["steps"])
     with open(os.path.join(out_dir, "gpu_step.json"), "w") as fh:
         json.dump(report, fh, indent=2)
@@ -265,38 +269,43 @@ def run_all(out_dir: str, cpu_smoke: bool) -> dict:
     return report
 
 
-def _run_config_process(precision: str, objective: str, cpu_smoke: bool, out_dir: str, port: int) -> dict:
-    _, _, planned = plan_config(precision, objective, cpu_smoke)
+def _run_config_process(precision: str, objective: str, fused: bool, cpu_smoke: bool, out_dir: str, port: int) -> dict:
+    _, _, planned = plan_config(precision, objective, cpu_smoke, fused)
     if "skipped" in planned:
         return planned
-    path = os.path.join(out_dir, f"step_{precision}_{objective}.json")
+    path = os.path.join(out_dir, f"step_{precision}_{objective}{'' if fused else '_unfused'}.json")
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     command = [sys.executable, os.path.abspath(__file__), "step", "--precision", precision, "--objective", objective, "--json", path]
     if cpu_smoke:
         command.append("--cpu-smoke")
+    if not fused:
+        command.append("--unfused")
     try:
         result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=STEP_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
         stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-        return dict(precision=precision, objective=objective, failed=f"timed out after {STEP_TIMEOUT_S} s: {stderr[-2000:]}")
+        return dict(precision=precision, objective=objective, fused_output_loss=fused, failed=f"timed out after {STEP_TIMEOUT_S} s: {stderr[-2000:]}")
     if result.returncode != 0 or not os.path.exists(path):
-        return dict(precision=precision, objective=objective, failed=result.stderr[-3000:] or f"exit code {result.returncode}")
+        return dict(precision=precision, objective=objective, fused_output_loss=fused, failed=result.stderr[-3000:] or f"exit code {result.returncode}")
     with open(path) as fh:
         return json.load(fh)
 
 
 def ratios(steps: list[dict]) -> dict:
-    timed = {(s["precision"], s["objective"]): s for s in steps if "step_time_s" in s}
+    timed = {(s["precision"], s["objective"], s["fused_output_loss"]): s for s in steps if "step_time_s" in s}
 
     def ratio(a, b, key="step_time_s"):
-        return timed[a][key] / timed[b][key] if a in timed and b in timed else None
+        if a in timed and b in timed and timed[a][key] is not None and timed[b][key] is not None:
+            return timed[a][key] / timed[b][key]
+        return None
 
     return {
-        "fp8_over_bf16_step_time_anchored": ratio(("fp8", "anchored"), ("bf16", "anchored")),
-        "fp8_over_bf16_peak_memory_anchored": ratio(("fp8", "anchored"), ("bf16", "anchored"), "peak_memory_gib")
-        if all(timed.get(k, {}).get("peak_memory_gib") for k in (("fp8", "anchored"), ("bf16", "anchored"))) else None,
-        "anchored_over_sft_step_time_bf16": ratio(("bf16", "anchored"), ("bf16", "sft")),
-        "anchored_over_sft_step_time_fp8": ratio(("fp8", "anchored"), ("fp8", "sft")),
+        "fp8_over_bf16_step_time_anchored": ratio(("fp8", "anchored", True), ("bf16", "anchored", True)),
+        "fp8_over_bf16_peak_memory_anchored": ratio(("fp8", "anchored", True), ("bf16", "anchored", True), "peak_memory_gib"),
+        "anchored_over_sft_step_time_bf16": ratio(("bf16", "anchored", True), ("bf16", "sft", True)),
+        "anchored_over_sft_step_time_fp8": ratio(("fp8", "anchored", True), ("fp8", "sft", True)),
+        "fused_over_unfused_step_time_anchored_bf16": ratio(("bf16", "anchored", True), ("bf16", "anchored", False)),
+        "fused_over_unfused_peak_memory_anchored_bf16": ratio(("bf16", "anchored", True), ("bf16", "anchored", False), "peak_memory_gib"),
     }
 
 
@@ -309,21 +318,25 @@ def _short(step: dict) -> str:
 
 
 def markdown(report: dict) -> str:
+    def output_layer(step):
+        return "fused" if step["fused_output_loss"] else "unfused"
+
     m = report["machine"]
     lines = [
         f"GPU check {report['date']} on {m['device']} (torch {m['torch']}, CUDA {m['cuda']}, "
         f"Transformer Engine {m['transformer_engine']}, apex {m['apex']})" + (" -- CPU SMOKE RUN, not a GPU figure" if report["cpu_smoke"] else ""),
         "",
-        "| precision | objective | layers | step time (s) | tokens/s | peak memory (GiB) | note |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| precision | objective | output layer | layers | step time (s) | tokens/s | peak memory (GiB) | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in report["steps"]:
         if "step_time_s" in s:
             peak = f"{s['peak_memory_gib']:.1f}" if s["peak_memory_gib"] is not None else "n/a"
             note = "" if s["finite"] else "non-finite loss"
-            lines.append(f"| {s['precision']} | {s['objective']} | {s['transformer_impl']} | {s['step_time_s']:.3f} | {s['tokens_per_s']:.0f} | {peak} | {note} |")
+            lines.append(f"| {s['precision']} | {s['objective']} | {output_layer(s)} | {s['transformer_impl']} | {s['step_time_s']:.3f} | "
+                         f"{s['tokens_per_s']:.0f} | {peak} | {note} |")
         else:
-            lines.append(f"| {s['precision']} | {s['objective']} | | | | | {_short(s)} |")
+            lines.append(f"| {s['precision']} | {s['objective']} | {output_layer(s)} | | | | | {_short(s)} |")
     lines += ["", "| ratio (measured in this run) | value |", "| --- | --- |"]
     for name, value in report["ratios"].items():
         lines.append(f"| {name} | {'n/a' if value is None else f'{value:.3f}'} |")
@@ -356,12 +369,13 @@ def main(argv=None) -> int:
     step.add_argument("--objective", choices=["anchored", "sft"], required=True)
     step.add_argument("--json", required=True)
     step.add_argument("--cpu-smoke", action="store_true")
+    step.add_argument("--unfused", action="store_true", help="model.fused_output_loss=false")
     args = parser.parse_args(argv)
     if args.command == "all":
         report = run_all(args.out, args.cpu_smoke)
         failed = not report["loss_parity"]["passed"] or any("failed" in s for s in report["steps"])
         return 1 if failed else 0
-    record = run_config(args.precision, args.objective, args.cpu_smoke)
+    record = run_config(args.precision, args.objective, args.cpu_smoke, fused=not args.unfused)
     with open(args.json, "w") as fh:
         json.dump(record, fh, indent=2)
     return 0

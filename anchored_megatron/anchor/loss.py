@@ -1,8 +1,9 @@
 """The Anchored Learning loss on vocab-parallel logits (Megatron's ``parallel_output=True``).
 
-Public entry point: :func:`vocab_parallel_anchored_loss`. The per-shard arithmetic
-lives in ``vocab_passes``; this module validates the call, finds the tensor-parallel
-group and wires the analytic gradient into autograd.
+Public entry point: :func:`vocab_parallel_anchored_loss`. The per-shard arithmetic lives in
+``vocab_passes`` and its assembly in ``token_loss``; this module validates the call, finds the
+tensor-parallel group and wires the analytic gradient into autograd. ``fused_output`` shares its
+validation.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import numbers
 import torch
 import torch.distributed as dist
 
-from anchored_megatron.anchor import fused_passes, vocab_passes
-from anchored_megatron.anchor.vocab_passes import LossSpec, ShardLayout
+from anchored_megatron.anchor import fused_passes
+from anchored_megatron.anchor.token_loss import compute_dtype, token_loss
+from anchored_megatron.anchor.vocab_passes import LossSpec, ShardLayout, Workspace
 
 INTERPOLATIONS = ("logit", "prob")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -31,7 +33,7 @@ def _check_unit_interval(name: str, value) -> float:
     return float(value)
 
 
-def _resolve_group(group):
+def resolve_group(group):
     """(group, rank, size): the given group, else Megatron's TP group if set up, else one process."""
     if group is None and dist.is_available() and dist.is_initialized():
         from megatron.core import parallel_state
@@ -43,7 +45,7 @@ def _resolve_group(group):
     return group, dist.get_rank(group), dist.get_world_size(group)
 
 
-def _build_spec(alpha, interpolation, divergence, jsd_beta, temperature, ce_weight, ignore_index, live_anchor, with_metrics, labels) -> LossSpec:
+def build_spec(alpha, interpolation, divergence, jsd_beta, temperature, ce_weight, ignore_index, live_anchor, with_metrics, labels) -> LossSpec:
     alpha = _check_unit_interval("alpha", alpha)
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
@@ -60,6 +62,29 @@ def _build_spec(alpha, interpolation, divergence, jsd_beta, temperature, ce_weig
         temperature=float(temperature), ce_weight=ce_weight, ignore_index=int(ignore_index),
         live_anchor=live_anchor, with_metrics=with_metrics,
     )
+
+
+def shard_layout(group, rank: int, size: int, local_vocab: int, vocab_size: int) -> ShardLayout:
+    """This rank's place in the padded vocabulary of ``vocab_size`` real tokens."""
+    padded_vocab = local_vocab * size
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or not 0 < vocab_size <= padded_vocab:
+        raise ValueError(f"vocab_size must be an integer in [1, padded vocabulary {padded_vocab} = {local_vocab} x tp {size}], got {vocab_size!r}")
+    vocab_start = rank * local_vocab
+    return ShardLayout(group=group, rank=rank, size=size, local_vocab=local_vocab,
+                       valid_local=max(0, min(local_vocab, vocab_size - vocab_start)), vocab_start=vocab_start)
+
+
+def check_chunk_tokens(chunk_tokens) -> None:
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, numbers.Integral) or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens must be an integer >= 1 or None, got {chunk_tokens!r}")
+
+
+def check_label_range(labels, vocab_size: int, ignore_index: int) -> None:
+    # One host sync; pass check_labels=False once the data pipeline guarantees the range.
+    bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
+    if bool(bad.any()):
+        example = labels[bad][0].item()
+        raise ValueError(f"labels must be in [0, vocab_size={vocab_size}) or ignore_index={ignore_index}, got {example}")
 
 
 def _check_tensors(student, reference, anchor, labels) -> None:
@@ -81,99 +106,27 @@ def _check_tensors(student, reference, anchor, labels) -> None:
             raise ValueError(f"labels shape {tuple(labels.shape)} does not match the logits' leading shape {tuple(student.shape[:-1])}")
 
 
-def _check_label_range(labels, vocab_size: int, ignore_index: int) -> None:
-    # One host sync; pass check_labels=False once the data pipeline guarantees the range.
-    bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
-    if bool(bad.any()):
-        example = labels[bad][0].item()
-        raise ValueError(f"labels must be in [0, vocab_size={vocab_size}) or ignore_index={ignore_index}, got {example}")
-
-
 class _AnchoredLoss(torch.autograd.Function):
     """Per-token loss; the gradient w.r.t. the student logits is computed in forward."""
 
     @staticmethod
     def forward(ctx, student, reference, anchor, labels, spec: LossSpec, layout: ShardLayout, chunk_tokens: int, fused: bool):
-        dtype = torch.float64 if torch.float64 in (student.dtype, reference.dtype, getattr(anchor, "dtype", None)) else torch.float32
+        dtype = compute_dtype(student, reference, anchor)
         leading_shape = student.shape[:-1]
         flat = lambda x: None if x is None else x.reshape(-1, x.shape[-1])  # noqa: E731 - a view for contiguous inputs
         sources = {"student": flat(student), "reference": flat(reference), "anchor": flat(anchor),
                    "labels": None if labels is None else labels.reshape(-1)}
-
-        plan = vocab_passes.plan_stats(spec)
-        work = vocab_passes.Workspace(min(chunk_tokens, sources["student"].shape[0]), layout.valid_local, dtype, student.device)
+        work = Workspace(min(chunk_tokens, sources["student"].shape[0]), layout.valid_local, dtype, student.device)
         # The gradient buffer doubles as pass A's scratch for one distribution's exp().
         grad = torch.empty(sources["student"].shape, dtype=dtype, device=student.device) if ctx.needs_input_grad[0] else None
-        if fused:
-            try:
-                local = fused_passes.local_stats(sources, plan, layout, spec, work, chunk_tokens, keep=grad)
-            except fused_passes.compile_errors() as error:
-                fused_passes.disable_after_failure(error)
-                fused = False
-        if not fused:
-            local = vocab_passes.local_stats(sources, plan, layout, spec, work, chunk_tokens, keep=grad)
-        stats = vocab_passes.merge_stats(vocab_passes.all_slots(local, layout), plan)
-        lse, expect = stats.lse, stats.expect
-        canon = spec.canon
-
-        def log_z(name):
-            return lse[canon(name)]
-
-        def mean(weight, plus, minus=None):
-            return expect[(canon(weight), canon(plus), canon(minus) if minus else None)]
-
-        mixture_names = vocab_passes.plan_mixture_sums(spec)
-        mixture = {}
-        if mixture_names:
-            local_mix = vocab_passes.local_mixture_sums(sources, mixture_names, stats, layout, spec, work, chunk_tokens)
-            summed = vocab_passes.sum_over_ranks(local_mix, layout)
-            mixture = {name: summed[:, i] for i, name in enumerate(mixture_names)}
-
-        num_tokens = sources["student"].shape[0]
-        loss = torch.zeros(num_tokens, dtype=dtype, device=student.device)
-        divergence_value = kl_p_m = None
-        if spec.need_divergence:
-            if spec.divergence == "jsd":
-                kl_p_m = mixture["kl_p_m"]
-                divergence_value = spec.jsd_beta * mixture["kl_q_m"] + (1.0 - spec.jsd_beta) * kl_p_m
-            elif spec.interpolation == "prob":
-                divergence_value = mixture["forward_prob" if spec.divergence == "forward_kl" else "reverse_prob"]
-            elif spec.divergence == "forward_kl":  # KL(q||p) = E_q[a - u] - lse(a) + lse(u)
-                divergence_value = mean("a", "a", "u") - log_z("a") + log_z("u")
-            else:  # KL(p||q) = E_p[u - a] - lse(u) + lse(a)
-                divergence_value = mean("u", "u", "a") - log_z("u") + log_z("a")
-            loss = loss + ((1.0 - spec.ce_weight) * spec.temperature**2) * divergence_value
-        if spec.need_ce:
-            kept = sources["labels"] != spec.ignore_index
-            cross_entropy = torch.where(kept, log_z("z") - stats.label_logit, 0.0)
-            loss = loss + spec.ce_weight * cross_entropy
-
-        ctx.grad_buffer = None
+        result = token_loss(sources, spec, layout, work, chunk_tokens, fused, grad)
+        ctx.grad_buffer = grad
         ctx.student_dtype = student.dtype
         ctx.student_shape = student.shape
-        if grad is not None:
-            if fused:
-                try:
-                    fused_passes.fill_gradient(grad, local, plan, sources, stats, layout, spec, chunk_tokens)
-                except fused_passes.compile_errors() as error:  # raised before the kernel touched grad
-                    fused_passes.disable_after_failure(error)
-                    fused = False
-            if not fused:
-                vocab_passes.fill_gradient(grad, local, plan, sources, stats, divergence_value, kl_p_m, layout, spec, work, chunk_tokens)
-            ctx.grad_buffer = grad
         ctx.backward_done = False
-
-        outputs = [loss.view(leading_shape)]
-        if spec.with_metrics:
-            if spec.interpolation == "logit":
-                kl_step = mean("a", "a", "s") - log_z("a") + log_z("s")
-                kl_bound = spec.alpha * (mean("r", "r", "s") - mean("s", "r", "s"))
-            else:
-                kl_step = mixture["step_prob"]
-                kl_bound = spec.alpha * (mean("r", "r", "s") - log_z("r") + log_z("s"))
-            kl_reference = mean("r", "r", "u") - log_z("r") + log_z("u")
-            entropy = log_z("u") - mean("u", "u")
-            metrics = [m.view(leading_shape) for m in (kl_step, kl_bound, kl_reference, entropy)]
+        outputs = [result.loss.view(leading_shape)]
+        if result.metrics is not None:
+            metrics = [m.view(leading_shape) for m in result.metrics]
             ctx.mark_non_differentiable(*metrics)
             outputs += metrics
         return tuple(outputs)
@@ -254,22 +207,15 @@ def vocab_parallel_anchored_loss(
         kl_step <= kl_bound; ``kl_reference`` = KL(p_r || p_theta); ``entropy`` = H(p_theta).
     """
     _check_tensors(student_logits, reference_logits, anchor_logits, labels)
-    spec = _build_spec(alpha, interpolation, divergence, jsd_beta, temperature, ce_weight, ignore_index,
-                       anchor_logits is None, bool(return_metrics), labels)
-    group, rank, size = _resolve_group(group)
+    spec = build_spec(alpha, interpolation, divergence, jsd_beta, temperature, ce_weight, ignore_index,
+                      anchor_logits is None, bool(return_metrics), labels)
+    group, rank, size = resolve_group(group)
     local_vocab = student_logits.shape[-1]
-    padded_vocab = local_vocab * size
-    if vocab_size is None:
-        vocab_size = padded_vocab
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or not 0 < vocab_size <= padded_vocab:
-        raise ValueError(f"vocab_size must be an integer in [1, padded vocabulary {padded_vocab} = {local_vocab} x tp {size}], got {vocab_size!r}")
-    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, numbers.Integral) or chunk_tokens < 1):
-        raise ValueError(f"chunk_tokens must be an integer >= 1 or None, got {chunk_tokens!r}")
+    vocab_size = local_vocab * size if vocab_size is None else vocab_size
+    layout = shard_layout(group, rank, size, local_vocab, vocab_size)
+    check_chunk_tokens(chunk_tokens)
     if labels is not None and check_labels:
-        _check_label_range(labels, vocab_size, spec.ignore_index)
-    vocab_start = rank * local_vocab
-    layout = ShardLayout(group=group, rank=rank, size=size, local_vocab=local_vocab,
-                         valid_local=max(0, min(local_vocab, vocab_size - vocab_start)), vocab_start=vocab_start)
+        check_label_range(labels, vocab_size, spec.ignore_index)
     fused = fused_passes.applies(spec, layout)
     if chunk_tokens is None:
         elements = fused_passes.CHUNK_ELEMENTS if fused else _AUTO_CHUNK_ELEMENTS

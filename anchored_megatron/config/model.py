@@ -45,10 +45,14 @@ class ModelConfig:
     fp8_recipe: str = "delayed"  # delayed | tensorwise (per-tensor current scaling)
     fp8_bf16_first_last_layers: int = 0  # layers at each end kept in bf16 under FP8 (needs fp8_recipe=tensorwise)
     fused_kernels: bool = True  # on GPU, use the fused kernels (jit, Transformer Engine, apex) that are installed
+    # Fuse the output layer into the loss: the roles return final hidden states and the loss makes
+    # each role's vocab-sharded logits one token chunk at a time (none is ever held whole).
+    fused_output_loss: bool = True
+    fused_output_chunk_tokens: int | None = None  # tokens per chunk; null = from a fixed memory budget
 
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = (
         "seq_length", "make_vocab_size_divisible_by", "init_method_std", "params_dtype", "transformer_impl",
-        "fp8", "fp8_recipe", "fp8_bf16_first_last_layers", "fused_kernels",
+        "fp8", "fp8_recipe", "fp8_bf16_first_last_layers", "fused_kernels", "fused_output_loss", "fused_output_chunk_tokens",
     )
 
     @classmethod
@@ -79,6 +83,12 @@ class ModelConfig:
             f"must be 'local' or 'transformer_engine', got {self.transformer_impl!r}",
         )
         self._validate_precision(parallel, prefix)
+        require(isinstance(self.fused_output_loss, bool), f"{prefix}.fused_output_loss", f"must be true or false, got {self.fused_output_loss!r}")
+        chunk = self.fused_output_chunk_tokens
+        require(
+            chunk is None or (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 1),
+            f"{prefix}.fused_output_chunk_tokens", f"must be an integer >= 1 or null, got {chunk!r}",
+        )
         if parallel is not None:
             require(
                 self.num_attention_heads % parallel.tp == 0,

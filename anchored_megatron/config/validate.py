@@ -145,6 +145,8 @@ def _check_options_the_objective_uses(cfg) -> None:
         raise ConfigError(f"reference.checkpoint: is not used by anchor.objective={objective} (it has no frozen reference); remove it")
     if _changed(cfg, "model.fp8_recipe") and cfg.model.fp8 is None:
         raise ConfigError("model.fp8_recipe: is used only with model.fp8 (hybrid or e4m3); remove it or set model.fp8")
+    if _changed(cfg, "model.fused_output_chunk_tokens") and not cfg.model.fused_output_loss:
+        raise ConfigError("model.fused_output_chunk_tokens: is used only with model.fused_output_loss=true; remove it or enable the fusion")
 
 
 def _check_pipeline_schedule(cfg) -> None:

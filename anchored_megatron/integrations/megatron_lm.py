@@ -21,6 +21,11 @@ distributed optimizer, checkpoints, logging) stays the user's::
 - ``adjust_tensor_shapes_fn()``: widens the 1F1B schedule's P2P shapes so every role's
   hidden state travels in one tensor (None when PP = 1 or there is no frozen role).
 
+``fused_output_loss`` (default on, as ``model.fused_output_loss``): the roles' GPT models return
+their final hidden states and the loss applies the output weights one token chunk at a time,
+so no role's vocabulary logits are ever held whole (``anchor/fused_output.py``); sequence
+parallelism and any pipeline layout are handled.
+
 Snapshot refresh: at the first forward of each outer iteration (from ``current_step`` and
 ``steps_per_iteration``; else call ``begin_iteration`` yourself) the snapshot takes the
 student's weights. Megatron-LM checkpoints hold only the student: a run resumed in the middle
@@ -37,8 +42,8 @@ import torch
 
 from anchored_megatron.config import AnchorConfig, ConfigError
 from anchored_megatron.training.forward_step import masked_loss
-from anchored_megatron.training.objectives import StageLoss, stage_loss
-from anchored_megatron.training.roles import RoleStack, adjust_tensor_shapes_for, copy_weights, freeze
+from anchored_megatron.training.objectives import IterationLoss, iteration_loss
+from anchored_megatron.training.roles import FusedOutput, OutputFusion, RoleStack, adjust_tensor_shapes_for, copy_weights, freeze
 
 # Keys of the loss dict, in SUM_NAMES order (the token count is the shared denominator).
 REPORTED_NAMES = ("lm loss", "kl_step", "kl_bound", "kl_reference", "entropy")
@@ -96,12 +101,13 @@ def reported_losses(sums: torch.Tensor) -> dict[str, torch.Tensor]:
     return {name: torch.cat([sums[i : i + 1], tokens]) for i, name in enumerate(REPORTED_NAMES)}
 
 
-def anchored_loss_func(batch: dict, frozen_logits: list, stage: StageLoss, vocab_size: int, output_tensor):
-    """(loss_sum, num_tokens, {"lm loss": [sum, n], "kl_step": [sum, n], ...}) of one microbatch."""
+def anchored_loss_func(batch: dict, frozen_outputs: list, terms: IterationLoss, vocab_size: int, output_tensor, fused: FusedOutput | None = None):
+    """(loss_sum, num_tokens, {"lm loss": [sum, n], "kl_step": [sum, n], ...}) of one microbatch.
+    The outputs are logits, or final hidden states with ``fused`` (``RoleStack.fused_output``)."""
     missing = [key for key in ("labels", "loss_mask") if batch.get(key) is None]
     if missing:
         raise KeyError(f"the last pipeline stage's batch lacks {', '.join(missing)} (keys given: {', '.join(k for k, v in batch.items() if v is not None)})")
-    loss_sum, sums = masked_loss(output_tensor, frozen_logits, batch, stage, vocab_size)
+    loss_sum, sums = masked_loss(output_tensor, frozen_outputs, batch, terms, vocab_size, fused)
     num_tokens = batch["loss_mask"].sum().to(torch.int)
     return loss_sum, num_tokens, reported_losses(sums)
 
@@ -124,6 +130,10 @@ class AnchoredLearning:
             ``lambda: get_args().curr_iteration``.
         get_batch: ``get_batch(data_iterator)`` returns a microbatch, as a dict or Megatron-LM's
             ``get_batch`` tuple (see ``default_get_batch``).
+        fused_output_loss: as ``model.fused_output_loss``: the last stage's models return final
+            hidden states and the loss makes the logits one token chunk at a time.
+        fused_output_chunk_tokens: as ``model.fused_output_chunk_tokens`` (None: from the
+            memory budget).
     """
 
     def __init__(
@@ -134,8 +144,17 @@ class AnchoredLearning:
         steps_per_iteration: int | None = None,
         current_step: Callable[[], int] | None = None,
         get_batch: Callable = default_get_batch,
+        fused_output_loss: bool = True,
+        fused_output_chunk_tokens: int | None = None,
     ):
         anchor.validate()
+        if not isinstance(fused_output_loss, bool):
+            raise ConfigError(f"fused_output_loss: must be True or False, got {fused_output_loss!r}")
+        chunk = fused_output_chunk_tokens
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ConfigError(f"fused_output_chunk_tokens: must be an integer >= 1 or None, got {chunk!r}")
+        if chunk is not None and not fused_output_loss:
+            raise ConfigError("fused_output_chunk_tokens: is used only with fused_output_loss=True")
         if not isinstance(vocab_size, int) or vocab_size < 1:
             raise ConfigError(f"vocab_size: must be a positive integer, got {vocab_size!r}")
         if (steps_per_iteration is None) != (current_step is None):
@@ -148,9 +167,10 @@ class AnchoredLearning:
         self.steps_per_iteration = steps_per_iteration
         self.current_step = current_step
         self.get_batch = get_batch
+        self.fusion = OutputFusion(chunk_tokens=chunk) if fused_output_loss else None
         self.stacks: list[AnchoredRoleStack] = []
         self.iteration: int | None = None
-        self.stage: StageLoss = stage_loss(anchor, 0)
+        self.iteration_loss: IterationLoss = iteration_loss(anchor, 0)
 
     @property
     def frozen_roles(self) -> tuple[str, ...]:
@@ -177,7 +197,7 @@ class AnchoredLearning:
                 freeze([role])
             if "reference" in roles and self.reference is not None:
                 self._load_reference(roles["reference"])
-            stack = AnchoredRoleStack(student, list(roles.values()))
+            stack = AnchoredRoleStack(student, list(roles.values()), self.fusion)
             self.stacks.append(stack)
             return stack
 
@@ -206,7 +226,7 @@ class AnchoredLearning:
         if self.anchor.needs_snapshot:
             for stack in self.stacks:
                 copy_weights([stack.module], [stack.frozen[self.frozen_roles.index("snapshot")]])
-        self.stage = stage_loss(self.anchor, iteration)
+        self.iteration_loss = iteration_loss(self.anchor, iteration)
         self.iteration = iteration
 
     def _sync_iteration(self) -> None:
@@ -224,8 +244,9 @@ class AnchoredLearning:
         self._sync_iteration()
         batch = as_batch_dict(self.get_batch(data_iterator))
         output = model(batch.get("tokens"), batch.get("position_ids"), batch.get("attention_mask"))
-        frozen = find_role_stack(model).take_frozen_logits()
-        return output, partial(anchored_loss_func, batch, frozen, self.stage, self.vocab_size)
+        stack = find_role_stack(model)
+        frozen = stack.take_frozen_outputs()
+        return output, partial(anchored_loss_func, batch, frozen, self.iteration_loss, self.vocab_size, fused=stack.fused_output())
 
 
 __all__ = ["AnchoredLearning", "AnchoredRoleStack", "REPORTED_NAMES", "anchored_loss_func", "as_batch_dict", "default_get_batch", "find_role_stack"]

@@ -30,6 +30,7 @@ a layer runs is at most one layer's worth, which the planner adds once as "trans
 from __future__ import annotations
 
 from anchored_megatron.config import ModelConfig, ParallelConfig
+from anchored_megatron.planning import loss_chunks
 
 PARAM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -51,13 +52,41 @@ def layer_activation_bytes(model: ModelConfig, parallel: ParallelConfig, micro_b
 
 
 def loss_activation_bytes(model: ModelConfig, parallel: ParallelConfig, micro_batch_size: int, num_roles: int) -> int:
-    """Peak of the last stage around the loss for one microbatch: every role's vocab-sharded
-    logits (beta bytes each) plus the loss's fp32 gradient buffer of the student's shape,
-    plus the output layer's saved input."""
+    """Peak of the last stage around the loss for one microbatch.
+
+    Unfused: every role's vocab-sharded logits, fp32 whatever the parameters' dtype
+    (``Float16Module`` casts the last stage's output to fp32), plus the loss's fp32 gradient
+    buffer of the student's shape, plus the output layer's saved input.
+    Fused (``model.fused_output_loss``): ``fused_loss_bytes``."""
+    if model.fused_output_loss:
+        return fused_loss_bytes(model, parallel, micro_batch_size, num_roles)
     tokens = model.seq_length * micro_batch_size
     beta = PARAM_BYTES[model.params_dtype]
     vocab_local = model.padded_vocab_size(parallel.tp) // parallel.tp
-    return tokens * (vocab_local * (4 + beta * num_roles) + beta * model.hidden_size)
+    return tokens * (vocab_local * 4 * (num_roles + 1) + beta * model.hidden_size)
+
+
+def fused_loss_bytes(model: ModelConfig, parallel: ParallelConfig, micro_batch_size: int, num_roles: int) -> int:
+    """The fused output loss's peak for one microbatch (``anchor/fused_output.py``):
+    - the chunk temporaries, at most ``loss_chunks.CHUNK_BUDGET_BYTES`` (counted with the eager
+      passes' scratch, the larger case, when the sequence is shorter than a chunk);
+    - the output weight's gradient, summed over chunks in fp32, plus one block of a chunk's
+      product in the weights' dtype when that is lower;
+    - every role's final hidden states, fp32 (``Float16Module`` casts the last stage's output),
+      gathered over the sequence under sequence parallelism, and the student's hidden-state
+      gradient in the weights' dtype."""
+    tokens = model.seq_length * micro_batch_size
+    beta = PARAM_BYTES[model.params_dtype]
+    vocab_local = model.padded_vocab_size(parallel.tp) // parallel.tp
+    h = model.hidden_size
+    chunk = model.fused_output_chunk_tokens or loss_chunks.auto_chunk_tokens(vocab_local, num_roles, beta, compiled=False)
+    temporaries = min(tokens, chunk) * loss_chunks.bytes_per_token(vocab_local, num_roles, beta, compiled=False)
+    weight_grad = vocab_local * h * 4
+    if beta < 4:
+        weight_grad += min(vocab_local, loss_chunks.weight_grad_block_rows(h, beta)) * h * beta
+    gathered = 1 + (1 / parallel.tp if parallel.sequence_parallel else 0)
+    hidden = tokens * h * (num_roles * 4 * gathered + beta)
+    return int(temporaries + weight_grad + hidden)
 
 
 def pipeline_buffer_bytes(model: ModelConfig, parallel: ParallelConfig, micro_batch_size: int, num_roles: int, first: bool, last: bool) -> int:

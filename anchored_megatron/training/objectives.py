@@ -1,4 +1,4 @@
-"""What each objective asks of the anchored loss, stage by stage.
+"""What each objective asks of the anchored loss, outer iteration by outer iteration.
 
 All four objectives go through ``vocab_parallel_anchored_loss`` so that padded vocabulary
 columns, fp32 reductions and the analytic gradient are handled in one place:
@@ -18,7 +18,7 @@ from anchored_megatron.config import AnchorConfig
 
 
 @dataclass(frozen=True)
-class StageLoss:
+class IterationLoss:
     """The loss settings of one outer iteration."""
 
     alpha: float
@@ -42,7 +42,7 @@ class StageLoss:
         )
 
 
-def stage_loss(anchor: AnchorConfig, iteration: int) -> StageLoss:
+def iteration_loss(anchor: AnchorConfig, iteration: int) -> IterationLoss:
     common = dict(
         interpolation=anchor.interpolation,
         divergence=anchor.divergence,
@@ -51,12 +51,12 @@ def stage_loss(anchor: AnchorConfig, iteration: int) -> StageLoss:
     )
     if anchor.objective == "anchored":
         alpha = alpha_at(iteration, anchor.outer_iterations, anchor.alpha, anchor.alpha_end, anchor.alpha_schedule)
-        return StageLoss(alpha=alpha, ce_weight=anchor.ce_weight, scale=1.0, use_snapshot=anchor.source == "snapshot", has_reference=True, **common)
+        return IterationLoss(alpha=alpha, ce_weight=anchor.ce_weight, scale=1.0, use_snapshot=anchor.source == "snapshot", has_reference=True, **common)
     if anchor.objective == "distill":
-        return StageLoss(alpha=1.0, ce_weight=anchor.ce_weight, scale=1.0, use_snapshot=False, has_reference=True, **common)
+        return IterationLoss(alpha=1.0, ce_weight=anchor.ce_weight, scale=1.0, use_snapshot=False, has_reference=True, **common)
     if anchor.objective == "sft_kl":
         weight = 1.0 / (1.0 + anchor.kl_weight)
         common.update(interpolation="logit", divergence="forward_kl", temperature=1.0)
-        return StageLoss(alpha=1.0, ce_weight=weight, scale=1.0 + anchor.kl_weight, use_snapshot=False, has_reference=True, **common)
+        return IterationLoss(alpha=1.0, ce_weight=weight, scale=1.0 + anchor.kl_weight, use_snapshot=False, has_reference=True, **common)
     common.update(interpolation="logit", divergence="forward_kl", temperature=1.0)
-    return StageLoss(alpha=1.0, ce_weight=1.0, scale=1.0, use_snapshot=False, has_reference=False, **common)
+    return IterationLoss(alpha=1.0, ce_weight=1.0, scale=1.0, use_snapshot=False, has_reference=False, **common)

@@ -9,13 +9,41 @@ same layers. ``RoleStack`` is what Megatron's schedule sees as "the model": its 
 the student with autograd and the frozen roles under ``no_grad``; between stages the roles'
 hidden states travel concatenated along the hidden dimension in ONE P2P tensor
 (``adjust_tensor_shapes`` widens the schedule's shapes to match).
+
+With the fused output loss (``model.fused_output_loss``) every role's last stage returns its final
+hidden states instead of vocabulary logits; the loss applies the output weights chunk by chunk
+(``anchor/fused_output.py``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from anchored_megatron.config import ModelConfig
+from anchored_megatron.models.hidden_output import output_weight, return_hidden_states
 from anchored_megatron.models.layout import unwrap
+
+
+@dataclass(frozen=True)
+class OutputFusion:
+    """Settings of the fused output-layer loss."""
+
+    chunk_tokens: int | None = None  # tokens per chunk; None: from the memory budget
+
+
+def output_fusion(model: ModelConfig) -> OutputFusion | None:
+    return OutputFusion(chunk_tokens=model.fused_output_chunk_tokens) if model.fused_output_loss else None
+
+
+@dataclass(frozen=True)
+class FusedOutput:
+    """What the fused loss needs besides the hidden states, for one forward on the last stage."""
+
+    weights: tuple  # the output weight of the student, then of each frozen role
+    chunk_tokens: int | None
+    sequence_parallel: bool
 
 
 def freeze(chunks) -> None:
@@ -42,12 +70,16 @@ class RoleStack(torch.nn.Module):
     held in a plain list so DDP, the optimizer and checkpoints never see them.
     """
 
-    def __init__(self, student, frozen: list):
+    def __init__(self, student, frozen: list, fusion: OutputFusion | None = None):
         super().__init__()
         self.module = student
         self.frozen = list(frozen)
         self.config = unwrap(student).config
-        self.frozen_logits: list[torch.Tensor] = []
+        self.frozen_outputs: list[torch.Tensor] = []
+        self.fusion = fusion if self.is_last_stage else None
+        if self.fusion is not None:
+            for role in (student, *self.frozen):
+                return_hidden_states(unwrap(role))
 
     def __getattr__(self, name):
         # DDP's grad-sync hooks (finish_grad_sync, no_sync, ...) are the student's.
@@ -86,14 +118,23 @@ class RoleStack(torch.nn.Module):
         with torch.no_grad():
             frozen_outputs = [role(*args, **kwargs) for role in self.frozen]
         if self.is_last_stage:
-            self.frozen_logits = frozen_outputs
+            self.frozen_outputs = frozen_outputs
             return output
         return torch.cat([output, *frozen_outputs], dim=-1) if frozen_outputs else output
 
-    def take_frozen_logits(self) -> list[torch.Tensor]:
-        """The frozen roles' logits of the last forward (last stage only), handed over once."""
-        logits, self.frozen_logits = self.frozen_logits, []
-        return logits
+    def take_frozen_outputs(self) -> list[torch.Tensor]:
+        """The frozen roles' logits (hidden states when fused) of the last forward (last stage
+        only), handed over once."""
+        outputs, self.frozen_outputs = self.frozen_outputs, []
+        return outputs
+
+    def fused_output(self) -> FusedOutput | None:
+        """On the last stage of a fused stack: the roles' output weights (the student's is its
+        trainable parameter) and the loss settings; else None (the outputs are logits)."""
+        if self.fusion is None:
+            return None
+        weights = tuple(output_weight(unwrap(role)) for role in (self.module, *self.frozen))
+        return FusedOutput(weights=weights, chunk_tokens=self.fusion.chunk_tokens, sequence_parallel=bool(self.config.sequence_parallel))
 
 
 def adjust_tensor_shapes_for(num_roles: int):

@@ -22,9 +22,9 @@ from anchored_megatron.training import checkpoint as ckpt
 from anchored_megatron.training.checkpoint_dirs import resolve_checkpoint_dir
 from anchored_megatron.training.forward_step import SUM_NAMES, make_forward_step
 from anchored_megatron.training.metrics_log import MetricsLog
-from anchored_megatron.training.objectives import stage_loss
+from anchored_megatron.training.objectives import iteration_loss
 from anchored_megatron.training.optim import check_resumed_schedule, load_scheduler_state
-from anchored_megatron.training.roles import RoleStack, adjust_tensor_shapes_for, copy_weights, freeze
+from anchored_megatron.training.roles import RoleStack, adjust_tensor_shapes_for, copy_weights, freeze, output_fusion
 from anchored_megatron.training.run_files import TrainLog, write_run_config
 
 
@@ -44,7 +44,7 @@ class Progress:
     nonfinite_in_a_row: int = 0
     sampler: dict | None = None
     scheduler: dict | None = None
-    optimizer_stage: int = 0  # the iteration the optimizer/scheduler state belongs to
+    optimizer_iteration: int = 0  # the iteration the optimizer/scheduler state belongs to
 
 
 class Trainer:
@@ -93,7 +93,7 @@ class Trainer:
         anchor = cfg.anchor
         self.steps_per_iteration = self.sampler.steps_per_epoch * anchor.epochs_per_iteration
         self.total_steps = self.steps_per_iteration * anchor.outer_iterations
-        # max_steps stops the run early without changing the schedule (LR, stages) it follows.
+        # max_steps stops the run early without changing the schedule (LR, outer iterations) it follows.
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
         self._build_roles()
 
@@ -132,7 +132,7 @@ class Trainer:
             self.snapshot = build_model_chunks(cfg.model, cfg.parallel)
             freeze(self.snapshot)
         frozen = [roles for roles in (self.reference, self.snapshot) if roles is not None]
-        self.stacks = [RoleStack(self.wrapped[i], [roles[i] for roles in frozen]) for i in range(len(self.wrapped))]
+        self.stacks = [RoleStack(self.wrapped[i], [roles[i] for roles in frozen], output_fusion(cfg.model)) for i in range(len(self.wrapped))]
         self.num_roles = 1 + len(frozen)
         steps = self.steps_per_iteration if cfg.anchor.reset_optimizer_per_iteration else self.total_steps
         self.optimizer, self.scheduler = build_optimizer(self.wrapped, cfg.optim, config.params_dtype, steps)
@@ -168,7 +168,10 @@ class Trainer:
             latest, self.wrapped, self.optimizer, rank_state_loader=self._restore_rank_state,
             checksums=checksums, check_common=lambda common: self._check_resume(common, latest), message=self.log.message,
         )
-        progress = Progress(**state["progress"])
+        stored = dict(state["progress"])
+        if "optimizer_stage" in stored:  # the field's name in checkpoints written before 2026-11-30
+            stored["optimizer_iteration"] = stored.pop("optimizer_stage")
+        progress = Progress(**stored)
         self.sampler.load_state_dict(progress.sampler)
         load_scheduler_state(self.scheduler, progress.scheduler)
         if self.snapshot is not None and progress.step % self.steps_per_iteration != 0:
@@ -267,17 +270,17 @@ class Trainer:
         """At a boundary: snapshot <- student (kept on disk for mid-iteration resumes), and
         a fresh optimizer + schedule when configured."""
         anchor = self.cfg.anchor
-        events = [f"alpha {stage_loss(anchor, iteration).alpha:g}"] if anchor.objective == "anchored" else []
+        events = [f"alpha {iteration_loss(anchor, iteration).alpha:g}"] if anchor.objective == "anchored" else []
         if self.snapshot is not None:
             copy_weights(self.student, self.snapshot)
             ckpt.save_checkpoint(self.snapshot_root, iteration, self.snapshot)
             events.append("snapshot refreshed from the student")
-        if anchor.reset_optimizer_per_iteration and iteration != progress.optimizer_stage:
+        if anchor.reset_optimizer_per_iteration and iteration != progress.optimizer_iteration:
             from anchored_megatron.training.optim import build_scheduler, reset_optimizer_state
 
             reset_optimizer_state(self.optimizer)
             self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.steps_per_iteration)
-            progress.optimizer_stage = iteration
+            progress.optimizer_iteration = iteration
             events.append("optimizer state and LR schedule reset")
         self.log.message(f"outer iteration {iteration + 1}/{anchor.outer_iterations} from step {progress.step}"
                          + (": " + ", ".join(events) if events else ""))
@@ -356,22 +359,22 @@ class Trainer:
         progress = self._load_initial_weights()
         self.log.start(progress.step, self.stop_step)
         first_step, loop_started, saved = progress.step, time.perf_counter(), None
-        current = {"stage": stage_loss(cfg.anchor, progress.step // self.steps_per_iteration)}
-        forward_step = make_forward_step(lambda: current["stage"], cfg.model.vocab_size)
+        current = {"loss": iteration_loss(cfg.anchor, progress.step // self.steps_per_iteration)}
+        forward_step = make_forward_step(lambda: current["loss"], cfg.model.vocab_size)
         tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
         last = {}
         while progress.step < self.stop_step:
             iteration, step_in_iteration = divmod(progress.step, self.steps_per_iteration)
             if step_in_iteration == 0:
                 self._begin_iteration(iteration, progress)
-            current["stage"] = stage_loss(cfg.anchor, iteration)
+            current["loss"] = iteration_loss(cfg.anchor, iteration)
             started = time.perf_counter()
             record = self._train_step(forward_step)
             elapsed = time.perf_counter() - started
             progress.step += 1
             progress.nonfinite_in_a_row = 0 if record["finite"] else progress.nonfinite_in_a_row + 1
-            alpha = {"alpha": current["stage"].alpha} if cfg.anchor.objective == "anchored" else {}
-            record = {"step": progress.step, "stage": iteration, **alpha, **record,
+            alpha = {"alpha": current["loss"].alpha} if cfg.anchor.objective == "anchored" else {}
+            record = {"step": progress.step, "iteration": iteration, **alpha, **record,
                       "step_time_s": elapsed, "tokens_per_s": tokens_per_step / elapsed}
             self.log.log(record, self._line(record) if progress.step % cfg.train.log_interval == 0 else None)
             last = record
@@ -397,7 +400,7 @@ class Trainer:
     def _line(self, r: dict) -> str:
         divergence = f"kl_step {_number(r['kl_step'], '.4f')} kl_ref {_number(r['kl_reference'], '.4f')} " if "kl_step" in r else ""
         return (
-            f"step {r['step']}/{self.total_steps} stage {r['stage']} loss {_number(r['loss'], '.4f')} {divergence}lr {r['lr']:.2e} "
+            f"step {r['step']}/{self.total_steps} iteration {r['iteration']} loss {_number(r['loss'], '.4f')} {divergence}lr {r['lr']:.2e} "
             f"grad_norm {_number(r['grad_norm'], '.3f')} {r['step_time_s']:.2f}s {r['tokens_per_s']:.0f} tok/s"
         )
 

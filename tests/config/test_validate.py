@@ -112,11 +112,29 @@ def test_a_reference_with_another_rope_is_refused(run):
     (["anchor.alpha_end=0.9"], "anchor.alpha_end: is used only with anchor.alpha_schedule=linear"),
     (["anchor.objective=sft"], "reference.checkpoint: is not used by anchor.objective=sft"),
     (["model.fp8_recipe=tensorwise"], "model.fp8_recipe: is used only with model.fp8"),
+    (["model.fused_output_loss=false", "model.fused_output_chunk_tokens=512"],
+     "model.fused_output_chunk_tokens: is used only with model.fused_output_loss=true"),
 ])
 def test_an_option_the_run_would_ignore_is_refused(run, overrides, message):
     with pytest.raises(ConfigError) as info:
         validated(run["args"] + overrides)
     assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.fused_output_loss=1", "model.fused_output_loss: expected true or false, got 1"),
+    ("model.fused_output_chunk_tokens=0", "model.fused_output_chunk_tokens: must be an integer >= 1 or null, got 0"),
+])
+def test_bad_fused_output_options_are_refused_by_name(run, override, message):
+    with pytest.raises(ConfigError) as info:
+        validated(run["args"] + [override])
+    assert str(info.value).startswith(message)
+
+
+def test_fused_output_options_are_run_time_fields(run):
+    model = validated(run["args"] + ["model.fused_output_loss=false"]).model
+    assert model.fused_output_loss is False and model.fused_output_chunk_tokens is None
+    assert validated(run["args"] + ["model.fused_output_chunk_tokens=256"]).model.fused_output_chunk_tokens == 256
 
 
 def test_defaults_of_options_the_objective_ignores_are_fine(run):

@@ -6,7 +6,7 @@ import torch
 
 from anchored_megatron.config import AnchorConfig, ConfigError
 from anchored_megatron.integrations.megatron_lm import AnchoredLearning, anchored_loss_func, as_batch_dict
-from anchored_megatron.training.objectives import stage_loss
+from anchored_megatron.training.objectives import iteration_loss
 from tests.anchor.reference import reference_loss
 
 
@@ -16,7 +16,7 @@ def test_loss_func_returns_megatron_lm_sum_count_pairs_matching_float64():
     student, reference, snapshot = (torch.randn(b, s, v_padded, generator=g) for _ in range(3))
     batch = {"labels": torch.randint(0, vocab, (b, s), generator=g), "loss_mask": (torch.rand(b, s, generator=g) < 0.6).float()}
     anchor = AnchorConfig(alpha=0.3, ce_weight=0.1)
-    loss_sum, num_tokens, report = anchored_loss_func(batch, [reference, snapshot], stage_loss(anchor, 0), vocab, student)
+    loss_sum, num_tokens, report = anchored_loss_func(batch, [reference, snapshot], iteration_loss(anchor, 0), vocab, student)
     expected, metrics = reference_loss(student, reference, snapshot, alpha=0.3, ce_weight=0.1, labels=batch["labels"], vocab_size=vocab)
     mask = batch["loss_mask"].double()
     assert num_tokens.item() == mask.sum().item()
@@ -28,7 +28,7 @@ def test_loss_func_returns_megatron_lm_sum_count_pairs_matching_float64():
 
 def test_last_stage_without_labels_names_the_missing_fields():
     with pytest.raises(KeyError, match="labels"):
-        anchored_loss_func({"loss_mask": torch.ones(1, 2), "labels": None}, [], stage_loss(AnchorConfig(objective="sft"), 0), 8, torch.zeros(1, 2, 8))
+        anchored_loss_func({"loss_mask": torch.ones(1, 2), "labels": None}, [], iteration_loss(AnchorConfig(objective="sft"), 0), 8, torch.zeros(1, 2, 8))
 
 
 def test_megatron_lm_batch_tuple_becomes_a_dict():

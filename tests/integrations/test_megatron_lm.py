@@ -1,6 +1,8 @@
 """The Megatron-LM drop-in driven by Megatron-Core's own 1F1B schedule at TP=2 x PP=2 (4 gloo
 ranks, the stack wrapped in Megatron DDP as Megatron-LM's get_model does), against a
-single-process TP=1 PP=1 model whose loss is computed in float64 from full-vocab logits."""
+single-process TP=1 PP=1 model whose loss is computed in float64 from full-vocab logits: with
+the output layer fused into the loss and without, and fused with tied embeddings (the last
+stage's copy of the embedding is the output weight; Megatron sums the two copies' gradients)."""
 
 import zlib
 
@@ -15,9 +17,12 @@ MICRO_BATCH, MICROBATCHES = 2, 4
 VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def full_tensor(name, shape, role):
+def full_tensor(name, shape, role, tied=False):
     """A deterministic full (TP=1) tensor per canonical name and role; vocab rows beyond
-    any padding are drawn from one fixed-size table so TP=1 and TP=2 agree on the real rows."""
+    any padding are drawn from one fixed-size table so TP=1 and TP=2 agree on the real rows.
+    Tied: the output layer's copy is the embedding."""
+    if tied and name == "output_layer.weight":
+        name = "embedding.word_embeddings.weight"
     g = torch.Generator().manual_seed(zlib.crc32(f"{role}:{name}".encode()))
     if role == "delta":
         return 0.02 * torch.randn(shape, generator=g)
@@ -29,7 +34,7 @@ def full_tensor(name, shape, role):
 
 
 @torch.no_grad()
-def fill(chunk, role, add=False):
+def fill(chunk, role, add=False, tied=False):
     from megatron.core import parallel_state
 
     from anchored_megatron.models.layout import canonical_name, shard
@@ -40,7 +45,7 @@ def fill(chunk, role, add=False):
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     for local_name, param in unwrap(chunk).named_parameters():
         name = canonical_name(chunk, local_name)
-        value = shard(full_tensor(name, tuple(full_shape(param, tp_size)), role), name, param, tp_rank, tp_size)
+        value = shard(full_tensor(name, tuple(full_shape(param, tp_size)), role, tied), name, param, tp_rank, tp_size)
         param.add_(value) if add else param.copy_(value)
 
 
@@ -61,7 +66,7 @@ def microbatches():
     return batches
 
 
-def dropin_rank():
+def dropin_rank(fused: bool, tied: bool):
     """TP=2 x PP=2: the drop-in's provider, forward_step and shape adjustment in Megatron's schedule."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -77,17 +82,17 @@ def dropin_rank():
 
     parallel = ParallelConfig(tp=2, pp=2)
     initialize(parallel, seed=1)
-    model = ModelConfig(**MODEL)
+    model = ModelConfig(**MODEL, tie_embeddings=tied)
 
     def user_model_provider(pre_process=True, post_process=True, vp_stage=None):
         return build_model_chunk(model, parallel, vp_stage=vp_stage)  # what a user's provider returns
 
-    anchored = AnchoredLearning(AnchorConfig(**ANCHOR), vocab_size=MODEL["vocab_size"], reference=lambda chunk: fill(chunk, "reference"),
-                                steps_per_iteration=10, current_step=lambda: 0)
+    anchored = AnchoredLearning(AnchorConfig(**ANCHOR), vocab_size=MODEL["vocab_size"], reference=lambda chunk: fill(chunk, "reference", tied=tied),
+                                steps_per_iteration=10, current_step=lambda: 0, fused_output_loss=fused, fused_output_chunk_tokens=5 if fused else None)
     stack = anchored.model_provider(user_model_provider)(pre_process=True, post_process=True)
-    fill(stack.module, "student")
+    fill(stack.module, "student", tied=tied)
     anchored.begin_iteration(0)  # snapshot <- student
-    fill(stack.module, "delta", add=True)  # the student moves on; the snapshot must not follow
+    fill(stack.module, "delta", add=True, tied=tied)  # the student moves on; the snapshot must not follow
     snapshot_is_copy = not weights_equal([stack.module], [stack.frozen[1]])
     reference_frozen = all(not p.requires_grad for role in stack.frozen for p in role.parameters())
 
@@ -117,7 +122,7 @@ def dropin_rank():
             "snapshot_is_copy": snapshot_is_copy, "reference_frozen": reference_frozen, "num_roles": anchored.num_roles}
 
 
-def reference_rank():
+def reference_rank(tied: bool):
     """TP=1 PP=1, one process: the same weights, the loss in float64 from full-vocab logits."""
     from anchored_megatron.config import ModelConfig, ParallelConfig
     from anchored_megatron.models.builder import build_model_chunks
@@ -125,7 +130,7 @@ def reference_rank():
 
     parallel = ParallelConfig()
     initialize(parallel, seed=1)
-    model = ModelConfig(**MODEL)
+    model = ModelConfig(**MODEL, tie_embeddings=tied)
     (student,), (snapshot,), (reference,) = (build_model_chunks(model, parallel) for _ in range(3))
     fill(student, "student")
     fill(student, "delta", add=True)
@@ -147,12 +152,15 @@ def reference_rank():
         tokens += mask.sum().item()
     (total / tokens).backward()
     grads = {name: p.grad.clone() for name, p in student.named_parameters()}
+    if tied:  # the last stage's copy of the embedding must end with the embedding's gradient
+        grads["output_layer.weight"] = grads["embedding.word_embeddings.weight"]
     return {"loss": total.item() / tokens, "tokens": tokens, "grads": grads, **{k: v / tokens for k, v in metric_sums.items()}}
 
 
-@pytest.fixture(scope="module")
-def runs(ranks):
-    return ranks(dropin_rank, 4, timeout=300), ranks(reference_rank, 1, timeout=200)[0]
+@pytest.fixture(scope="module", params=["unfused", "fused", "fused_tied"])
+def runs(ranks, request):
+    fused, tied = request.param.startswith("fused"), request.param.endswith("tied")
+    return ranks(dropin_rank, 4, fused, tied, timeout=600), ranks(reference_rank, 1, tied, timeout=200)[0]
 
 
 def _merged_grads(results):

@@ -1,4 +1,4 @@
-"""The ``sft_kl`` and ``distill`` objectives through the trainer's loss path (``stage_loss`` ->
+"""The ``sft_kl`` and ``distill`` objectives through the trainer's loss path (``iteration_loss`` ->
 ``masked_loss``) against their formulas, written plainly here in float64: the masked loss sum,
 its gradient in closed form, and the KL-to-reference metric. At TP=1 in this process and at
 TP=2 on two gloo ranks (each rank holds half of the padded vocabulary)."""
@@ -63,11 +63,11 @@ def _expected(name, student, reference, labels, loss_mask):
 def _trainer_loss(name, student, reference, labels, loss_mask):
     """What the trainer computes for one microbatch: (loss_sum, grad w.r.t. the student logits, sums)."""
     from anchored_megatron.training.forward_step import masked_loss
-    from anchored_megatron.training.objectives import stage_loss
+    from anchored_megatron.training.objectives import iteration_loss
 
     leaf = student.clone().requires_grad_(True)
     batch = {"labels": labels, "loss_mask": loss_mask}
-    loss_sum, sums = masked_loss(leaf, [reference], batch, stage_loss(OBJECTIVES[name], 0), VOCAB)
+    loss_sum, sums = masked_loss(leaf, [reference], batch, iteration_loss(OBJECTIVES[name], 0), VOCAB)
     loss_sum.backward()
     return loss_sum.detach(), leaf.grad, sums
 

@@ -127,7 +127,7 @@ def test_resumed_run_keeps_one_record_per_step(resumed_anchored_run):
     assert _tensorboard_steps(resumed_anchored_run["out"], "loss") == list(range(1, 17))
 
 
-COMMON = {"step", "stage", "loss", "response_tokens", "grad_norm", "finite", "lr", "step_time_s", "tokens_per_s", "attempt"}
+COMMON = {"step", "iteration", "loss", "response_tokens", "grad_norm", "finite", "lr", "step_time_s", "tokens_per_s", "attempt"}
 
 
 @pytest.mark.distributed

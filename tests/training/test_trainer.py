@@ -83,7 +83,7 @@ def test_anchored_snapshot_tp2_pp2_matches_single_process(tiny_run, single_proce
     ranks(train_rank, 4, run_config(tiny_run, tmp_path, parallel__tp=2, parallel__pp=2))
     parallel = _losses(tmp_path)
     assert [r["step"] for r in parallel] == [r["step"] for r in single_process_run]
-    assert {r["stage"] for r in parallel} == {0, 1}
+    assert {r["iteration"] for r in parallel} == {0, 1}
     for a, b in zip(parallel, single_process_run):
         for name in ("loss", "kl_step", "kl_reference"):
             assert abs(a[name] - b[name]) <= 1e-4, (a["step"], name, a[name], b[name])
