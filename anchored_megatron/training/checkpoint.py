@@ -34,6 +34,7 @@ from anchored_megatron.models.layout import unwrap
 from anchored_megatron.platform.files import fsync_dir, write_atomically
 from anchored_megatron.platform.mcore_compat.checkpoint_format import take_writer_errors
 from anchored_megatron.training import manifest
+from anchored_megatron.training import checkpoint_dirs
 from anchored_megatron.training.checkpoint_dirs import LATEST, RUN_CHECKPOINTS, checkpoint_name, iterations, latest_name
 
 # Only the distributed optimizer's fully reshardable format survives a change of TP/PP/DP.
@@ -283,14 +284,13 @@ def save_checkpoint(
 
 
 def latest_checkpoint(root: str) -> str | None:
-    """The newest complete checkpoint under ``root``, or None."""
-    name = latest_name(root)
-    if name is None:
-        return None
-    path = os.path.join(root, name)
-    if not name or not os.path.isdir(path):
-        raise _failure(path, [f"'{os.path.join(root, LATEST)}' points at {name!r}, which does not exist"], None)
-    return path
+    """The newest complete checkpoint under ``root``, or None; CheckpointError when ``latest``
+    names one that does not exist."""
+    try:
+        return checkpoint_dirs.latest_checkpoint(root)
+    except FileNotFoundError:
+        name = latest_name(root)
+        raise _failure(os.path.join(root, name), [f"'{os.path.join(root, LATEST)}' points at {name!r}, which does not exist"], None) from None
 
 
 def load_checkpoint(

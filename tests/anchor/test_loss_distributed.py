@@ -120,5 +120,5 @@ def _check_tp(tp, per_rank):
 @pytest.mark.distributed
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_every_option_matches_float64_reference_and_megatron_ce(ranks, tp):
-    per_rank = ranks(_rank_all_cases, tp, tp, timeout=600)
+    per_rank = ranks(_rank_all_cases, tp, tp, timeout=600, env={"ANCHORED_FUSED_LOSS": "1"})  # the compiled kernels where they apply
     _check_tp(tp, per_rank)

@@ -26,9 +26,10 @@ def two_starts(tiny_run, tmp_path_factory):
     cfg["train"]["progress_bar"] = True  # the default; no terminal here, so no bar either
     config = write_config(root / "run.yaml", cfg)
     cache = str(root / "inductor")
-    first = run_train(config, "train.max_steps=4", TORCHINDUCTOR_CACHE_DIR=cache)
+    # The compiled loss kernels (tests/conftest.py switches them off by default): the compile notice is tested.
+    first = run_train(config, "train.max_steps=4", TORCHINDUCTOR_CACHE_DIR=cache, ANCHORED_FUSED_LOSS="1")
     assert first.returncode == 0, first.stderr
-    second = run_train(config, "train.log_interval=2", TORCHINDUCTOR_CACHE_DIR=cache)
+    second = run_train(config, "train.log_interval=2", TORCHINDUCTOR_CACHE_DIR=cache, ANCHORED_FUSED_LOSS="1")
     assert second.returncode == 0, second.stderr
     with open(out / "metrics.jsonl") as fh:
         losses = {r["step"]: r["loss"] for r in map(json.loads, fh)}

@@ -71,6 +71,15 @@ def crashing_save_rank(cfg_dict, crash_at_step):
     return train_rank(cfg_dict)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compiled_loss_kernels():
+    """The trainer end to end as users run it: with the loss's compiled kernels (tests/conftest.py
+    switches them off elsewhere)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ANCHORED_FUSED_LOSS", "1")
+        yield
+
+
 @pytest.fixture(scope="module")
 def single_process_run(tiny_run, tmp_path_factory, ranks):
     out = tmp_path_factory.mktemp("tp1")
