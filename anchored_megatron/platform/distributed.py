@@ -47,9 +47,9 @@ def initialize(
     applied only when Megatron runs without apex and Transformer Engine), and checkpoint
     metadata is unpickled through an allow-list instead of plain pickle (``safe_load``), and the
     known third-party warnings are filtered (``warnings_filter``). An existing process group is
-    kept; Megatron's parallel state is rebuilt on every call. ``timeout_minutes`` is the process group's timeout for collectives. Returns
-    this process's RuntimeInfo (rank, device, backend, data-parallel size); raises
-    ConfigError when ``parallel`` does not fit WORLD_SIZE.
+    kept; Megatron's parallel state is rebuilt on every call. ``timeout_minutes`` is the process
+    group's timeout for collectives. Returns this process's RuntimeInfo (rank, device, backend,
+    data-parallel size); raises ConfigError when ``parallel`` does not fit WORLD_SIZE.
     """
     # Some of Megatron's deprecation notices fire at import: filter before the first import.
     warnings_filter.install()
