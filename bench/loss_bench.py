@@ -203,7 +203,7 @@ def main():
           "memory = peak RSS growth (max over TP ranks); shard = tokens x V/tp x 4 bytes")
     rows = []
     for tp in TPS:
-        rows += _merge_ranks(run_on_ranks(_rank_bench, tp, tp, timeout=3000, threads=max(1, (os.cpu_count() or 1) // tp)))
+        rows += _merge_ranks(run_on_ranks(_rank_bench, tp, tp, timeout=3000))
     header = f"{'V':>6} {'TP':>2} {'dtype':>8} {'method':<13} {'tokens':>6} {'time s':>7} {'x(a)':>5} {'peak MB':>8} {'x(a)':>5} {'extra-(a) in shards':>19}"
     print(header)
     print("-" * len(header))

@@ -212,7 +212,7 @@ def run_jobs(jobs: list[JobSpec], paths: dict, eval_cfg: dict, tp: int, timeout:
     from anchored_megatron.platform import run_on_ranks
 
     results = run_on_ranks(run_jobs_on_rank, tp, [asdict(j) for j in jobs], paths["eval"], paths["tokenizer"], eval_cfg,
-                           timeout=timeout, threads=max(1, (os.cpu_count() or 2) // tp))
+                           timeout=timeout)  # torch threads: the cores shared evenly, run_on_ranks' default
     return results[0]
 
 
