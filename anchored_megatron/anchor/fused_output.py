@@ -47,6 +47,7 @@ class _Call:
     chunk_tokens: int
     fused: bool
     sequence_parallel: bool
+    label_prob_weight: bool
 
 
 def _gather_sequence(hidden: torch.Tensor, layout: ShardLayout) -> torch.Tensor:
@@ -138,12 +139,15 @@ class _FusedOutputLoss(torch.autograd.Function):
             chunk_grad = None if grad is None else grad[:n]
             result = token_loss(sources, spec, layout, work, n, fused, chunk_grad)
             fused = result.fused
-            loss_sum += torch.dot(result.loss, token_weight[rows])
+            chunk_weight = token_weight[rows]
+            if call.label_prob_weight:  # the loss is the CE here: exp(-loss) is p_theta(label), held constant
+                chunk_weight = chunk_weight * torch.exp(-result.loss)
+            loss_sum += torch.dot(result.loss, chunk_weight)
             if metric_sums is not None:
                 metric_sums += torch.stack(result.metrics) @ mask[rows]
             if chunk_grad is None:
                 continue
-            row_weight = token_weight[rows].unsqueeze(-1)
+            row_weight = chunk_weight.unsqueeze(-1)
             scaled = chunk_grad.mul_(row_weight) if cast is None else torch.mul(chunk_grad, row_weight, out=cast[:n])
             if grad_hidden is not None:
                 torch.mm(scaled, weight, out=grad_hidden[rows])
@@ -227,6 +231,7 @@ def fused_output_anchored_loss(
     return_metrics: bool = False,
     chunk_tokens: int | None = None,
     check_labels: bool = True,
+    label_prob_weight: bool = False,
 ):
     """``loss_scale * sum_t loss_mask_t * loss_t`` of the anchored loss, from final hidden states.
 
@@ -241,7 +246,10 @@ def fused_output_anchored_loss(
     Returns the scalar loss (fp32, fp64 for fp64 weights) with gradients for ``student_hidden``
     and ``student_weight``, and with ``return_metrics`` a dict of ``loss_mask``-weighted sums
     over tokens of the metrics (no grad). ``chunk_tokens``: tokens per chunk (None: from
-    ``planning.loss_chunks``' memory budget).
+    ``planning.loss_chunks``' memory budget). ``label_prob_weight``: each token's CE (``ce_weight``
+    must be 1) is further weighted by the probability of its label, held constant (Dynamic
+    Fine-Tuning's ``-sg(p_theta(y)) log p_theta(y)``); the weights exist only chunk by chunk, which
+    is why this is an option here rather than the caller's ``loss_mask``.
     """
     _check_role("student", student_hidden, student_weight, None, None)
     _check_role("reference", reference_hidden, reference_weight, student_hidden, student_weight)
@@ -260,6 +268,8 @@ def fused_output_anchored_loss(
                              + (" (sequence gathered over the tensor-parallel group)" if sequence_parallel and size > 1 else ""))
     if labels is not None and (labels.is_floating_point() or labels.is_complex()):
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if not isinstance(label_prob_weight, bool) or (label_prob_weight and ce_weight != 1.0):
+        raise ValueError(f"label_prob_weight must be a bool and needs ce_weight = 1, got {label_prob_weight!r} with ce_weight={ce_weight!r}")
     if isinstance(loss_scale, bool) or not isinstance(loss_scale, numbers.Real) or not float(loss_scale) > 0.0:
         raise ValueError(f"loss_scale must be a number > 0, got {loss_scale!r}")
     spec = build_spec(alpha, interpolation, divergence, jsd_beta, temperature, ce_weight, ignore_index,
@@ -278,7 +288,7 @@ def fused_output_anchored_loss(
     if loss_mask is None:
         loss_mask = torch.ones(gathered, dtype=torch.float32, device=student_hidden.device)
     call = _Call(spec=spec, layout=layout, loss_scale=float(loss_scale), chunk_tokens=int(chunk_tokens), fused=fused,
-                 sequence_parallel=bool(sequence_parallel))
+                 sequence_parallel=bool(sequence_parallel), label_prob_weight=label_prob_weight)
     detach = lambda x: None if x is None else x.detach()  # noqa: E731 - no gradient reaches a frozen role
     outputs = _FusedOutputLoss.apply(
         student_hidden, student_weight, detach(reference_hidden), detach(reference_weight), detach(anchor_hidden),

@@ -59,26 +59,28 @@ class OptimConfig:
         require(self.clip_grad >= 0, f"{prefix}.clip_grad", f"must be >= 0, got {self.clip_grad}")
 
 
-OBJECTIVES = ("anchored", "sft", "sft_kl", "distill")
+OBJECTIVES = ("anchored", "sft", "sft_kl", "distill", "dft", "asft", "taid")
+# Objectives without a frozen reference (the student alone).
+REFERENCE_FREE = ("sft", "dft")
 
 
 @dataclass
 class AnchorConfig:
     """The method. ``anchored`` trains T outer iterations x K epochs toward the moving anchor;
-    the baselines (``sft``, ``sft_kl``, ``distill``) run the same T x K epochs, one stage each
-    unless T is set."""
+    the baselines (``sft``, ``sft_kl``, ``distill``, ``dft``, ``asft``, ``taid``) run the same
+    T x K epochs, one stage each unless T is set."""
 
-    objective: str = "anchored"  # anchored | sft | sft_kl | distill
+    objective: str = "anchored"  # anchored | sft | sft_kl | distill | dft | asft | taid
     alpha: float = 0.5
     alpha_schedule: str = "constant"  # constant | linear (from alpha to alpha_end over the iterations)
-    alpha_end: float | None = None
+    alpha_end: float | None = None  # taid: t at the last step (default 1.0)
     source: str = "snapshot"  # snapshot: frozen copy refreshed per iteration | live: the student, detached
     interpolation: str = "logit"  # logit | prob
     divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd
     jsd_beta: float = 0.5
     temperature: float = 1.0
     ce_weight: float = 0.0  # anchored/distill: loss = (1-w) divergence + w CE
-    kl_weight: float = 0.1  # sft_kl: loss = CE + kl_weight * KL(p_base || p_student)
+    kl_weight: float = 0.1  # sft_kl: CE + kl_weight KL(p_base || p_student); asft: DFT's CE + the same KL
     outer_iterations: int = 5  # T
     epochs_per_iteration: int = 5  # K
     reset_optimizer_per_iteration: bool = False
@@ -93,11 +95,11 @@ class AnchorConfig:
                 f"must be in [0, 1], got {value!r}",
             )
         require(self.alpha_schedule in ("constant", "linear"), f"{prefix}.alpha_schedule", f"must be constant or linear, got {self.alpha_schedule!r}")
-        if self.alpha_schedule == "linear":
+        if self.alpha_schedule == "linear" or (self.objective == "taid" and self.alpha_end is not None):
             require(
                 isinstance(self.alpha_end, (int, float)) and 0.0 <= self.alpha_end <= 1.0,
                 f"{prefix}.alpha_end",
-                f"must be in [0, 1] with alpha_schedule=linear, got {self.alpha_end!r}",
+                f"must be in [0, 1], got {self.alpha_end!r}",
             )
         require(self.source in ("snapshot", "live"), f"{prefix}.source", f"must be snapshot or live, got {self.source!r}")
         require(self.interpolation in ("logit", "prob"), f"{prefix}.interpolation", f"must be logit or prob, got {self.interpolation!r}")
@@ -108,13 +110,15 @@ class AnchorConfig:
         )
         require(self.temperature > 0, f"{prefix}.temperature", f"must be > 0, got {self.temperature}")
         require(self.kl_weight >= 0, f"{prefix}.kl_weight", f"must be >= 0, got {self.kl_weight}")
+        if self.objective == "asft":
+            require(self.kl_weight > 0, f"{prefix}.kl_weight", "must be > 0 with objective=asft (0 is objective=dft)")
         for name in ("outer_iterations", "epochs_per_iteration"):
             value = getattr(self, name)
             require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{prefix}.{name}", f"must be an integer >= 1, got {value!r}")
 
     @property
     def needs_reference(self) -> bool:
-        return self.objective != "sft"
+        return self.objective not in REFERENCE_FREE
 
     @property
     def needs_snapshot(self) -> bool:

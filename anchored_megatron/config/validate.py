@@ -21,16 +21,16 @@ from anchored_megatron.config.stored import read_model_config
 
 # anchor.* options and the objectives that use them (the others ignore them, so setting one is refused).
 _ANCHOR_OPTION_USERS = {
-    "alpha": ("anchored",),
+    "alpha": ("anchored", "taid"),
     "alpha_schedule": ("anchored",),
-    "alpha_end": ("anchored",),
+    "alpha_end": ("anchored", "taid"),
     "source": ("anchored",),
     "interpolation": ("anchored",),
     "divergence": ("anchored", "distill"),
     "jsd_beta": ("anchored", "distill"),
     "temperature": ("anchored", "distill"),
     "ce_weight": ("anchored", "distill"),
-    "kl_weight": ("sft_kl",),
+    "kl_weight": ("sft_kl", "asft"),
 }
 
 
@@ -139,7 +139,7 @@ def _check_options_the_objective_uses(cfg) -> None:
             raise ConfigError(f"anchor.{name}: is not used by anchor.objective={objective} (only by {' or '.join(users)}); remove it")
     if _changed(cfg, "anchor.jsd_beta") and cfg.anchor.divergence != "jsd":
         raise ConfigError(f"anchor.jsd_beta: is used only with anchor.divergence=jsd, got divergence={cfg.anchor.divergence}; remove it")
-    if _changed(cfg, "anchor.alpha_end") and cfg.anchor.alpha_schedule != "linear":
+    if _changed(cfg, "anchor.alpha_end") and cfg.anchor.alpha_schedule != "linear" and objective != "taid":
         raise ConfigError("anchor.alpha_end: is used only with anchor.alpha_schedule=linear; remove it or set the schedule")
     if _changed(cfg, "reference.checkpoint") and not cfg.anchor.needs_reference:
         raise ConfigError(f"reference.checkpoint: is not used by anchor.objective={objective} (it has no frozen reference); remove it")
@@ -171,7 +171,7 @@ def _check_checkpoints(cfg, check_files: bool) -> None:
             cfg.reference.checkpoint is not None or cfg.student.checkpoint is None,
             "reference.checkpoint",
             f"is required for anchor.objective={cfg.anchor.objective} (the frozen teacher"
-            + (", i.e. the base model, for sft_kl)" if cfg.anchor.objective == "sft_kl" else ")"),
+            + (f", i.e. the base model, for {cfg.anchor.objective})" if cfg.anchor.objective in ("sft_kl", "asft") else ")"),
         )
     reference = cfg.reference.checkpoint if cfg.anchor.needs_reference else None
     if reference is not None and _inside(reference, cfg.output_dir):

@@ -161,6 +161,8 @@ class AnchoredLearning:
             raise ConfigError("steps_per_iteration: give it together with current_step (or neither, and call begin_iteration)")
         if steps_per_iteration is not None and (not isinstance(steps_per_iteration, int) or steps_per_iteration < 1):
             raise ConfigError(f"steps_per_iteration: must be an integer >= 1, got {steps_per_iteration!r}")
+        if anchor.objective == "taid" and current_step is None:
+            raise ConfigError("current_step: is required with anchor.objective=taid (its t follows the optimizer step)")
         self.anchor = anchor
         self.vocab_size = vocab_size
         self.reference = reference
@@ -236,6 +238,9 @@ class AnchoredLearning:
             iteration = self.iteration if self.iteration is not None else 0
         if iteration != self.iteration:
             self.begin_iteration(iteration)
+        if self.anchor.objective == "taid":
+            total_steps = self.steps_per_iteration * self.anchor.outer_iterations
+            self.iteration_loss = iteration_loss(self.anchor, iteration, self.current_step(), total_steps)
 
     # ---- the step --------------------------------------------------------------------------
     def forward_step(self, data_iterator, model):

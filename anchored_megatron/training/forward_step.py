@@ -38,6 +38,22 @@ def masked_loss(student_output, frozen_outputs: list, batch: dict, terms: Iterat
 
 
 def _logits_loss(student_logits, frozen_logits: list, batch: dict, terms: IterationLoss, vocab_size: int):
+    mask = batch["loss_mask"]
+    if terms.label_prob_weight:
+        # dft / asft: the CE term alone, each token weighted by sg(p_theta(label)) = exp(-CE_t).
+        cross_entropy = vocab_parallel_anchored_loss(
+            student_logits, student_logits.detach(), labels=batch["labels"], vocab_size=vocab_size,
+            check_labels=False, **terms.loss_kwargs())
+        weighted = cross_entropy * torch.exp(-cross_entropy.detach())
+        loss_sum = (weighted * mask.to(weighted.dtype)).sum() * terms.scale
+        if terms.base_kl_weight == 0.0:
+            return loss_sum, None
+        kl_sum, metric_sums = _logits_divergence(student_logits, frozen_logits, batch, terms, vocab_size, ce_weight=0.0)
+        return loss_sum + terms.base_kl_weight * kl_sum, metric_sums
+    return _logits_divergence(student_logits, frozen_logits, batch, terms, vocab_size, ce_weight=terms.ce_weight)
+
+
+def _logits_divergence(student_logits, frozen_logits: list, batch: dict, terms: IterationLoss, vocab_size: int, ce_weight: float):
     # Without a reference (sft) ce_weight is 1: the divergence term and the metrics are skipped,
     # so the student's own logits only stand in for the argument.
     reference = frozen_logits[0] if terms.has_reference else student_logits.detach()
@@ -50,7 +66,7 @@ def _logits_loss(student_logits, frozen_logits: list, batch: dict, terms: Iterat
         vocab_size=vocab_size,
         return_metrics=terms.has_reference,
         check_labels=False,  # the dataset guarantees the range; the check would sync the host
-        **terms.loss_kwargs(),
+        **{**terms.loss_kwargs(), "ce_weight": ce_weight},
     )
     per_token, metrics = result if terms.has_reference else (result, None)
     mask = batch["loss_mask"].to(per_token.dtype)
@@ -62,6 +78,20 @@ def _logits_loss(student_logits, frozen_logits: list, batch: dict, terms: Iterat
 
 
 def _fused_loss(student_hidden, frozen_hidden: list, batch: dict, terms: IterationLoss, vocab_size: int, fused: FusedOutput):
+    common = dict(labels=batch["labels"], loss_mask=batch["loss_mask"], vocab_size=vocab_size,
+                  sequence_parallel=fused.sequence_parallel, chunk_tokens=fused.chunk_tokens, check_labels=False)
+    if terms.label_prob_weight:
+        # dft / asft: the CE term alone, each token weighted by sg(p_theta(label)).
+        loss_sum = fused_output_anchored_loss(student_hidden, fused.weights[0], loss_scale=terms.scale, label_prob_weight=True,
+                                              **common, **terms.loss_kwargs())
+        if terms.base_kl_weight == 0.0:
+            return loss_sum, None
+        kl_sum, metric_sums = _fused_divergence(student_hidden, frozen_hidden, terms, fused, common, terms.base_kl_weight, ce_weight=0.0)
+        return loss_sum + kl_sum, metric_sums
+    return _fused_divergence(student_hidden, frozen_hidden, terms, fused, common, terms.scale, ce_weight=terms.ce_weight)
+
+
+def _fused_divergence(student_hidden, frozen_hidden: list, terms: IterationLoss, fused: FusedOutput, common: dict, scale: float, ce_weight: float):
     roles = {}
     if terms.has_reference:
         roles.update(reference_hidden=frozen_hidden[0], reference_weight=fused.weights[1])
@@ -71,15 +101,10 @@ def _fused_loss(student_hidden, frozen_hidden: list, batch: dict, terms: Iterati
         student_hidden,
         fused.weights[0],
         **roles,
-        labels=batch["labels"],
-        loss_mask=batch["loss_mask"],
-        loss_scale=terms.scale,
-        vocab_size=vocab_size,
-        sequence_parallel=fused.sequence_parallel,
+        **common,
+        loss_scale=scale,
         return_metrics=terms.has_reference,
-        chunk_tokens=fused.chunk_tokens,
-        check_labels=False,
-        **terms.loss_kwargs(),
+        **{**terms.loss_kwargs(), "ce_weight": ce_weight},
     )
     if not terms.has_reference:
         return result, None

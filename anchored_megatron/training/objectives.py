@@ -1,12 +1,20 @@
-"""What each objective asks of the anchored loss, outer iteration by outer iteration.
+"""What each objective asks of the anchored loss, step by step.
 
-All four objectives go through ``vocab_parallel_anchored_loss`` so that padded vocabulary
-columns, fp32 reductions and the analytic gradient are handled in one place:
+Every objective goes through the one anchored loss (``vocab_parallel_anchored_loss`` or its
+fused-output form) so that padded vocabulary columns, fp32 reductions and the analytic gradient
+are handled in one place:
 
 - anchored: alpha_t from the schedule, anchor = snapshot (or the live student).
 - distill:  alpha = 1, i.e. KL(p_teacher || p_theta).
 - sft_kl:   CE + lambda KL(p_base || p_theta) = (1 + lambda) [(1 - w) KL + w CE] with w = 1 / (1 + lambda).
 - sft:      ce_weight = 1 (the divergence term has weight 0).
+- dft:      Dynamic Fine-Tuning, sg(p_theta(y)) CE: sft with each token's loss weighted by the
+            detached probability of its label.
+- asft:     dft + lambda KL(p_base || p_theta), a second loss term toward the frozen base
+            (``base_kl_weight``; the reference role holds the base).
+- taid:     TAID's interpolated target softmax((1 - t) sg(z_theta) + t z_teacher), i.e. the live
+            anchor with alpha = t, and t rising linearly with the optimizer step from ``alpha`` to
+            ``alpha_end`` (TAID's schedule without its adaptive momentum term).
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ class IterationLoss:
     temperature: float
     use_snapshot: bool
     has_reference: bool
+    label_prob_weight: bool = False  # dft: each token's CE weighted by sg(p_theta(label))
+    base_kl_weight: float = 0.0  # asft: + base_kl_weight KL(p_reference || p_theta), a second term
 
     def loss_kwargs(self) -> dict:
         return dict(
@@ -42,7 +52,18 @@ class IterationLoss:
         )
 
 
-def iteration_loss(anchor: AnchorConfig, iteration: int) -> IterationLoss:
+def taid_t(anchor: AnchorConfig, step: int, total_steps: int) -> float:
+    """TAID's t before optimizer step ``step`` (0-based) of ``total_steps``: ``alpha`` at the
+    first, ``alpha_end`` (default 1) at the last, linear in between."""
+    end = 1.0 if anchor.alpha_end is None else anchor.alpha_end
+    if total_steps <= 1:
+        return float(anchor.alpha)
+    return float(anchor.alpha) + (float(end) - float(anchor.alpha)) * min(step, total_steps - 1) / (total_steps - 1)
+
+
+def iteration_loss(anchor: AnchorConfig, iteration: int, step: int = 0, total_steps: int = 1) -> IterationLoss:
+    """The loss settings at outer iteration ``iteration``; taid's also depend on the optimizer
+    step (``step`` of ``total_steps``)."""
     common = dict(
         interpolation=anchor.interpolation,
         divergence=anchor.divergence,
@@ -52,6 +73,9 @@ def iteration_loss(anchor: AnchorConfig, iteration: int) -> IterationLoss:
     if anchor.objective == "anchored":
         alpha = alpha_at(iteration, anchor.outer_iterations, anchor.alpha, anchor.alpha_end, anchor.alpha_schedule)
         return IterationLoss(alpha=alpha, ce_weight=anchor.ce_weight, scale=1.0, use_snapshot=anchor.source == "snapshot", has_reference=True, **common)
+    if anchor.objective == "taid":
+        common.update(interpolation="logit", divergence="forward_kl", temperature=1.0)
+        return IterationLoss(alpha=taid_t(anchor, step, total_steps), ce_weight=0.0, scale=1.0, use_snapshot=False, has_reference=True, **common)
     if anchor.objective == "distill":
         return IterationLoss(alpha=1.0, ce_weight=anchor.ce_weight, scale=1.0, use_snapshot=False, has_reference=True, **common)
     if anchor.objective == "sft_kl":
@@ -59,4 +83,8 @@ def iteration_loss(anchor: AnchorConfig, iteration: int) -> IterationLoss:
         common.update(interpolation="logit", divergence="forward_kl", temperature=1.0)
         return IterationLoss(alpha=1.0, ce_weight=weight, scale=1.0 + anchor.kl_weight, use_snapshot=False, has_reference=True, **common)
     common.update(interpolation="logit", divergence="forward_kl", temperature=1.0)
-    return IterationLoss(alpha=1.0, ce_weight=1.0, scale=1.0, use_snapshot=False, has_reference=False, **common)
+    if anchor.objective == "asft":
+        return IterationLoss(alpha=1.0, ce_weight=1.0, scale=1.0, use_snapshot=False, has_reference=True,
+                             label_prob_weight=True, base_kl_weight=anchor.kl_weight, **common)
+    return IterationLoss(alpha=1.0, ce_weight=1.0, scale=1.0, use_snapshot=False, has_reference=False,
+                         label_prob_weight=anchor.objective == "dft", **common)

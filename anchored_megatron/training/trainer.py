@@ -359,7 +359,7 @@ class Trainer:
         progress = self._load_initial_weights()
         self.log.start(progress.step, self.stop_step)
         first_step, loop_started, saved = progress.step, time.perf_counter(), None
-        current = {"loss": iteration_loss(cfg.anchor, progress.step // self.steps_per_iteration)}
+        current = {"loss": iteration_loss(cfg.anchor, progress.step // self.steps_per_iteration, progress.step, self.total_steps)}
         forward_step = make_forward_step(lambda: current["loss"], cfg.model.vocab_size)
         tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
         last = {}
@@ -367,13 +367,13 @@ class Trainer:
             iteration, step_in_iteration = divmod(progress.step, self.steps_per_iteration)
             if step_in_iteration == 0:
                 self._begin_iteration(iteration, progress)
-            current["loss"] = iteration_loss(cfg.anchor, iteration)
+            current["loss"] = iteration_loss(cfg.anchor, iteration, progress.step, self.total_steps)
             started = time.perf_counter()
             record = self._train_step(forward_step)
             elapsed = time.perf_counter() - started
             progress.step += 1
             progress.nonfinite_in_a_row = 0 if record["finite"] else progress.nonfinite_in_a_row + 1
-            alpha = {"alpha": current["loss"].alpha} if cfg.anchor.objective == "anchored" else {}
+            alpha = {"alpha": current["loss"].alpha} if cfg.anchor.objective in ("anchored", "taid") else {}
             record = {"step": progress.step, "iteration": iteration, **alpha, **record,
                       "step_time_s": elapsed, "tokens_per_s": tokens_per_step / elapsed}
             self.log.log(record, self._line(record) if progress.step % cfg.train.log_interval == 0 else None)

@@ -104,9 +104,12 @@ def test_a_reference_with_another_rope_is_refused(run):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["anchor.objective=sft", "anchor.alpha=0.3"], "anchor.alpha: is not used by anchor.objective=sft (only by anchored); remove it"),
+    (["anchor.objective=sft", "anchor.alpha=0.3"], "anchor.alpha: is not used by anchor.objective=sft (only by anchored or taid); remove it"),
     (["anchor.objective=distill", "anchor.source=live"], "anchor.source: is not used by anchor.objective=distill"),
-    (["anchor.kl_weight=0.5"], "anchor.kl_weight: is not used by anchor.objective=anchored (only by sft_kl)"),
+    (["anchor.kl_weight=0.5"], "anchor.kl_weight: is not used by anchor.objective=anchored (only by sft_kl or asft)"),
+    (["anchor.objective=dft", "anchor.kl_weight=0.5"], "anchor.kl_weight: is not used by anchor.objective=dft (only by sft_kl or asft)"),
+    (["anchor.objective=taid", "anchor.source=live"], "anchor.source: is not used by anchor.objective=taid (only by anchored)"),
+    (["anchor.objective=dft"], "reference.checkpoint: is not used by anchor.objective=dft"),
     (["anchor.objective=sft_kl", "anchor.temperature=2"], "anchor.temperature: is not used by anchor.objective=sft_kl"),
     (["anchor.jsd_beta=0.3"], "anchor.jsd_beta: is used only with anchor.divergence=jsd"),
     (["anchor.alpha_end=0.9"], "anchor.alpha_end: is used only with anchor.alpha_schedule=linear"),

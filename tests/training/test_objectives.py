@@ -1,7 +1,8 @@
-"""The ``sft_kl`` and ``distill`` objectives through the trainer's loss path (``iteration_loss`` ->
-``masked_loss``) against their formulas, written plainly here in float64: the masked loss sum,
-its gradient in closed form, and the KL-to-reference metric. At TP=1 in this process and at
-TP=2 on two gloo ranks (each rank holds half of the padded vocabulary)."""
+"""The baseline objectives (``sft_kl``, ``distill``, ``dft``, ``asft``, ``taid``) through the
+trainer's loss path (``iteration_loss`` -> ``masked_loss``) against their formulas, written
+plainly here in float64: the masked loss sum, its gradient in closed form, and the
+KL-to-reference metric. At TP=1 in this process (logits, and hidden states through the fused
+output layer) and at TP=2 on two gloo ranks (each rank holds half of the padded vocabulary)."""
 
 import pytest
 import torch
@@ -14,7 +15,12 @@ OBJECTIVES = {
     "sft_kl": AnchorConfig(objective="sft_kl", kl_weight=0.37),
     "distill": AnchorConfig(objective="distill", temperature=1.7, ce_weight=0.25),
     "distill_pure": AnchorConfig(objective="distill", temperature=0.6, ce_weight=0.0),
+    "dft": AnchorConfig(objective="dft"),
+    "asft": AnchorConfig(objective="asft", kl_weight=0.6),
+    "taid": AnchorConfig(objective="taid", alpha=0.4, alpha_end=0.9),
 }
+# taid's t follows the optimizer step: step 3 of 10 on a line from 0.4 to 0.9.
+STEP, TOTAL_STEPS, TAID_T = 3, 10, 0.4 + (0.9 - 0.4) * 3 / 9
 TOLERANCE = 1e-12  # float64 end to end
 
 
@@ -41,20 +47,35 @@ def _expected(name, student, reference, labels, loss_mask):
     onehot = torch.nn.functional.one_hot(labels, VOCAB).double()
     log_p1 = _log_softmax(z)
     cross_entropy = -(onehot * log_p1).sum(-1)
-    if anchor.objective == "sft_kl":
-        # CE + lambda KL(p_base || p_theta); d/dz = (p - onehot) + lambda (p - p_base).
+    p, p_label = log_p1.exp(), (onehot * log_p1).sum(-1).exp()
+    kl = torch.full_like(cross_entropy, float("nan"))  # no reference: the metric is undefined
+    if anchor.objective in ("sft_kl", "asft"):
+        # sft_kl: CE + lambda KL(p_base || p_theta); d/dz = (p - onehot) + lambda (p - p_base).
+        # asft: the CE weighted by the label's probability, held constant (dft), + the same KL.
         lam = anchor.kl_weight
         log_pr = _log_softmax(r)
         kl = (log_pr.exp() * (log_pr - log_p1)).sum(-1)
-        per_token = cross_entropy + lam * kl
-        grad = (log_p1.exp() - onehot) + lam * (log_p1.exp() - log_pr.exp())
+        weight = p_label if anchor.objective == "asft" else torch.ones_like(p_label)
+        per_token = weight * cross_entropy + lam * kl
+        grad = weight.unsqueeze(-1) * (p - onehot) + lam * (p - log_pr.exp())
+    elif anchor.objective == "dft":
+        # -sg(p(y)) log p(y); d/dz = p(y) (p - onehot).
+        per_token = p_label * cross_entropy
+        grad = p_label.unsqueeze(-1) * (p - onehot)
+    elif anchor.objective == "taid":
+        # KL(q || p_theta) with q = softmax((1 - t) sg(z) + t r); d/dz = p - q.
+        log_q = _log_softmax((1 - TAID_T) * z + TAID_T * r)
+        log_pr = _log_softmax(r)
+        kl = (log_pr.exp() * (log_pr - log_p1)).sum(-1)
+        per_token = (log_q.exp() * (log_q - log_p1)).sum(-1)
+        grad = p - log_q.exp()
     else:
         # (1 - w) tau^2 KL(p_teacher^tau || p_theta^tau) + w CE; d/dz = (1 - w) tau (p^tau - p_teacher^tau) + w (p - onehot).
         tau, w = anchor.temperature, anchor.ce_weight
         log_pt, log_pr = _log_softmax(z / tau), _log_softmax(r / tau)
         kl = (log_pr.exp() * (log_pr - log_pt)).sum(-1)
         per_token = (1 - w) * tau**2 * kl + w * cross_entropy
-        grad = (1 - w) * tau * (log_pt.exp() - log_pr.exp()) + w * (log_p1.exp() - onehot)
+        grad = (1 - w) * tau * (log_pt.exp() - log_pr.exp()) + w * (p - onehot)
     full_grad = torch.zeros_like(student)
     full_grad[..., :VOCAB] = grad * loss_mask.unsqueeze(-1)
     return (per_token * loss_mask).sum(), full_grad, (kl * loss_mask).sum()
@@ -67,7 +88,8 @@ def _trainer_loss(name, student, reference, labels, loss_mask):
 
     leaf = student.clone().requires_grad_(True)
     batch = {"labels": labels, "loss_mask": loss_mask}
-    loss_sum, sums = masked_loss(leaf, [reference], batch, iteration_loss(OBJECTIVES[name], 0), VOCAB)
+    terms = iteration_loss(OBJECTIVES[name], 0, STEP, TOTAL_STEPS)
+    loss_sum, sums = masked_loss(leaf, [reference], batch, terms, VOCAB)
     loss_sum.backward()
     return loss_sum.detach(), leaf.grad, sums
 
@@ -86,7 +108,37 @@ def _check(name, loss_sum, grad, sums, inputs):
         "kl_reference": _relative_error(sums[SUM_NAMES.index("kl_reference")].double(), expected_kl),
     }
     assert sums[SUM_NAMES.index("tokens")].item() == inputs[3].sum().item()
+    if not OBJECTIVES[name].needs_reference:
+        assert torch.isnan(sums[SUM_NAMES.index("kl_reference")]), "an objective without a reference reports no KL to it"
+        errors["kl_reference"] = 0.0
     return errors
+
+
+@pytest.mark.parametrize("name", ["sft_kl", "dft", "asft", "taid"])
+def test_fused_output_objective_matches_the_formula(name):
+    """The fused output layer's form of the trainer's loss (logits = hidden @ W^T never exist
+    whole): loss, and the gradients w.r.t. hidden and W from the logits' by the chain rule."""
+    from anchored_megatron.training.forward_step import SUM_NAMES, masked_loss
+    from anchored_megatron.training.objectives import iteration_loss
+    from anchored_megatron.training.roles import FusedOutput
+
+    _, _, labels, loss_mask = _inputs()
+    g = torch.Generator().manual_seed(11)
+    hidden = [torch.randn(BATCH, SEQ, 16, generator=g, dtype=torch.float64) for _ in range(2)]
+    weights = [torch.randn(PADDED_VOCAB, 16, generator=g, dtype=torch.float64) * 0.7 for _ in range(2)]
+    leaf_h, leaf_w = hidden[0].clone().requires_grad_(True), weights[0].clone().requires_grad_(True)
+    fused = FusedOutput(weights=(leaf_w, weights[1]), chunk_tokens=5, sequence_parallel=False)
+    terms = iteration_loss(OBJECTIVES[name], 0, STEP, TOTAL_STEPS)
+    loss_sum, sums = masked_loss(leaf_h, [hidden[1]], {"labels": labels, "loss_mask": loss_mask}, terms, VOCAB, fused)
+    loss_sum.backward()
+
+    logits = [h @ w.t() for h, w in zip(hidden, weights)]
+    expected_loss, grad_logits, expected_kl = _expected(name, logits[0], logits[1], labels, loss_mask)
+    assert _relative_error(loss_sum.detach(), expected_loss) <= TOLERANCE
+    assert _relative_error(leaf_h.grad, grad_logits @ weights[0]) <= TOLERANCE
+    assert _relative_error(leaf_w.grad, torch.einsum("bsv,bsh->vh", grad_logits, hidden[0])) <= TOLERANCE
+    if OBJECTIVES[name].needs_reference:
+        assert _relative_error(sums[SUM_NAMES.index("kl_reference")].double(), expected_kl) <= 1e-6
 
 
 @pytest.mark.parametrize("name", list(OBJECTIVES))

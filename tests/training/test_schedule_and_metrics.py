@@ -165,3 +165,54 @@ def test_a_resume_with_another_lr_is_refused_not_ignored(resumed_anchored_run, t
         f"optim.lr: gives 0.001, but {run / 'checkpoints' / latest} was trained with 0.003; a resumed run keeps the schedule it "
         "started with: set optim.lr back, or start a new run (another output_dir) from this checkpoint as student.checkpoint"
     )
+
+
+@pytest.fixture(scope="module")
+def resumed_taid_run(tiny_run, tmp_path_factory, ranks):
+    """taid from t = 0.2 to 0.8 over 16 steps; the first attempt dies two steps past its step-5
+    checkpoint, the second resumes there."""
+    out = tmp_path_factory.mktemp("taid")
+    cfg = run_config(tiny_run, out, anchor__objective="taid", anchor__alpha=0.2, anchor__alpha_end=0.8, train__save_interval=5)
+    from anchored_megatron.platform import RankFailure
+
+    with pytest.raises(RankFailure, match="exit code 17"):
+        ranks(logged_rank, 1, cfg, 1, 7)
+    ranks(logged_rank, 1, cfg, 2)
+    return _records(out)
+
+
+@pytest.mark.distributed
+def test_taid_t_rises_linearly_with_the_step_through_a_resume(resumed_taid_run):
+    # Update n (1-based) of 16 uses t = 0.2 + 0.6 (n - 1) / 15; the resumed attempt redoes 6 and 7.
+    records = {r["step"]: r for r in resumed_taid_run}
+    assert sorted(records) == list(range(1, 17))
+    for step, record in records.items():
+        assert record["alpha"] == pytest.approx(0.2 + 0.6 * (step - 1) / 15, abs=1e-12), step
+    assert set(records[16]) == COMMON | {"alpha", "kl_step", "kl_bound", "kl_reference", "entropy"}
+
+
+def objective_records_rank(cfg_dict):
+    from anchored_megatron.training.trainer import Trainer
+
+    trainer = Trainer(build(RunConfig, cfg_dict))
+    trainer.setup()
+    trainer.run()
+    return _records(cfg_dict["output_dir"])
+
+
+@pytest.mark.distributed
+def test_dft_and_asft_train_and_record_their_metrics(tiny_run, tmp_path, ranks):
+    dft = run_config(tiny_run, tmp_path / "dft", anchor__objective="dft", anchor__outer_iterations=1, train__max_steps=3)
+    del dft["anchor"]["alpha"], dft["reference"]  # dft has neither
+    asft = run_config(tiny_run, tmp_path / "asft", anchor__objective="asft", anchor__kl_weight=0.3, anchor__outer_iterations=1,
+                      train__max_steps=3, reference__checkpoint=tiny_run["base"])
+    del asft["anchor"]["alpha"]
+    dft_records, asft_records = ranks(objective_records_rank, 1, dft)[0], ranks(objective_records_rank, 1, asft)[0]
+    common = COMMON - {"attempt"}
+    assert [set(r) for r in dft_records] == [common] * 3
+    assert [set(r) for r in asft_records] == [common | {"kl_step", "kl_bound", "kl_reference", "entropy"}] * 3
+    # The same first batch from the same base: asft's loss is dft's plus 0.3 KL(p_base || p_theta),
+    # and KL to the base is 0 before the first update.
+    assert asft_records[0]["kl_reference"] == pytest.approx(0.0, abs=1e-6)
+    assert asft_records[0]["loss"] == pytest.approx(dft_records[0]["loss"], rel=1e-6)
+    assert all(math.isfinite(r["loss"]) for r in dft_records + asft_records)
