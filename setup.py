@@ -41,6 +41,7 @@ setup(
             "anchored-convert=anchored_megatron.convert.cli:main",
             "anchored-train-tokenizer=anchored_megatron.data.train_tokenizer:main",
             "anchored-checkpoint=anchored_megatron.training.checkpoint_cli:main",
+            "anchored-merge=anchored_megatron.convert.merge:main",
         ],
     },
 )

@@ -27,7 +27,7 @@ from anchored_megatron.convert.progress import progress_bar
 from anchored_megatron.convert.registry import family_for_hf_config, family_for_model_config
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-_ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                 "vocab_size", "rotary_base", "rope_scaling", "norm_epsilon", "tie_embeddings", "qkv_bias", "qk_layernorm")
 
 
@@ -48,7 +48,7 @@ def _export_config(ckpt_dir: str, model: ModelConfig, dtype: str, hf_config_sour
         raise ConvertError(f"--family {family_name}: {where} describes a {family.name} model")
     implied = to_model_config(family, base, where, dtype)
     mismatched = [f"{f}: config {getattr(implied, f)!r} vs checkpoint {getattr(model, f)!r}"
-                  for f in _ARCH_FIELDS if getattr(implied, f) != getattr(model, f)]
+                  for f in ARCH_FIELDS if getattr(implied, f) != getattr(model, f)]
     if mismatched:
         raise ConvertError(f"{where}: does not describe the checkpoint in {ckpt_dir}: " + "; ".join(mismatched))
     config = dict(base)
@@ -73,7 +73,7 @@ def _special_token_ids(tokenizer_dir: str | None) -> dict:
     return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": pad}
 
 
-def _check_shapes(ckpt_dir: str, model: ModelConfig, stored: dict) -> None:
+def check_shapes(ckpt_dir: str, model: ModelConfig, stored: dict) -> None:
     expected = megatron_shapes(model)
     for key, shape in expected.items():
         if key not in stored:
@@ -112,13 +112,13 @@ def megatron_to_hf(
     layers = [[r for r in all_rules if r.layer == i] for i in range(model.num_layers)]
     with single_process_group():
         stored = stored_shapes(ckpt_dir)
-        _check_shapes(ckpt_dir, model, stored)
+        check_shapes(ckpt_dir, model, stored)
         os.makedirs(out_dir, exist_ok=True)
         writer = HFShardWriter(out_dir, max_shard_bytes)
-        stored_dtype = _stored_dtype(ckpt_dir)
+        dtype_stored = stored_dtype(ckpt_dir)
         # One read per layer, and one for the tensors outside the layers.
         for group in itertools.chain([outside_layers], progress_bar(layers, "export", "layer", show_progress)):
-            loaded = load_entries(ckpt_dir, group, model, stored, dtype=stored_dtype)
+            loaded = load_entries(ckpt_dir, group, model, stored, dtype=dtype_stored)
             for rule in group:
                 tensor = loaded.pop(rule)
                 if is_vocab_key(rule.key):
@@ -137,7 +137,7 @@ def megatron_to_hf(
     return files
 
 
-def _stored_dtype(ckpt_dir: str) -> torch.dtype:
+def stored_dtype(ckpt_dir: str) -> torch.dtype:
     from megatron.core import dist_checkpointing
 
     return dist_checkpointing.load_tensors_metadata(ckpt_dir)["decoder.final_layernorm.weight"].dtype
