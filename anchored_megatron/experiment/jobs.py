@@ -7,7 +7,10 @@ A job is one trainer run plus the evaluation of its checkpoints:
 3. methods, each from the base with the same data and epoch budget: ``sft`` (its curve also
    gives early-stopped SFT), ``sft_kl`` (reference = base), ``distill`` (alpha 1, reference =
    teacher), ``anchored`` (alpha, snapshot, T x K), ``anchored_live``, ``anchored_a3`` ((0.3, 10, 2)
-   scaled to the budget).
+   scaled to the budget), ``dft``, ``asft`` (reference = base), ``taid`` (reference = teacher, t from
+   0.4 to 1, TAID's defaults), ``anchored_ref_sftkl`` / ``anchored_ref_early`` (anchored toward a
+   teacher made with sft_kl / stopped after one epoch: extra teacher jobs), and
+   ``wise_ft_r<ratio>`` (no training: the base and the final SFT checkpoint merged in weight space).
 
 A job's cache key hashes its run config (paths replaced by the keys / digests of what
 they point to), so a job is re-run exactly when something it depends on changed.
@@ -24,6 +27,11 @@ from dataclasses import asdict, dataclass, field
 from anchored_megatron.data.synthetic import CHAT_TEMPLATE
 
 METHODS = ("sft", "sft_kl", "distill", "anchored", "anchored_live", "anchored_a3")
+# Methods the forgetting study adds to the demo's (opt in through ExperimentConfig.methods).
+STUDY_METHODS = METHODS + ("dft", "asft", "taid", "anchored_ref_sftkl", "anchored_ref_early",
+                           "wise_ft_r0.25", "wise_ft_r0.5", "wise_ft_r0.75")
+WISE_FT_PREFIX = "wise_ft_r"
+TAID_T = (0.4, 1.0)  # TAID's published t_start, t_end
 JOBS_DIR = "jobs"  # under ExperimentConfig.output_dir, one directory per job
 
 
@@ -34,6 +42,7 @@ class JobSpec:
     depends: dict = field(default_factory=dict)  # RunConfig key -> name of the job whose output it loads
     eval_every_epochs: int = 0  # 0: evaluate the final checkpoint only
     entropy: bool = False  # report the model's per-token entropy on its own responses
+    merge: dict | None = None  # no training: {"base": job, "finetuned": job, "ratio": r} merged in weight space
     key: str = ""
 
 
@@ -77,9 +86,9 @@ class ExperimentConfig:
     progress_bar: bool = True
 
     def validate(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in STUDY_METHODS]
         if unknown:
-            raise ValueError(f"methods: unknown {unknown} (known: {', '.join(METHODS)})")
+            raise ValueError(f"methods: unknown {unknown} (known: {', '.join(STUDY_METHODS)})")
         if self.regime not in ("A", "B", "C"):
             raise ValueError(f"regime must be A, B or C, got {self.regime!r}")
         for name in ("base_epochs", "teacher_epochs", "outer_iterations", "epochs_per_iteration", "eval_every_epochs"):
@@ -133,6 +142,15 @@ def plan(cfg: ExperimentConfig, paths: dict, vocab_size: int) -> list[JobSpec]:
         JobSpec("base", run("base", paths["pretrain"], "sft", 1, cfg.base_epochs, cfg.base_lr, cfg.base_global_batch, None), entropy=True),
         JobSpec("teacher", run("teacher", objective="sft", epochs_t=1, epochs_k=cfg.teacher_epochs, **ft), depends={"student": "base"}),
     ]
+    # Teachers made differently, for the anchored variants that use them.
+    other_teachers = {
+        "anchored_ref_sftkl": JobSpec("teacher_sftkl", run("teacher_sftkl", objective="sft_kl", epochs_t=1, epochs_k=cfg.teacher_epochs,
+                                                           reference=base_dir, kl_weight=cfg.kl_weight, **ft),
+                                      depends={"student": "base", "reference": "base"}),
+        "anchored_ref_early": JobSpec("teacher_early", run("teacher_early", objective="sft", epochs_t=1, epochs_k=1, **ft),
+                                      depends={"student": "base"}),
+    }
+    jobs += [teacher for method, teacher in other_teachers.items() if method in cfg.methods]
     reset = cfg.reset_optimizer_per_iteration
     method_runs = {
         "sft": (run("sft", objective="sft", epochs_t=1, epochs_k=budget, **ft), {"student": "base"}),
@@ -148,8 +166,27 @@ def plan(cfg: ExperimentConfig, paths: dict, vocab_size: int) -> list[JobSpec]:
         "anchored_a3": (run("anchored_a3", objective="anchored", epochs_t=max(1, budget // 2), epochs_k=2 if budget >= 2 else 1,
                             reference=teacher_dir, alpha=0.3, source="snapshot", reset_optimizer_per_iteration=reset, **ft),
                         {"student": "base", "reference": "teacher"}),
+        "dft": (run("dft", objective="dft", epochs_t=1, epochs_k=budget, **ft), {"student": "base"}),
+        "asft": (run("asft", objective="asft", epochs_t=1, epochs_k=budget, reference=base_dir, kl_weight=cfg.kl_weight, **ft),
+                 {"student": "base", "reference": "base"}),
+        "taid": (run("taid", objective="taid", epochs_t=1, epochs_k=budget, reference=teacher_dir, alpha=TAID_T[0], alpha_end=TAID_T[1], **ft),
+                 {"student": "base", "reference": "teacher"}),
     }
+    for teacher_method, teacher in other_teachers.items():
+        method_runs[teacher_method] = (
+            run(teacher_method, objective="anchored", epochs_t=T, epochs_k=K, reference=teacher.run["output_dir"], alpha=cfg.alpha,
+                source="snapshot", reset_optimizer_per_iteration=reset, **ft),
+            {"student": "base", "reference": teacher.name})
     for name in cfg.methods:
+        if name.startswith(WISE_FT_PREFIX):
+            if "sft" not in {j.name for j in jobs}:
+                raise ValueError(f"methods: {name} merges the base with the final sft checkpoint: list sft before it")
+            # Evaluated like the SFT run (same model and layout); its one checkpoint is the merge.
+            merged = dict(copy.deepcopy(method_runs["sft"][0]), output_dir=os.path.join(root, name + cfg.tag))
+            ratio = float(name[len(WISE_FT_PREFIX):])
+            jobs.append(JobSpec(name, merged, {"student": "base"}, merge={"base": "base", "finetuned": "sft", "ratio": ratio,
+                                                                          "base_dir": base_dir, "finetuned_dir": method_runs["sft"][0]["output_dir"]}))
+            continue
         run_cfg, depends = method_runs[name]
         jobs.append(JobSpec(name, run_cfg, depends, eval_every_epochs=cfg.eval_every_epochs))
     _assign_keys(jobs, paths)
@@ -168,6 +205,11 @@ def _assign_keys(jobs: list[JobSpec], paths: dict) -> None:
     keys = {}
     digests = {}
     for job in jobs:
+        if job.merge is not None:
+            spec = {"ratio": job.merge["ratio"], "base": keys[job.merge["base"]], "finetuned": keys[job.merge["finetuned"]]}
+            job.key = hashlib.sha256(json.dumps({"merge": spec}, sort_keys=True).encode()).hexdigest()[:16]
+            keys[job.name] = job.key
+            continue
         run = copy.deepcopy(job.run)
         run.pop("output_dir")
         run["train"].pop("progress_bar")

@@ -93,6 +93,8 @@ def _train_job(job: JobSpec, rank: int) -> dict:
         if rank == 0:
             print(f"[{job.name}] trained earlier: reusing {out}", file=sys.stderr, flush=True)
         return record
+    if job.merge is not None:
+        raise RuntimeError(f"[{job.name}] the merged checkpoint is made before the ranks start (merge_job); {out} has none for key {job.key}")
     _barrier()  # everyone has read the old job.json before rank 0 clears the directory
     if rank == 0 and os.path.isdir(out):
         shutil.rmtree(out)
@@ -205,15 +207,48 @@ def prepare_jobs(cfg: ExperimentConfig, *, max_new_tokens: int = 64, eval_batch_
     return plan(cfg, paths, vocab_size), paths, eval_cfg
 
 
+def merge_job(job: JobSpec) -> dict:
+    """Make (or reuse) a merge job's one checkpoint, in this process: at the final step of the
+    run it merges toward, so that its evaluation reads like that run's last point."""
+    from anchored_megatron.convert.merge import merge_checkpoints
+    from anchored_megatron.training.checkpoint_dirs import RUN_CHECKPOINTS, checkpoint_name
+
+    out = job.run["output_dir"]
+    record = _read_json(os.path.join(out, JOB_FILE))
+    if record is not None and record.get("key") == job.key:
+        return record
+    finetuned = _read_json(os.path.join(job.merge["finetuned_dir"], JOB_FILE))
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    started = time.perf_counter()
+    target = os.path.join(out, RUN_CHECKPOINTS, checkpoint_name(finetuned["total_steps"]))
+    merge_checkpoints(job.merge["base_dir"], job.merge["finetuned_dir"], target, job.merge["ratio"], show_progress=False)
+    record = {"key": job.key, "steps_per_epoch": finetuned["steps_per_epoch"], "total_steps": finetuned["total_steps"],
+              "train_seconds": round(time.perf_counter() - started, 1)}
+    _write_json(os.path.join(out, JOB_FILE), record)
+    print(f"[{job.name}] merged: {job.merge['ratio']:g} of the way from {job.merge['base']} to {job.merge['finetuned']}", file=sys.stderr, flush=True)
+    return record
+
+
 def run_jobs(jobs: list[JobSpec], paths: dict, eval_cfg: dict, tp: int, timeout: float = 7200.0) -> dict:
-    """Every job of ``jobs`` (cached) in one launch of ``tp`` gloo ranks; job name -> results."""
+    """Every job of ``jobs`` (cached) on ``tp`` gloo ranks; job name -> results. The trained jobs
+    run in one launch; merge jobs are merged here afterwards and evaluated in a second."""
     from dataclasses import asdict
 
     from anchored_megatron.platform import run_on_ranks
 
-    results = run_on_ranks(run_jobs_on_rank, tp, [asdict(j) for j in jobs], paths["eval"], paths["tokenizer"], eval_cfg,
-                           timeout=timeout)  # torch threads: the cores shared evenly, run_on_ranks' default
-    return results[0]
+    def launch(selected):
+        # torch threads: the cores shared evenly, run_on_ranks' default
+        return run_on_ranks(run_jobs_on_rank, tp, [asdict(j) for j in selected], paths["eval"], paths["tokenizer"], eval_cfg,
+                            timeout=timeout)[0]
+
+    merges = [j for j in jobs if j.merge is not None]
+    results = launch([j for j in jobs if j.merge is None])
+    if merges:
+        for job in merges:
+            merge_job(job)
+        results.update(launch(merges))
+    return {j.name: results[j.name] for j in jobs}
 
 
 def run_experiment(cfg: ExperimentConfig, *, max_new_tokens: int = 64, eval_batch_size: int = 512, timeout: float = 7200.0) -> dict:

@@ -78,6 +78,17 @@ def test_demo_writes_a_consistent_table_and_plot_and_reuses_jobs(tmp_path):
     assert again["table"] in demo.stdout
     assert stamps == {n: os.path.getmtime(os.path.join(tmp_path, "jobs", n, "job.json")) for n in names}
 
+    # A WiSE-FT merge job on the cached base and SFT: merged in this process (nothing retrained),
+    # evaluated on the ranks at the SFT run's last step; a second call reuses it.
+    merged = run_demo(str(tmp_path), dict(sizes, methods=("sft", "wise_ft_r0.5")), progress_bar=False)
+    assert stamps == {n: os.path.getmtime(os.path.join(tmp_path, "jobs", n, "job.json")) for n in names}
+    wise = point("wise_ft_r0.5")
+    assert len(merged["results"]["wise_ft_r0.5"]["points"]) == 1 and wise["epoch"] == point("sft")["epoch"]
+    assert all(0.0 <= v <= 1.0 for v in wise["accuracy"].values())
+    stamp = os.path.getmtime(os.path.join(tmp_path, "jobs", "wise_ft_r0.5", "job.json"))
+    run_demo(str(tmp_path), dict(sizes, methods=("sft", "wise_ft_r0.5")), progress_bar=False)
+    assert os.path.getmtime(os.path.join(tmp_path, "jobs", "wise_ft_r0.5", "job.json")) == stamp
+
     # The layout written when jobs were called stages: moved, and still reused (renames keep mtimes).
     os.rename(tmp_path / "jobs", tmp_path / "stages")
     for n in names:
