@@ -8,6 +8,12 @@ output; ``--seeds/--lrs/--controls`` run (or re-render from the cache) part of t
 ``--output-dir``: an interrupted run resumes at the first unfinished job.
 
     python bench/forgetting.py [--reduced] [--output-dir runs/forgetting] [--results docs/results.md]
+    python bench/forgetting.py --study [--output-dir runs/forgetting_study] [--groups C:0-4,A:0-2]
+
+``--study``: every method and variant (``STUDY_METHODS``) at lr 3e-4 on regime C seeds 0-4 and
+regime A seeds 0-2 (``--groups`` runs part of it), every saved checkpoint evaluated; it writes
+bench/results/forgetting_summary.json (Pareto frontiers, paired differences with 95% t-intervals)
+and one Pareto plot per regime. Hours on 2 cores: run it in the background; it resumes job by job.
 
 Prints the tables; writes them (+ plots) to --results and the printed output to
 bench/results/forgetting.txt.
@@ -24,7 +30,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from anchored_megatron.eval.report import markdown_tables, plot_tradeoff  # noqa: E402
-from anchored_megatron.experiment.jobs import ExperimentConfig  # noqa: E402
+from anchored_megatron.experiment.jobs import STUDY_METHODS, ExperimentConfig  # noqa: E402
 from anchored_megatron.experiment.runner import run_experiment  # noqa: E402
 
 FULL = dict(  # REDUCED's model, data and base (so cached bases are reused), the plan's eval size and T x K
@@ -32,6 +38,9 @@ FULL = dict(  # REDUCED's model, data and base (so cached bases are reused), the
                hidden_size=128, num_layers=2, ffn_hidden_size=384, base_epochs=12, base_lr=3e-3, base_global_batch=64,
                teacher_epochs=3, finetune_global_batch=16, outer_iterations=5, epochs_per_iteration=5, eval_every_epochs=5),
     regime_c_seeds=(0, 1, 2), learning_rates=(3e-4, 1e-3), control_regimes=("A", "B"), control_lr=3e-4,
+)
+STUDY = dict(  # FULL's model, data, base and budget; every method; the seeds the statistics need
+    sizes=dict(FULL["sizes"], methods=STUDY_METHODS), groups=(("C", tuple(range(5))), ("A", tuple(range(3)))), lr=3e-4,
 )
 REDUCED = dict(  # the demo's model and base budget (measured to learn the skills), regime C, 2 seeds, one lr
     sizes=dict(skills=("add", "rev", "up", "rep"), target_min_steps=1, target_max_steps=2, pretrain_per_skill=2000, finetune_examples=500, eval_per_skill=100,
@@ -79,9 +88,37 @@ def run(plan: dict, output_dir: str, reduced: bool, results_path: str) -> str:
     return "\n".join(sections)
 
 
+def parse_groups(text: str) -> tuple:
+    """"C:0-4,A:0-2" -> (("C", (0, 1, 2, 3, 4)), ("A", (0, 1, 2)))."""
+    groups = []
+    for part in filter(None, text.split(",")):
+        regime, _, seeds = part.partition(":")
+        first, _, last = seeds.partition("-")
+        if regime not in ("A", "B", "C") or not first.isdigit() or not (last or first).isdigit():
+            raise SystemExit(f"--groups: expected REGIME:FIRST-LAST items like C:0-4, got {part!r}")
+        groups.append((regime, tuple(range(int(first), int(last or first) + 1))))
+    return tuple(groups)
+
+
+def run_study(plan: dict, output_dir: str) -> dict:
+    """Train and evaluate every (regime, seed) of the study plan (cached job by job); returns
+    {regime: [results per seed]}."""
+    by_regime = {}
+    for regime, seeds in plan["groups"]:
+        for seed in seeds:
+            cfg = ExperimentConfig(output_dir=os.path.join(output_dir, f"{regime}_seed{seed}"), seed=seed, regime=regime,
+                                   finetune_lr=plan["lr"], tag=f"_lr{plan['lr']:g}", progress_bar=False, **plan["sizes"])
+            t0 = time.perf_counter()
+            by_regime.setdefault(regime, []).append(run_experiment(cfg, max_new_tokens=56, timeout=12 * 3600.0))
+            print(f"regime {regime} seed {seed}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return by_regime
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reduced", action="store_true")
+    parser.add_argument("--study", action="store_true", help="the method study (every method and variant, C seeds 0-4, A seeds 0-2)")
+    parser.add_argument("--groups", help="with --study: REGIME:FIRST-LAST seeds, comma-separated (default C:0-4,A:0-2)")
     parser.add_argument("--output-dir", default=os.path.join("runs", "forgetting"))
     parser.add_argument("--results", default=os.path.join("docs", "results_forgetting_tables.md"),
                         help="markdown file for the tables (docs/results.md holds the analysis and links here)")
@@ -89,6 +126,11 @@ def main(argv=None) -> int:
     parser.add_argument("--lrs", help="override the fine-tuning learning rates, e.g. 3e-4,1e-3")
     parser.add_argument("--controls", help="override the control regimes, e.g. A,B (empty: none)")
     args = parser.parse_args(argv)
+    if args.study:
+        plan = dict(STUDY, groups=parse_groups(args.groups)) if args.groups else dict(STUDY)
+        output_dir = args.output_dir if args.output_dir != parser.get_default("output_dir") else os.path.join("runs", "forgetting_study")
+        run_study(plan, output_dir)
+        return 0
     plan = dict(REDUCED if args.reduced else FULL)
     if args.seeds is not None:
         plan["regime_c_seeds"] = tuple(int(x) for x in args.seeds.split(",") if x)
