@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import sys
 import time
@@ -114,6 +115,53 @@ def run_study(plan: dict, output_dir: str) -> dict:
     return by_regime
 
 
+def paired_table(records: list[dict]) -> str:
+    """General accuracy at 0.9x the teacher's target accuracy and the paired differences."""
+    lines = ["| method | seeds reaching 0.9x | general at 0.9x | − SFT [95% CI] | − SFT+KL [95% CI] | − distill [95% CI] | degradation at 90% of SFT's gain |",
+             "| --- " * 7 + "|"]
+
+    def cell(diff):
+        if diff is None or diff["mean"] is None:
+            return "—"
+        if diff["ci_low"] is None:
+            return f"{diff['mean']:+.3f} (n=1)"
+        return f"{diff['mean']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}] (n={diff['n']})"
+
+    for r in records:
+        diffs = r.get("paired_diff_at_0.9x", {})
+        general = "—" if r["general_at_0.9x"] is None else f"{r['general_at_0.9x']:.3f}"
+        degradation = "—" if r["degradation_at_0.9_sft_gain"] is None else f"{100 * r['degradation_at_0.9_sft_gain']:.1f}% ({r['reached_0.9_sft_gain']}/{len(r['seeds'])})"
+        lines.append(f"| {r['method']} | {r['reached_0.9x']}/{len(r['seeds'])} | {general} | {cell(diffs.get('sft'))} | "
+                     f"{cell(diffs.get('sft_kl'))} | {cell(diffs.get('distill'))} | {degradation} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_study(plan: dict, by_regime: dict, results_path: str) -> str:
+    """Tables, the paired-difference table, one Pareto plot per regime, and
+    bench/results/forgetting_summary.json; returns the text."""
+    from anchored_megatron.eval.study import plot_frontiers, summarize_regime
+
+    plot_dir = os.path.join(os.path.dirname(results_path) or ".", "results")
+    os.makedirs(plot_dir, exist_ok=True)
+    seeds = dict(plan["groups"])
+    sections = [f"Settings: the method study at lr {plan['lr']:g}; " + settings_text(dict(FULL, regime_c_seeds=seeds.get("C", ())), False).split(": ", 1)[1], ""]
+    summary = []
+    for regime, runs in by_regime.items():
+        records = summarize_regime(runs, regime, list(seeds[regime]))
+        summary += records
+        title = f"regime {regime}, lr {plan['lr']:g}, {len(runs)} seed(s)"
+        plot = plot_frontiers(runs, os.path.join(plot_dir, f"forgetting_study_{regime}.png"), f"Pareto frontiers, {title}")
+        sections += [markdown_tables(runs, title), "General accuracy at 0.9x the teacher's target accuracy, paired across seeds "
+                     "(method − other, same base and teacher per seed; 95% Student t-interval):", "", paired_table(records),
+                     f"![Pareto frontiers, {title}]({os.path.relpath(plot, os.path.dirname(results_path) or '.')})", ""]
+    os.makedirs(os.path.join("bench", "results"), exist_ok=True)
+    with open(os.path.join("bench", "results", "forgetting_summary.json"), "w", encoding="utf-8") as fh:
+        json.dump({"date": datetime.date.today().isoformat(), "lr": plan["lr"], "groups": {k: list(v) for k, v in seeds.items()},
+                   "records": summary}, fh, indent=1)
+        fh.write("\n")
+    return "\n".join(sections)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reduced", action="store_true")
@@ -129,7 +177,15 @@ def main(argv=None) -> int:
     if args.study:
         plan = dict(STUDY, groups=parse_groups(args.groups)) if args.groups else dict(STUDY)
         output_dir = args.output_dir if args.output_dir != parser.get_default("output_dir") else os.path.join("runs", "forgetting_study")
-        run_study(plan, output_dir)
+        by_regime = run_study(plan, output_dir)
+        results = args.results if args.results != parser.get_default("results") else os.path.join("docs", "results_forgetting_study_tables.md")
+        text = render_study(plan, by_regime, results)
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+        print(text)
+        with open(results, "w", encoding="utf-8") as fh:
+            fh.write(f"# Forgetting study tables ({stamp})\n\nWritten by bench/forgetting.py --study.\n\n{text}\n")
+        with open(os.path.join("bench", "results", "forgetting_study.txt"), "w", encoding="utf-8") as fh:
+            fh.write(f"{stamp}\n{text}\n")
         return 0
     plan = dict(REDUCED if args.reduced else FULL)
     if args.seeds is not None:

@@ -17,8 +17,15 @@ from anchored_megatron.eval.scoring import TARGET
 LABELS = {
     "sft": "SFT", "early_sft": "early-stopped SFT", "sft_kl": "SFT+KL(base)", "distill": "distill (α=1)",
     "anchored": "anchored (snapshot)", "anchored_live": "anchored (live)", "anchored_a3": "anchored α=0.3, K=2",
-    "teacher": "teacher (short SFT)",
+    "teacher": "teacher (short SFT)", "dft": "DFT", "asft": "ASFT (DFT+KL(base))", "taid": "TAID",
+    "anchored_ref_sftkl": "anchored, teacher by SFT+KL", "anchored_ref_early": "anchored, 1-epoch teacher",
+    "teacher_sftkl": "teacher by SFT+KL (short)", "teacher_early": "teacher, 1 epoch",
+    "wise_ft_r0.25": "WiSE-FT r=0.25", "wise_ft_r0.5": "WiSE-FT r=0.5", "wise_ft_r0.75": "WiSE-FT r=0.75",
 }
+# Table order; a method shows when the runs have it.
+TABLE_METHODS = ("teacher", "teacher_sftkl", "teacher_early", "sft", "early_sft", "sft_kl", "distill", "dft", "asft", "taid", "wise_ft_r0.25", "wise_ft_r0.5",
+                 "wise_ft_r0.75", "anchored", "anchored_live", "anchored_a3", "anchored_ref_sftkl", "anchored_ref_early")
+CURVE_METHODS = tuple(m for m in TABLE_METHODS if not m.startswith("teacher") and m != "early_sft")
 
 
 def general_accuracy(point: dict) -> float:
@@ -99,7 +106,7 @@ def markdown_tables(runs: list[dict], title: str = "") -> str:
     """Final points and general accuracy at matched target accuracy; mean ± std over runs
     (seeds) when there are several."""
     summaries = [summarize(r) for r in runs]
-    methods = [m for m in ("teacher", "sft", "early_sft", "sft_kl", "distill", "anchored", "anchored_live", "anchored_a3") if m in summaries[0]]
+    methods = [m for m in TABLE_METHODS if m in summaries[0]]
     skills = [k for k in runs[0]["base"]["points"][-1]["accuracy"] if k != TARGET]
     base_pts = [r["base"]["points"][-1] for r in runs]
     lines = []
@@ -122,7 +129,7 @@ def markdown_tables(runs: list[dict], title: str = "") -> str:
             + " | ".join(_pct([100 * r["per_skill"][s] for r in rows]) for s in skills) + " |"
         )
     # Matched target accuracy: fractions of the teacher's target accuracy.
-    curve_methods = [m for m in ("sft", "sft_kl", "distill", "anchored", "anchored_live", "anchored_a3") if m in runs[0]]
+    curve_methods = [m for m in CURVE_METHODS if m in runs[0]]
     fractions = (0.5, 0.75, 0.9, 1.0)
     lines += ["", "General accuracy at matched target accuracy (fraction of the teacher's target accuracy; "
               "interpolated between checkpoints; — = never reached):", "",
@@ -164,7 +171,7 @@ def plot_tradeoff(runs: list[dict], path: str, title: str = "") -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=110)
-    methods = [m for m in ("sft", "sft_kl", "distill", "anchored", "anchored_live", "anchored_a3") if m in runs[0]]
+    methods = [m for m in CURVE_METHODS if m in runs[0]]
     for i, m in enumerate(methods):
         color = f"C{i}"
         for j, r in enumerate(runs):
