@@ -81,6 +81,7 @@ class AnchorConfig:
     temperature: float = 1.0
     ce_weight: float = 0.0  # anchored/distill: loss = (1-w) divergence + w CE
     kl_weight: float = 0.1  # sft_kl: CE + kl_weight KL(p_base || p_student); asft: DFT's CE + the same KL
+    base_kl_weight: float = 0.0  # anchored: + base_kl_weight KL(p_base || p_student), the base a third frozen role
     outer_iterations: int = 5  # T
     epochs_per_iteration: int = 5  # K
     reset_optimizer_per_iteration: bool = False
@@ -110,6 +111,8 @@ class AnchorConfig:
         )
         require(self.temperature > 0, f"{prefix}.temperature", f"must be > 0, got {self.temperature}")
         require(self.kl_weight >= 0, f"{prefix}.kl_weight", f"must be >= 0, got {self.kl_weight}")
+        require(isinstance(self.base_kl_weight, (int, float)) and not isinstance(self.base_kl_weight, bool) and self.base_kl_weight >= 0,
+                f"{prefix}.base_kl_weight", f"must be a number >= 0, got {self.base_kl_weight!r}")
         if self.objective == "asft":
             require(self.kl_weight > 0, f"{prefix}.kl_weight", "must be > 0 with objective=asft (0 is objective=dft)")
         for name in ("outer_iterations", "epochs_per_iteration"):
@@ -123,6 +126,17 @@ class AnchorConfig:
     @property
     def needs_snapshot(self) -> bool:
         return self.objective == "anchored" and self.source == "snapshot"
+
+    @property
+    def needs_base(self) -> bool:
+        """A frozen copy of the base (the student's starting checkpoint) for base_kl_weight."""
+        return self.objective == "anchored" and self.base_kl_weight > 0
+
+    @property
+    def frozen_roles(self) -> tuple[str, ...]:
+        """The frozen models next to the student, in the order their outputs are handed over."""
+        return tuple(name for name, needed in (("reference", self.needs_reference), ("snapshot", self.needs_snapshot),
+                                               ("base", self.needs_base)) if needed)
 
 
 @dataclass

@@ -31,6 +31,7 @@ _ANCHOR_OPTION_USERS = {
     "temperature": ("anchored", "distill"),
     "ce_weight": ("anchored", "distill"),
     "kl_weight": ("sft_kl", "asft"),
+    "base_kl_weight": ("anchored",),
 }
 
 
@@ -173,6 +174,9 @@ def _check_checkpoints(cfg, check_files: bool) -> None:
             f"is required for anchor.objective={cfg.anchor.objective} (the frozen teacher"
             + (f", i.e. the base model, for {cfg.anchor.objective})" if cfg.anchor.objective in ("sft_kl", "asft") else ")"),
         )
+    if cfg.anchor.needs_base:
+        require(cfg.student.checkpoint is not None, "anchor.base_kl_weight",
+                "needs student.checkpoint: the base the KL term holds the student to is the checkpoint the student starts from")
     reference = cfg.reference.checkpoint if cfg.anchor.needs_reference else None
     if reference is not None and _inside(reference, cfg.output_dir):
         _refuse_reference_inside_output_dir(reference, cfg.output_dir)

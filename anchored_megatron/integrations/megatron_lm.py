@@ -123,6 +123,8 @@ class AnchoredLearning:
             with ``convert.load_megatron_weights``) or ``fn(reference_chunk)`` that loads them
             into the chunk built for this rank. None leaves the reference as built (randomly
             initialised: for tests).
+        base: with ``anchor.base_kl_weight`` > 0, where the frozen base's weights come from (as
+            ``reference``; required then: the base is the checkpoint the student starts from).
         steps_per_iteration: optimizer steps per outer iteration; with ``current_step`` it
             decides when the snapshot is refreshed and the alpha schedule advances. Give both
             or neither (then call ``begin_iteration`` yourself).
@@ -141,6 +143,7 @@ class AnchoredLearning:
         anchor: AnchorConfig,
         vocab_size: int,
         reference: str | Callable | None = None,
+        base: str | Callable | None = None,
         steps_per_iteration: int | None = None,
         current_step: Callable[[], int] | None = None,
         get_batch: Callable = default_get_batch,
@@ -161,11 +164,16 @@ class AnchoredLearning:
             raise ConfigError("steps_per_iteration: give it together with current_step (or neither, and call begin_iteration)")
         if steps_per_iteration is not None and (not isinstance(steps_per_iteration, int) or steps_per_iteration < 1):
             raise ConfigError(f"steps_per_iteration: must be an integer >= 1, got {steps_per_iteration!r}")
+        if anchor.needs_base and base is None:
+            raise ConfigError("base: is required with anchor.base_kl_weight > 0 (the checkpoint the student starts from, or fn(chunk))")
+        if base is not None and not anchor.needs_base:
+            raise ConfigError("base: is used only with anchor.base_kl_weight > 0 and anchor.objective=anchored; remove it")
         if anchor.objective == "taid" and current_step is None:
             raise ConfigError("current_step: is required with anchor.objective=taid (its t follows the optimizer step)")
         self.anchor = anchor
         self.vocab_size = vocab_size
         self.reference = reference
+        self.base = base
         self.steps_per_iteration = steps_per_iteration
         self.current_step = current_step
         self.get_batch = get_batch
@@ -176,7 +184,7 @@ class AnchoredLearning:
 
     @property
     def frozen_roles(self) -> tuple[str, ...]:
-        return tuple(name for name, needed in (("reference", self.anchor.needs_reference), ("snapshot", self.anchor.needs_snapshot)) if needed)
+        return self.anchor.frozen_roles
 
     @property
     def num_roles(self) -> int:
@@ -198,20 +206,23 @@ class AnchoredLearning:
             for role in roles.values():
                 freeze([role])
             if "reference" in roles and self.reference is not None:
-                self._load_reference(roles["reference"])
+                self._load_weights(roles["reference"], self.reference)
+            if "base" in roles:
+                self._load_weights(roles["base"], self.base)
             stack = AnchoredRoleStack(student, list(roles.values()), self.fusion)
             self.stacks.append(stack)
             return stack
 
         return provider
 
-    def _load_reference(self, chunk) -> None:
-        if callable(self.reference):
-            self.reference(chunk)
+    @staticmethod
+    def _load_weights(chunk, source) -> None:
+        if callable(source):
+            source(chunk)
             return
         from anchored_megatron.convert import load_megatron_weights
 
-        load_megatron_weights([chunk], self.reference)
+        load_megatron_weights([chunk], source)
 
     def adjust_tensor_shapes_fn(self):
         """For ``forward_backward_func(..., adjust_tensor_shapes_fn=...)``; None when not pipelined."""

@@ -58,15 +58,6 @@ class MemoryPlan:
         return max(self.stages, key=lambda stage: stage.total)
 
 
-def frozen_role_names(cfg: RunConfig) -> tuple[str, ...]:
-    names = []
-    if cfg.anchor.needs_reference:
-        names.append("reference")
-    if cfg.anchor.needs_snapshot:
-        names.append("snapshot")
-    return tuple(names)
-
-
 def optimizer_bytes_per_param(params_dtype: str) -> int:
     return 8 if params_dtype == "fp32" else 12
 
@@ -76,7 +67,7 @@ def plan_memory(cfg: RunConfig, world_size: int) -> MemoryPlan:
     model, parallel = cfg.model, cfg.parallel
     dp = parallel.data_parallel_size(world_size)
     num_microbatches = cfg.train.num_microbatches(dp)
-    frozen = frozen_role_names(cfg)
+    frozen = cfg.anchor.frozen_roles
     num_roles = 1 + len(frozen)
     beta = act.PARAM_BYTES[model.params_dtype]
     mbs = cfg.train.micro_batch_size

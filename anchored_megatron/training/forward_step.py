@@ -24,12 +24,17 @@ def masked_loss(student_output, frozen_outputs: list, batch: dict, terms: Iterat
     """(loss_sum with grad, packed detached sums of SUM_NAMES) for one microbatch.
 
     The outputs are each role's vocab-sharded logits, or with ``fused`` its final hidden states
-    (the loss then applies the output weights itself)."""
+    (the loss then applies the output weights itself). The loss is the objective's main term,
+    plus ``terms.base_kl_weight`` KL(p_base || p_theta) when it is set; the metrics come from the
+    main term, or from the KL term when the main term has no reference (asft)."""
     mask = batch["loss_mask"]
-    if fused is not None:
-        loss_sum, metric_sums = _fused_loss(student_output, frozen_outputs, batch, terms, vocab_size, fused)
-    else:
-        loss_sum, metric_sums = _logits_loss(student_output, frozen_outputs, batch, terms, vocab_size)
+    term = _fused_term if fused is not None else _logits_term
+    loss_sum, metric_sums = term(student_output, frozen_outputs, batch, terms, vocab_size, fused)
+    if terms.base_kl_weight > 0.0:
+        base = frozen_outputs[terms.base_role]
+        kl_sum, kl_metric_sums = term(student_output, {0: base}, batch, terms.base_kl_terms(), vocab_size, fused, base_role=terms.base_role)
+        loss_sum = loss_sum + terms.base_kl_weight * kl_sum
+        metric_sums = kl_metric_sums if metric_sums is None else metric_sums
     with torch.no_grad():
         if metric_sums is None:  # no reference: the KL metrics are undefined
             metric_sums = [torch.full_like(loss_sum, float("nan"))] * (len(SUM_NAMES) - 2)
@@ -37,39 +42,30 @@ def masked_loss(student_output, frozen_outputs: list, batch: dict, terms: Iterat
     return loss_sum, sums
 
 
-def _logits_loss(student_logits, frozen_logits: list, batch: dict, terms: IterationLoss, vocab_size: int):
+def _logits_term(student_logits, frozen_logits, batch: dict, terms: IterationLoss, vocab_size: int, fused=None, base_role=None):
+    """One loss term on logits: (masked sum, masked metric sums or None). ``frozen_logits[0]``
+    is the reference (or the base, for the KL-to-base term), ``[1]`` the snapshot."""
     mask = batch["loss_mask"]
-    if terms.label_prob_weight:
-        # dft / asft: the CE term alone, each token weighted by sg(p_theta(label)) = exp(-CE_t).
-        cross_entropy = vocab_parallel_anchored_loss(
-            student_logits, student_logits.detach(), labels=batch["labels"], vocab_size=vocab_size,
-            check_labels=False, **terms.loss_kwargs())
-        weighted = cross_entropy * torch.exp(-cross_entropy.detach())
-        loss_sum = (weighted * mask.to(weighted.dtype)).sum() * terms.scale
-        if terms.base_kl_weight == 0.0:
-            return loss_sum, None
-        kl_sum, metric_sums = _logits_divergence(student_logits, frozen_logits, batch, terms, vocab_size, ce_weight=0.0)
-        return loss_sum + terms.base_kl_weight * kl_sum, metric_sums
-    return _logits_divergence(student_logits, frozen_logits, batch, terms, vocab_size, ce_weight=terms.ce_weight)
-
-
-def _logits_divergence(student_logits, frozen_logits: list, batch: dict, terms: IterationLoss, vocab_size: int, ce_weight: float):
-    # Without a reference (sft) ce_weight is 1: the divergence term and the metrics are skipped,
-    # so the student's own logits only stand in for the argument.
-    reference = frozen_logits[0] if terms.has_reference else student_logits.detach()
+    # Without a reference (sft, dft) ce_weight is 1: the divergence term and the metrics are
+    # skipped, so the student's own logits only stand in for the argument.
+    reference = frozen_logits[0] if terms.has_reference and not terms.label_prob_weight else student_logits.detach()
     anchor = frozen_logits[1] if terms.use_snapshot else None
+    with_metrics = terms.has_reference and not terms.label_prob_weight
     result = vocab_parallel_anchored_loss(
         student_logits,
         reference,
         anchor,
         labels=batch["labels"],
         vocab_size=vocab_size,
-        return_metrics=terms.has_reference,
+        return_metrics=with_metrics,
         check_labels=False,  # the dataset guarantees the range; the check would sync the host
-        **{**terms.loss_kwargs(), "ce_weight": ce_weight},
+        **terms.loss_kwargs(),
     )
-    per_token, metrics = result if terms.has_reference else (result, None)
-    mask = batch["loss_mask"].to(per_token.dtype)
+    per_token, metrics = result if with_metrics else (result, None)
+    if terms.label_prob_weight:
+        # dft / asft: the CE term alone, each token weighted by sg(p_theta(label)) = exp(-CE_t).
+        per_token = per_token * torch.exp(-per_token.detach())
+    mask = mask.to(per_token.dtype)
     loss_sum = (per_token * mask).sum() * terms.scale
     if metrics is None:
         return loss_sum, None
@@ -77,36 +73,32 @@ def _logits_divergence(student_logits, frozen_logits: list, batch: dict, terms: 
         return loss_sum, [(metrics[name].to(mask.dtype) * mask).sum() for name in SUM_NAMES[1:-1]]
 
 
-def _fused_loss(student_hidden, frozen_hidden: list, batch: dict, terms: IterationLoss, vocab_size: int, fused: FusedOutput):
-    common = dict(labels=batch["labels"], loss_mask=batch["loss_mask"], vocab_size=vocab_size,
-                  sequence_parallel=fused.sequence_parallel, chunk_tokens=fused.chunk_tokens, check_labels=False)
-    if terms.label_prob_weight:
-        # dft / asft: the CE term alone, each token weighted by sg(p_theta(label)).
-        loss_sum = fused_output_anchored_loss(student_hidden, fused.weights[0], loss_scale=terms.scale, label_prob_weight=True,
-                                              **common, **terms.loss_kwargs())
-        if terms.base_kl_weight == 0.0:
-            return loss_sum, None
-        kl_sum, metric_sums = _fused_divergence(student_hidden, frozen_hidden, terms, fused, common, terms.base_kl_weight, ce_weight=0.0)
-        return loss_sum + kl_sum, metric_sums
-    return _fused_divergence(student_hidden, frozen_hidden, terms, fused, common, terms.scale, ce_weight=terms.ce_weight)
-
-
-def _fused_divergence(student_hidden, frozen_hidden: list, terms: IterationLoss, fused: FusedOutput, common: dict, scale: float, ce_weight: float):
+def _fused_term(student_hidden, frozen_hidden, batch: dict, terms: IterationLoss, vocab_size: int, fused: FusedOutput, base_role=None):
+    """One loss term through the fused output layer; ``frozen_hidden`` as in ``_logits_term``
+    (the weights are the roles' own: the base's at ``base_role`` for the KL-to-base term)."""
     roles = {}
-    if terms.has_reference:
-        roles.update(reference_hidden=frozen_hidden[0], reference_weight=fused.weights[1])
+    with_metrics = terms.has_reference and not terms.label_prob_weight
+    if with_metrics:
+        weight_index = 1 + (0 if base_role is None else base_role)
+        roles.update(reference_hidden=frozen_hidden[0], reference_weight=fused.weights[weight_index])
     if terms.use_snapshot:
         roles.update(anchor_hidden=frozen_hidden[1], anchor_weight=fused.weights[2])
     result = fused_output_anchored_loss(
         student_hidden,
         fused.weights[0],
         **roles,
-        **common,
-        loss_scale=scale,
-        return_metrics=terms.has_reference,
-        **{**terms.loss_kwargs(), "ce_weight": ce_weight},
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+        loss_scale=terms.scale,
+        vocab_size=vocab_size,
+        sequence_parallel=fused.sequence_parallel,
+        return_metrics=with_metrics,
+        chunk_tokens=fused.chunk_tokens,
+        check_labels=False,
+        label_prob_weight=terms.label_prob_weight,
+        **terms.loss_kwargs(),
     )
-    if not terms.has_reference:
+    if not with_metrics:
         return result, None
     loss_sum, metrics = result
     return loss_sum, [metrics[name] for name in SUM_NAMES[1:-1]]

@@ -12,6 +12,8 @@ are handled in one place:
             detached probability of its label.
 - asft:     dft + lambda KL(p_base || p_theta), a second loss term toward the frozen base
             (``base_kl_weight``; the reference role holds the base).
+- anchored with ``anchor.base_kl_weight`` > 0: the anchored loss + lambda KL(p_base || p_theta)
+            on the same tokens, the base a third frozen role.
 - taid:     TAID's interpolated target softmax((1 - t) sg(z_theta) + t z_teacher), i.e. the live
             anchor with alpha = t, and t rising linearly with the optimizer step from ``alpha`` to
             ``alpha_end`` (TAID's schedule without its adaptive momentum term).
@@ -39,7 +41,14 @@ class IterationLoss:
     use_snapshot: bool
     has_reference: bool
     label_prob_weight: bool = False  # dft: each token's CE weighted by sg(p_theta(label))
-    base_kl_weight: float = 0.0  # asft: + base_kl_weight KL(p_reference || p_theta), a second term
+    base_kl_weight: float = 0.0  # + base_kl_weight KL(p_base || p_theta), a second term
+    base_role: int = 0  # which frozen output is the base's (asft: the reference's)
+
+    def base_kl_terms(self) -> "IterationLoss":
+        """The second term's settings: KL(p_base || p_theta) at temperature 1, the base in the
+        reference's place (alpha = 1)."""
+        return IterationLoss(alpha=1.0, ce_weight=0.0, scale=1.0, interpolation="logit", divergence="forward_kl", jsd_beta=self.jsd_beta,
+                             temperature=1.0, use_snapshot=False, has_reference=True)
 
     def loss_kwargs(self) -> dict:
         return dict(
@@ -72,7 +81,9 @@ def iteration_loss(anchor: AnchorConfig, iteration: int, step: int = 0, total_st
     )
     if anchor.objective == "anchored":
         alpha = alpha_at(iteration, anchor.outer_iterations, anchor.alpha, anchor.alpha_end, anchor.alpha_schedule)
-        return IterationLoss(alpha=alpha, ce_weight=anchor.ce_weight, scale=1.0, use_snapshot=anchor.source == "snapshot", has_reference=True, **common)
+        return IterationLoss(alpha=alpha, ce_weight=anchor.ce_weight, scale=1.0, use_snapshot=anchor.source == "snapshot", has_reference=True,
+                             base_kl_weight=anchor.base_kl_weight, base_role=anchor.frozen_roles.index("base") if anchor.needs_base else 0,
+                             **common)
     if anchor.objective == "taid":
         common.update(interpolation="logit", divergence="forward_kl", temperature=1.0)
         return IterationLoss(alpha=taid_t(anchor, step, total_steps), ce_weight=0.0, scale=1.0, use_snapshot=False, has_reference=True, **common)

@@ -123,15 +123,12 @@ class Trainer:
         self.wrapped = wrap_ddp(self.student, cfg.optim.distributed_optimizer)
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = [m.no_sync for m in self.wrapped] if len(self.wrapped) > 1 else self.wrapped[0].no_sync
-        self.reference = None
-        self.snapshot = None
-        if cfg.anchor.needs_reference:
-            self.reference = build_model_chunks(cfg.model, cfg.parallel)
-            freeze(self.reference)
-        if cfg.anchor.needs_snapshot:
-            self.snapshot = build_model_chunks(cfg.model, cfg.parallel)
-            freeze(self.snapshot)
-        frozen = [roles for roles in (self.reference, self.snapshot) if roles is not None]
+        roles = {}
+        for name in cfg.anchor.frozen_roles:
+            roles[name] = build_model_chunks(cfg.model, cfg.parallel)
+            freeze(roles[name])
+        self.reference, self.snapshot, self.base = (roles.get(name) for name in ("reference", "snapshot", "base"))
+        frozen = list(roles.values())
         self.stacks = [RoleStack(self.wrapped[i], [roles[i] for roles in frozen], output_fusion(cfg.model)) for i in range(len(self.wrapped))]
         self.num_roles = 1 + len(frozen)
         steps = self.steps_per_iteration if cfg.anchor.reset_optimizer_per_iteration else self.total_steps
@@ -154,6 +151,8 @@ class Trainer:
         progress = self._resume(latest) if latest is not None else None
         if self.reference is not None and cfg.reference.checkpoint:
             load_megatron_weights(self.reference, resolve_checkpoint_dir(cfg.reference.checkpoint, "reference.checkpoint"), checksums)
+        if self.base is not None:  # the KL term's base: the student's starting point, resume or not
+            load_megatron_weights(self.base, resolve_checkpoint_dir(cfg.student.checkpoint, "student.checkpoint"), checksums)
         if progress is not None:
             return progress
         if cfg.student.checkpoint:

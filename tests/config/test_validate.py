@@ -110,6 +110,7 @@ def test_a_reference_with_another_rope_is_refused(run):
     (["anchor.objective=dft", "anchor.kl_weight=0.5"], "anchor.kl_weight: is not used by anchor.objective=dft (only by sft_kl or asft)"),
     (["anchor.objective=taid", "anchor.source=live"], "anchor.source: is not used by anchor.objective=taid (only by anchored)"),
     (["anchor.objective=dft"], "reference.checkpoint: is not used by anchor.objective=dft"),
+    (["anchor.objective=distill", "anchor.base_kl_weight=0.2"], "anchor.base_kl_weight: is not used by anchor.objective=distill (only by anchored)"),
     (["anchor.objective=sft_kl", "anchor.temperature=2"], "anchor.temperature: is not used by anchor.objective=sft_kl"),
     (["anchor.jsd_beta=0.3"], "anchor.jsd_beta: is used only with anchor.divergence=jsd"),
     (["anchor.alpha_end=0.9"], "anchor.alpha_end: is used only with anchor.alpha_schedule=linear"),
@@ -232,3 +233,9 @@ def test_a_checkpoint_shipping_another_tokenizer_is_refused_before_launch(run):
     write_word_tokenizer(run["teacher"], words=["x", "y"])
     with pytest.raises(ConfigError, match=r"^data.tokenizer: tokenizers differ between data.tokenizer, reference.checkpoint"):
         validated(run["args"])
+
+
+def test_a_kl_term_to_the_base_needs_the_base(run):
+    args = [a for a in run["args"] if not a.startswith("student.checkpoint=")]
+    with pytest.raises(ConfigError, match=r"^anchor.base_kl_weight: needs student.checkpoint: the base"):
+        validated(args + ["anchor.base_kl_weight=0.2"])

@@ -48,3 +48,13 @@ def test_refuses_a_step_count_without_a_step_source():
         AnchoredLearning(AnchorConfig(), vocab_size=32, steps_per_iteration=10)
     with pytest.raises(ConfigError, match="anchor.alpha"):
         AnchoredLearning(AnchorConfig(alpha=2.0), vocab_size=32)
+
+
+def test_the_base_role_and_taid_need_their_sources():
+    assert AnchoredLearning(AnchorConfig(base_kl_weight=0.2), vocab_size=32, base="/ckpt/base").frozen_roles == ("reference", "snapshot", "base")
+    with pytest.raises(ConfigError, match=r"^base: is required with anchor.base_kl_weight > 0"):
+        AnchoredLearning(AnchorConfig(base_kl_weight=0.2), vocab_size=32)
+    with pytest.raises(ConfigError, match=r"^base: is used only with anchor.base_kl_weight > 0"):
+        AnchoredLearning(AnchorConfig(), vocab_size=32, base="/ckpt/base")
+    with pytest.raises(ConfigError, match=r"^current_step: is required with anchor.objective=taid"):
+        AnchoredLearning(AnchorConfig(objective="taid"), vocab_size=32)

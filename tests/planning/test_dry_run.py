@@ -50,9 +50,13 @@ def test_distributed_optimizer_shards_adam_state_over_data_parallel_ranks():
     assert sharded.grads == replicated.grads == sharded.parameters * 4  # fp32 main grads, not sharded
 
 
-@pytest.mark.parametrize("objective,source,roles", [("anchored", "snapshot", 2), ("anchored", "live", 1), ("distill", "snapshot", 1), ("sft", "snapshot", 0)])
-def test_frozen_weights_follow_the_objective(objective, source, roles):
-    stage = plan_memory(llama8b(f"anchor.objective={objective}", f"anchor.source={source}"), world_size=8).stages[0]
+@pytest.mark.parametrize("overrides,roles", [
+    (["anchor.objective=anchored", "anchor.source=snapshot"], 2), (["anchor.objective=anchored", "anchor.source=live"], 1),
+    (["anchor.objective=distill"], 1), (["anchor.objective=sft"], 0), (["anchor.objective=dft"], 0), (["anchor.objective=asft"], 1),
+    (["anchor.objective=taid"], 1), (["anchor.objective=anchored", "anchor.base_kl_weight=0.1", "student.checkpoint=/tmp/base"], 3),
+])
+def test_frozen_weights_follow_the_objective(overrides, roles):
+    stage = plan_memory(llama8b(*overrides), world_size=8).stages[0]
     assert stage.frozen_weights == roles * stage.weights
 
 

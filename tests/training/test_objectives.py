@@ -172,3 +172,45 @@ def test_objectives_at_tp2_match_the_formula(ranks):
         assert torch.equal(loss_sum, loss_other)  # every TP rank holds the whole loss
         errors = _check(name, loss_sum, torch.cat([grad, grad_other], dim=-1), sums, inputs)
         assert errors["loss"] <= TOLERANCE and errors["grad"] <= TOLERANCE and errors["kl_reference"] <= 1e-6, (name, errors)
+
+
+@pytest.mark.parametrize("fused_output", [False, True])
+def test_anchored_with_a_kl_term_to_the_base_matches_the_formula(fused_output):
+    """anchored (snapshot, alpha 0.3) + 0.4 KL(p_base || p_theta): the base is the third frozen
+    role; loss, gradient w.r.t. the logits (or hidden and W) and the KL-to-reference metric."""
+    from anchored_megatron.training.forward_step import SUM_NAMES, masked_loss
+    from anchored_megatron.training.objectives import iteration_loss
+    from anchored_megatron.training.roles import FusedOutput
+
+    anchor = AnchorConfig(objective="anchored", alpha=0.3, base_kl_weight=0.4)
+    assert anchor.frozen_roles == ("reference", "snapshot", "base")
+    _, _, labels, loss_mask = _inputs()
+    g = torch.Generator().manual_seed(5)
+    hidden = [torch.randn(BATCH, SEQ, 16, generator=g, dtype=torch.float64) for _ in range(4)]  # student, reference, snapshot, base
+    weights = [torch.randn(PADDED_VOCAB, 16, generator=g, dtype=torch.float64) * 0.7 for _ in range(4)]
+    logits = [h @ w.t() for h, w in zip(hidden, weights)]
+    batch = {"labels": labels, "loss_mask": loss_mask}
+    terms = iteration_loss(anchor, 0)
+    if fused_output:
+        leaf_h, leaf_w = hidden[0].clone().requires_grad_(True), weights[0].clone().requires_grad_(True)
+        fused = FusedOutput(weights=(leaf_w, *weights[1:]), chunk_tokens=5, sequence_parallel=False)
+        loss_sum, sums = masked_loss(leaf_h, hidden[1:], batch, terms, VOCAB, fused)
+    else:
+        leaf = logits[0].clone().requires_grad_(True)
+        loss_sum, sums = masked_loss(leaf, logits[1:], batch, terms, VOCAB)
+    loss_sum.backward()
+
+    z, r, s, b = (x[..., :VOCAB] for x in logits)
+    log_p, log_pr, log_pb = _log_softmax(z), _log_softmax(r), _log_softmax(b)
+    log_q = _log_softmax(0.7 * s + 0.3 * r)
+    per_token = (log_q.exp() * (log_q - log_p)).sum(-1) + 0.4 * (log_pb.exp() * (log_pb - log_p)).sum(-1)
+    grad = torch.zeros_like(logits[0])
+    grad[..., :VOCAB] = ((log_p.exp() - log_q.exp()) + 0.4 * (log_p.exp() - log_pb.exp())) * loss_mask.unsqueeze(-1)
+    assert _relative_error(loss_sum.detach(), (per_token * loss_mask).sum()) <= TOLERANCE
+    if fused_output:
+        assert _relative_error(leaf_h.grad, grad @ weights[0]) <= TOLERANCE
+        assert _relative_error(leaf_w.grad, torch.einsum("bsv,bsh->vh", grad, hidden[0])) <= TOLERANCE
+    else:
+        assert _relative_error(leaf.grad, grad) <= TOLERANCE
+    kl_reference = ((log_pr.exp() * (log_pr - log_p)).sum(-1) * loss_mask).sum()
+    assert _relative_error(sums[SUM_NAMES.index("kl_reference")].double(), kl_reference) <= 1e-6

@@ -201,18 +201,23 @@ def objective_records_rank(cfg_dict):
 
 
 @pytest.mark.distributed
-def test_dft_and_asft_train_and_record_their_metrics(tiny_run, tmp_path, ranks):
-    dft = run_config(tiny_run, tmp_path / "dft", anchor__objective="dft", anchor__outer_iterations=1, train__max_steps=3)
+def test_dft_asft_and_the_base_kl_term_train_and_record_their_metrics(tiny_run, tmp_path, ranks):
+    short = dict(anchor__outer_iterations=1, train__max_steps=3)
+    dft = run_config(tiny_run, tmp_path / "dft", anchor__objective="dft", **short)
     del dft["anchor"]["alpha"], dft["reference"]  # dft has neither
-    asft = run_config(tiny_run, tmp_path / "asft", anchor__objective="asft", anchor__kl_weight=0.3, anchor__outer_iterations=1,
-                      train__max_steps=3, reference__checkpoint=tiny_run["base"])
+    asft = run_config(tiny_run, tmp_path / "asft", anchor__objective="asft", anchor__kl_weight=0.3, reference__checkpoint=tiny_run["base"], **short)
     del asft["anchor"]["alpha"]
-    dft_records, asft_records = ranks(objective_records_rank, 1, dft)[0], ranks(objective_records_rank, 1, asft)[0]
-    common = COMMON - {"attempt"}
-    assert [set(r) for r in dft_records] == [common] * 3
-    assert [set(r) for r in asft_records] == [common | {"kl_step", "kl_bound", "kl_reference", "entropy"}] * 3
-    # The same first batch from the same base: asft's loss is dft's plus 0.3 KL(p_base || p_theta),
-    # and KL to the base is 0 before the first update.
-    assert asft_records[0]["kl_reference"] == pytest.approx(0.0, abs=1e-6)
-    assert asft_records[0]["loss"] == pytest.approx(dft_records[0]["loss"], rel=1e-6)
-    assert all(math.isfinite(r["loss"]) for r in dft_records + asft_records)
+    anchored = run_config(tiny_run, tmp_path / "anchored", **short)
+    base_kl = run_config(tiny_run, tmp_path / "base_kl", anchor__base_kl_weight=0.5, **short)
+    records = {name: ranks(objective_records_rank, 1, cfg)[0] for name, cfg in
+               (("dft", dft), ("asft", asft), ("anchored", anchored), ("base_kl", base_kl))}
+    common, kl = COMMON - {"attempt"}, {"kl_step", "kl_bound", "kl_reference", "entropy"}
+    assert [set(r) for r in records["dft"]] == [common] * 3
+    assert [set(r) for r in records["asft"]] == [common | kl] * 3
+    assert [set(r) for r in records["base_kl"]] == [common | kl | {"alpha"}] * 3
+    # The same first batch from the base: KL to the base is 0 before the first update, so asft's
+    # loss is dft's and the base-KL run's is the anchored run's.
+    assert records["asft"][0]["kl_reference"] == pytest.approx(0.0, abs=1e-6)
+    assert records["asft"][0]["loss"] == pytest.approx(records["dft"][0]["loss"], rel=1e-6)
+    assert records["base_kl"][0]["loss"] == pytest.approx(records["anchored"][0]["loss"], rel=1e-6)
+    assert all(math.isfinite(r["loss"]) for rs in records.values() for r in rs)
