@@ -9,7 +9,9 @@ A job is one trainer run plus the evaluation of its checkpoints:
    teacher), ``anchored`` (alpha, snapshot, T x K), ``anchored_live``, ``anchored_a3`` ((0.3, 10, 2)
    scaled to the budget), ``dft``, ``asft`` (reference = base), ``taid`` (reference = teacher, t from
    0.4 to 1, TAID's defaults), ``anchored_ref_sftkl`` / ``anchored_ref_early`` (anchored toward a
-   teacher made with sft_kl / stopped after one epoch: extra teacher jobs), and
+   teacher made with sft_kl / stopped after one epoch: extra teacher jobs), ``anchored_base_kl``
+   (+ kl_weight KL(p_base || p_theta)), ``anchored_reset`` (fresh optimizer per outer iteration),
+   ``anchored_ramp`` (alpha 0.2 -> 0.8 over the outer iterations), and
    ``wise_ft_r<ratio>`` (no training: the base and the final SFT checkpoint merged in weight space).
 
 A job's cache key hashes its run config (paths replaced by the keys / digests of what
@@ -28,10 +30,11 @@ from anchored_megatron.data.synthetic import CHAT_TEMPLATE
 
 METHODS = ("sft", "sft_kl", "distill", "anchored", "anchored_live", "anchored_a3")
 # Methods the forgetting study adds to the demo's (opt in through ExperimentConfig.methods).
-STUDY_METHODS = METHODS + ("dft", "asft", "taid", "anchored_ref_sftkl", "anchored_ref_early",
-                           "wise_ft_r0.25", "wise_ft_r0.5", "wise_ft_r0.75")
+STUDY_METHODS = METHODS + ("dft", "asft", "taid", "anchored_ref_sftkl", "anchored_ref_early", "anchored_base_kl",
+                           "anchored_reset", "anchored_ramp", "wise_ft_r0.25", "wise_ft_r0.5", "wise_ft_r0.75")
 WISE_FT_PREFIX = "wise_ft_r"
 TAID_T = (0.4, 1.0)  # TAID's published t_start, t_end
+ALPHA_RAMP = (0.2, 0.8)  # anchored_ramp: alpha from 0.2 at the first outer iteration to 0.8 at the last
 JOBS_DIR = "jobs"  # under ExperimentConfig.output_dir, one directory per job
 
 
@@ -166,6 +169,14 @@ def plan(cfg: ExperimentConfig, paths: dict, vocab_size: int) -> list[JobSpec]:
         "anchored_a3": (run("anchored_a3", objective="anchored", epochs_t=max(1, budget // 2), epochs_k=2 if budget >= 2 else 1,
                             reference=teacher_dir, alpha=0.3, source="snapshot", reset_optimizer_per_iteration=reset, **ft),
                         {"student": "base", "reference": "teacher"}),
+        "anchored_base_kl": (run("anchored_base_kl", objective="anchored", epochs_t=T, epochs_k=K, reference=teacher_dir, alpha=cfg.alpha,
+                                 source="snapshot", base_kl_weight=cfg.kl_weight, reset_optimizer_per_iteration=reset, **ft),
+                             {"student": "base", "reference": "teacher"}),
+        "anchored_reset": (run("anchored_reset", objective="anchored", epochs_t=T, epochs_k=K, reference=teacher_dir, alpha=cfg.alpha,
+                               source="snapshot", reset_optimizer_per_iteration=True, **ft), {"student": "base", "reference": "teacher"}),
+        "anchored_ramp": (run("anchored_ramp", objective="anchored", epochs_t=T, epochs_k=K, reference=teacher_dir, alpha=ALPHA_RAMP[0],
+                              alpha_schedule="linear", alpha_end=ALPHA_RAMP[1], source="snapshot", reset_optimizer_per_iteration=reset, **ft),
+                          {"student": "base", "reference": "teacher"}),
         "dft": (run("dft", objective="dft", epochs_t=1, epochs_k=budget, **ft), {"student": "base"}),
         "asft": (run("asft", objective="asft", epochs_t=1, epochs_k=budget, reference=base_dir, kl_weight=cfg.kl_weight, **ft),
                  {"student": "base", "reference": "base"}),
