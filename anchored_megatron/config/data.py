@@ -33,6 +33,11 @@ class DataConfig:
     on_bad_record: str = "error"  # error | skip
     truncate: bool = False  # cut documents longer than seq_length instead of rejecting them
     cache_dir: str | None = None  # tokenised data lives here; default ~/.cache/anchored_megatron/sft
+    # A replay trust region (anchored, snapshot only): records from these files (general prompts
+    # with responses, e.g. the base's own) make up ``replay_fraction`` of every step's sequences,
+    # on top of the gold ones, with the loss KL(p_snapshot || p_theta) and no teacher.
+    replay_paths: list[str] = field(default_factory=list)
+    replay_fraction: float = 0.0
 
     def validate(self, prefix: str = "data", check_files: bool = True) -> None:
         """Values always; the files only with ``check_files`` (a plan may be made before the
@@ -72,8 +77,36 @@ class DataConfig:
                 raise ConfigError(f"{prefix}.{name}: must be true or false, got {getattr(self, name)!r}")
         if self.on_bad_record not in BAD_RECORD_POLICIES:
             raise ConfigError(f"{prefix}.on_bad_record: must be 'error' or 'skip', got {self.on_bad_record!r}")
+        self._validate_replay(prefix, check_files)
         if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir):
             raise ConfigError(f"{prefix}.cache_dir: must be a directory path or null, got {self.cache_dir!r}")
+
+    def _validate_replay(self, prefix: str, check_files: bool) -> None:
+        if not isinstance(self.replay_paths, (list, tuple)):
+            raise ConfigError(f"{prefix}.replay_paths: must be a list of local files, got {self.replay_paths!r}")
+        for i, path in enumerate(self.replay_paths):
+            key = f"{prefix}.replay_paths[{i}]"
+            if not isinstance(path, str) or not path.endswith(SUPPORTED_SUFFIXES):
+                raise ConfigError(f"{key}: must be a {', '.join(SUPPORTED_SUFFIXES)} file path, got {path!r}")
+            if check_files and not os.path.isfile(path):
+                raise ConfigError(f"{key}: {path}: file not found")
+        fraction = self.replay_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
+            raise ConfigError(f"{prefix}.replay_fraction: must be a number in [0, 1), got {fraction!r}")
+        if bool(self.replay_paths) != (fraction > 0):
+            missing = f"{prefix}.replay_fraction" if self.replay_paths else f"{prefix}.replay_paths"
+            raise ConfigError(f"{missing}: {prefix}.replay_paths and {prefix}.replay_fraction > 0 go together")
+
+    def replay_microbatches(self, gold_microbatches: int) -> int:
+        """Replay microbatches per step and data-parallel rank: ``replay_fraction`` of all of them."""
+        exact = gold_microbatches * self.replay_fraction / (1.0 - self.replay_fraction)
+        count = round(exact)
+        if count < 1 or abs(exact - count) > 1e-6:
+            valid = ", ".join(f"{n / (gold_microbatches + n):.3g} ({n})" for n in range(1, 4))
+            raise ConfigError(
+                f"data.replay_fraction: {self.replay_fraction} of each step's sequences is {exact:.3g} microbatches next to the "
+                f"{gold_microbatches} gold ones per data-parallel rank; it must be a whole number: e.g. {valid}")
+        return count
 
     def _check_tokenizer_file(self, prefix: str) -> None:
         if not isinstance(self.tokenizer, str) or not self.tokenizer:

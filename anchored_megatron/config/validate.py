@@ -51,7 +51,9 @@ def validate_run(cfg, world_size: int, check_files: bool = True) -> None:
     cfg.train.validate()
     cfg.data.validate(check_files=check_files)
     check_packing(cfg.model, cfg.data.packing)
-    cfg.train.num_microbatches(cfg.parallel.data_parallel_size(world_size))
+    gold_microbatches = cfg.train.num_microbatches(cfg.parallel.data_parallel_size(world_size))
+    if cfg.data.replay_paths:
+        cfg.data.replay_microbatches(gold_microbatches)
     _check_options_the_objective_uses(cfg)
     _check_pipeline_schedule(cfg)
     _check_checkpoints(cfg, check_files)
@@ -142,6 +144,9 @@ def _check_options_the_objective_uses(cfg) -> None:
         raise ConfigError(f"anchor.jsd_beta: is used only with anchor.divergence=jsd, got divergence={cfg.anchor.divergence}; remove it")
     if _changed(cfg, "anchor.alpha_end") and cfg.anchor.alpha_schedule != "linear" and objective != "taid":
         raise ConfigError("anchor.alpha_end: is used only with anchor.alpha_schedule=linear; remove it or set the schedule")
+    if cfg.data.replay_paths and not cfg.anchor.needs_snapshot:
+        raise ConfigError(f"data.replay_paths: the replay loss KL(p_snapshot || p_theta) needs anchor.objective=anchored with "
+                          f"anchor.source=snapshot, got objective={objective}, source={cfg.anchor.source}")
     if _changed(cfg, "reference.checkpoint") and not cfg.anchor.needs_reference:
         raise ConfigError(f"reference.checkpoint: is not used by anchor.objective={objective} (it has no frozen reference); remove it")
     if _changed(cfg, "model.fp8_recipe") and cfg.model.fp8 is None:

@@ -18,6 +18,9 @@ from anchored_megatron.training.roles import FusedOutput, RoleStack
 
 # Order of the packed per-microbatch sums the trainer reduces once per step.
 SUM_NAMES = ("loss", "kl_step", "kl_bound", "kl_reference", "entropy", "tokens")
+# A replay microbatch's own sums (its SUM_NAMES sums are zero, so that the metrics stay the gold data's).
+REPLAY_SUM_NAMES = ("replay_loss", "replay_tokens")
+REPLAY_KEY = "replay"  # in a microbatch dict: the microbatch comes from data.replay_paths
 
 
 def masked_loss(student_output, frozen_outputs: list, batch: dict, terms: IterationLoss, vocab_size: int, fused: FusedOutput | None = None):
@@ -105,8 +108,12 @@ def _fused_term(student_hidden, frozen_hidden, batch: dict, terms: IterationLoss
 
 
 def _loss_func(batch, frozen_outputs, terms, vocab_size, fused, output_tensor):
-    loss_sum, sums = masked_loss(output_tensor, frozen_outputs, batch, terms, vocab_size, fused)
-    return loss_sum, sums[-1].to(torch.int), {"sums": sums}
+    if REPLAY_KEY not in batch:
+        loss_sum, sums = masked_loss(output_tensor, frozen_outputs, batch, terms, vocab_size, fused)
+        return loss_sum, sums[-1].to(torch.int), {"sums": sums, "replay_sums": sums.new_zeros(len(REPLAY_SUM_NAMES))}
+    loss_sum, sums = masked_loss(output_tensor, frozen_outputs, batch, terms.replay_terms(), vocab_size, fused)
+    # Its tokens count in the per-token mean the gradients are divided by, not in the gold metrics.
+    return loss_sum, sums[-1].to(torch.int), {"sums": torch.zeros_like(sums), "replay_sums": sums[[0, -1]]}
 
 
 def make_forward_step(loss_provider, vocab_size: int):

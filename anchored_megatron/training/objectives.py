@@ -14,6 +14,8 @@ are handled in one place:
             (``base_kl_weight``; the reference role holds the base).
 - anchored with ``anchor.base_kl_weight`` > 0: the anchored loss + lambda KL(p_base || p_theta)
             on the same tokens, the base a third frozen role.
+- replay microbatches (``data.replay_paths``): KL(p_snapshot || p_theta), i.e. the snapshot alone
+            as the anchor (alpha = 0), no teacher (``replay_terms``).
 - taid:     TAID's interpolated target softmax((1 - t) sg(z_theta) + t z_teacher), i.e. the live
             anchor with alpha = t, and t rising linearly with the optimizer step from ``alpha`` to
             ``alpha_end`` (TAID's schedule without its adaptive momentum term).
@@ -49,6 +51,11 @@ class IterationLoss:
         reference's place (alpha = 1)."""
         return IterationLoss(alpha=1.0, ce_weight=0.0, scale=1.0, interpolation="logit", divergence="forward_kl", jsd_beta=self.jsd_beta,
                              temperature=1.0, use_snapshot=False, has_reference=True)
+
+    def replay_terms(self) -> "IterationLoss":
+        """A replay microbatch's settings: KL(p_snapshot || p_theta) at temperature 1."""
+        return IterationLoss(alpha=0.0, ce_weight=0.0, scale=1.0, interpolation="logit", divergence="forward_kl", jsd_beta=self.jsd_beta,
+                             temperature=1.0, use_snapshot=True, has_reference=True)
 
     def loss_kwargs(self) -> dict:
         return dict(

@@ -20,7 +20,7 @@ from anchored_megatron.anchor import fused_passes
 from anchored_megatron.config import ConfigError, RunConfig
 from anchored_megatron.training import checkpoint as ckpt
 from anchored_megatron.training.checkpoint_dirs import resolve_checkpoint_dir
-from anchored_megatron.training.forward_step import SUM_NAMES, make_forward_step
+from anchored_megatron.training.forward_step import REPLAY_KEY, REPLAY_SUM_NAMES, SUM_NAMES, make_forward_step
 from anchored_megatron.training.metrics_log import MetricsLog
 from anchored_megatron.training.objectives import iteration_loss
 from anchored_megatron.training.optim import check_resumed_schedule, load_scheduler_state
@@ -43,6 +43,7 @@ class Progress:
     step: int = 0
     nonfinite_in_a_row: int = 0
     sampler: dict | None = None
+    replay_sampler: dict | None = None
     scheduler: dict | None = None
     optimizer_iteration: int = 0  # the iteration the optimizer/scheduler state belongs to
 
@@ -84,12 +85,22 @@ class Trainer:
             cfg.data, self.tokenizer, cfg.model.seq_length, seed=cfg.seed,
             rank=self.runtime.rank, world_size=self.runtime.world_size, barrier=torch.distributed.barrier,
         )
-        self.num_microbatches = cfg.train.num_microbatches(self.runtime.data_parallel_size)
-        self.sampler = EpochSampler(
-            len(self.dataset), seed=cfg.seed,
-            dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.runtime.data_parallel_size,
-            micro_batch_size=cfg.train.micro_batch_size, num_microbatches=self.num_microbatches,
-        )
+        gold_microbatches = cfg.train.num_microbatches(self.runtime.data_parallel_size)
+        placement = dict(dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.runtime.data_parallel_size,
+                         micro_batch_size=cfg.train.micro_batch_size)
+        self.sampler = EpochSampler(len(self.dataset), seed=cfg.seed, num_microbatches=gold_microbatches, **placement)
+        self.replay_dataset = self.replay_sampler = None
+        replay_microbatches = 0
+        if cfg.data.replay_paths:
+            replay_data = dataclasses.replace(cfg.data, paths=list(cfg.data.replay_paths), weights=None, replay_paths=[], replay_fraction=0.0)
+            self.replay_dataset = build_sft_dataset(
+                replay_data, self.tokenizer, cfg.model.seq_length, seed=cfg.seed,
+                rank=self.runtime.rank, world_size=self.runtime.world_size, barrier=torch.distributed.barrier,
+            )
+            replay_microbatches = cfg.data.replay_microbatches(gold_microbatches)
+            # Its own order (seed + 1) and epochs: the replay data cycles independently of the gold epochs.
+            self.replay_sampler = EpochSampler(len(self.replay_dataset), seed=cfg.seed + 1, num_microbatches=replay_microbatches, **placement)
+        self.num_microbatches = gold_microbatches + replay_microbatches
         anchor = cfg.anchor
         self.steps_per_iteration = self.sampler.steps_per_epoch * anchor.epochs_per_iteration
         self.total_steps = self.steps_per_iteration * anchor.outer_iterations
@@ -172,6 +183,12 @@ class Trainer:
             stored["optimizer_iteration"] = stored.pop("optimizer_stage")
         progress = Progress(**stored)
         self.sampler.load_state_dict(progress.sampler)
+        if (self.replay_sampler is None) != (progress.replay_sampler is None):
+            saved_by = "a run without" if progress.replay_sampler is None else "a run with"
+            raise ConfigError(f"data.replay_paths: {latest} was saved by {saved_by} replay data; resume it as it was "
+                              "started, or start a new output_dir")
+        if self.replay_sampler is not None:
+            self.replay_sampler.load_state_dict(progress.replay_sampler)
         load_scheduler_state(self.scheduler, progress.scheduler)
         if self.snapshot is not None and progress.step % self.steps_per_iteration != 0:
             iteration = progress.step // self.steps_per_iteration
@@ -223,6 +240,7 @@ class Trainer:
         from anchored_megatron.convert.megatron_io import write_trainer_model_config
 
         progress.sampler = self.sampler.state_dict()
+        progress.replay_sampler = None if self.replay_sampler is None else self.replay_sampler.state_dict()
         progress.scheduler = self.scheduler.state_dict()
         common = {"progress": dataclasses.asdict(progress), "layout": self._layout(), "reference": self.reference_identity}
         path = ckpt.save_checkpoint(
@@ -290,9 +308,15 @@ class Trainer:
 
         device = self.runtime.device
         batches = []
-        for indices in self.sampler.next_step():
-            batch = collate([self.dataset[i] for i in indices])
-            batches.append({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+        sources = [(self.dataset, self.sampler, False)]
+        if self.replay_sampler is not None:
+            sources.append((self.replay_dataset, self.replay_sampler, True))
+        for dataset, sampler, replay in sources:
+            for indices in sampler.next_step():
+                batch = {k: v.to(device, non_blocking=True) for k, v in collate([dataset[i] for i in indices]).items()}
+                if replay:
+                    batch[REPLAY_KEY] = True
+                batches.append(batch)
         return batches
 
     def _train_step(self, forward_step) -> dict:
@@ -314,8 +338,8 @@ class Trainer:
             micro_batch_size=cfg.train.micro_batch_size,
             adjust_tensor_shapes_fn=adjust_tensor_shapes_for(self.num_roles) if pipelined and self.num_roles > 1 else None,
         )
-        sums = self._reduce_sums(outputs)
-        finite = bool(torch.isfinite(sums[0]).item())
+        sums, replay_sums = self._reduce_sums(outputs)
+        finite = bool(torch.isfinite(sums[0]).item()) and bool(torch.isfinite(replay_sums[0]).item())
         grad_norm = float("nan")
         lr = self.optimizer.param_groups[0]["lr"]  # what this update uses; the scheduler then moves on
         if finite:
@@ -325,18 +349,22 @@ class Trainer:
         record = {name: (sums[SUM_NAMES.index(name)] / tokens).item() for name in self.metric_names}
         record.update(response_tokens=int(sums[-1].item()), grad_norm=float(grad_norm) if grad_norm is not None else None,
                       finite=finite, lr=lr)
+        if self.replay_sampler is not None:
+            record.update(replay_loss=(replay_sums[0] / max(replay_sums[1].item(), 1.0)).item(), replay_tokens=int(replay_sums[1].item()))
         return record
 
-    def _reduce_sums(self, outputs) -> torch.Tensor:
-        """One all-reduce per step: the last stage's TP-rank-0 of each DP replica contributes."""
+    def _reduce_sums(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(SUM_NAMES sums, REPLAY_SUM_NAMES sums) of the step, in one all-reduce: the last
+        stage's TP-rank-0 of each DP replica contributes."""
         from megatron.core import parallel_state
 
-        sums = torch.zeros(len(SUM_NAMES), dtype=torch.float64, device=self.runtime.device)
+        sums = torch.zeros(len(SUM_NAMES) + len(REPLAY_SUM_NAMES), dtype=torch.float64, device=self.runtime.device)
         if outputs and parallel_state.get_tensor_model_parallel_rank() == 0:
             for out in outputs:
-                sums += out["sums"].to(sums)
+                sums += torch.cat([out["sums"], out["replay_sums"]]).to(sums)
         torch.distributed.all_reduce(sums)
-        return sums.cpu()
+        sums = sums.cpu()
+        return sums[: len(SUM_NAMES)], sums[len(SUM_NAMES):]
 
     # ---- the main loop -----------------------------------------------------------------------
     def run(self) -> dict:

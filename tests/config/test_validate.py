@@ -239,3 +239,25 @@ def test_a_kl_term_to_the_base_needs_the_base(run):
     args = [a for a in run["args"] if not a.startswith("student.checkpoint=")]
     with pytest.raises(ConfigError, match=r"^anchor.base_kl_weight: needs student.checkpoint: the base"):
         validated(args + ["anchor.base_kl_weight=0.2"])
+
+
+def test_replay_data_is_validated_by_name(run):
+    replay = run["root"] / "replay.jsonl"
+    replay.write_text(json.dumps({"prompt": "c", "response": "d"}) + "\n")
+    # global batch 2, micro 1: 2 gold microbatches; 0.5 adds 2 replay ones.
+    assert validated(run["args"] + [f"data.replay_paths=[{replay}]", "data.replay_fraction=0.5"]).data.replay_microbatches(2) == 2
+    cases = [
+        ([f"data.replay_paths=[{replay}]"], "data.replay_fraction: data.replay_paths and data.replay_fraction > 0 go together"),
+        (["data.replay_fraction=0.5"], "data.replay_paths: data.replay_paths and data.replay_fraction > 0 go together"),
+        ([f"data.replay_paths=[{run['root'] / 'missing.jsonl'}]", "data.replay_fraction=0.5"], "data.replay_paths[0]: "),
+        ([f"data.replay_paths=[{replay}]", "data.replay_fraction=1.0"], "data.replay_fraction: must be a number in [0, 1), got 1.0"),
+        ([f"data.replay_paths=[{replay}]", "data.replay_fraction=0.25"],
+         "data.replay_fraction: 0.25 of each step's sequences is 0.667 microbatches next to the 2 gold ones per data-parallel rank; "
+         "it must be a whole number: e.g. 0.333 (1), 0.5 (2), 0.6 (3)"),
+        ([f"data.replay_paths=[{replay}]", "data.replay_fraction=0.5", "anchor.source=live"],
+         "data.replay_paths: the replay loss KL(p_snapshot || p_theta) needs anchor.objective=anchored with anchor.source=snapshot"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError) as info:
+            validated(run["args"] + overrides)
+        assert str(info.value).startswith(message), (overrides, str(info.value))
