@@ -20,13 +20,14 @@ LABELS = {
     "teacher": "teacher (short SFT)", "dft": "DFT", "asft": "ASFT (DFT+KL(base))", "taid": "TAID",
     "anchored_ref_sftkl": "anchored, teacher by SFT+KL", "anchored_ref_early": "anchored, 1-epoch teacher",
     "anchored_base_kl": "anchored + KL(base)", "anchored_reset": "anchored, optimizer reset", "anchored_ramp": "anchored, α 0.2→0.8",
+    "anchored_replay": "anchored + replay trust region",
     "teacher_sftkl": "teacher by SFT+KL (short)", "teacher_early": "teacher, 1 epoch",
     "wise_ft_r0.25": "WiSE-FT r=0.25", "wise_ft_r0.5": "WiSE-FT r=0.5", "wise_ft_r0.75": "WiSE-FT r=0.75",
 }
 # Table order; a method shows when the runs have it.
 TABLE_METHODS = ("teacher", "teacher_sftkl", "teacher_early", "sft", "early_sft", "sft_kl", "distill", "dft", "asft", "taid", "wise_ft_r0.25", "wise_ft_r0.5",
                  "wise_ft_r0.75", "anchored", "anchored_live", "anchored_a3", "anchored_ref_sftkl", "anchored_ref_early",
-                 "anchored_base_kl", "anchored_reset", "anchored_ramp")
+                 "anchored_base_kl", "anchored_reset", "anchored_ramp", "anchored_replay")
 CURVE_METHODS = tuple(m for m in TABLE_METHODS if not m.startswith("teacher") and m != "early_sft")
 
 

@@ -11,7 +11,8 @@ A job is one trainer run plus the evaluation of its checkpoints:
    0.4 to 1, TAID's defaults), ``anchored_ref_sftkl`` / ``anchored_ref_early`` (anchored toward a
    teacher made with sft_kl / stopped after one epoch: extra teacher jobs), ``anchored_base_kl``
    (+ kl_weight KL(p_base || p_theta)), ``anchored_reset`` (fresh optimizer per outer iteration),
-   ``anchored_ramp`` (alpha 0.2 -> 0.8 over the outer iterations), and
+   ``anchored_ramp`` (alpha 0.2 -> 0.8 over the outer iterations), ``anchored_replay`` (a replay
+   trust region on fresh general-skill records drawn like the base's pretraining data), and
    ``wise_ft_r<ratio>`` (no training: the base and the final SFT checkpoint merged in weight space).
 
 A job's cache key hashes its run config (paths replaced by the keys / digests of what
@@ -31,10 +32,11 @@ from anchored_megatron.data.synthetic import CHAT_TEMPLATE
 METHODS = ("sft", "sft_kl", "distill", "anchored", "anchored_live", "anchored_a3")
 # Methods the forgetting study adds to the demo's (opt in through ExperimentConfig.methods).
 STUDY_METHODS = METHODS + ("dft", "asft", "taid", "anchored_ref_sftkl", "anchored_ref_early", "anchored_base_kl",
-                           "anchored_reset", "anchored_ramp", "wise_ft_r0.25", "wise_ft_r0.5", "wise_ft_r0.75")
+                           "anchored_reset", "anchored_ramp", "anchored_replay", "wise_ft_r0.25", "wise_ft_r0.5", "wise_ft_r0.75")
 WISE_FT_PREFIX = "wise_ft_r"
 TAID_T = (0.4, 1.0)  # TAID's published t_start, t_end
 ALPHA_RAMP = (0.2, 0.8)  # anchored_ramp: alpha from 0.2 at the first outer iteration to 0.8 at the last
+REPLAY_FRACTION = 0.5  # anchored_replay: as many replay sequences as gold ones in every step
 JOBS_DIR = "jobs"  # under ExperimentConfig.output_dir, one directory per job
 
 
@@ -120,7 +122,8 @@ def plan(cfg: ExperimentConfig, paths: dict, vocab_size: int) -> list[JobSpec]:
     cfg.validate()
     root = os.path.join(cfg.output_dir, JOBS_DIR)
 
-    def run(name, data_path, objective, epochs_t, epochs_k, lr, batch, student, reference=None, **anchor):
+    def run(name, data_path, objective, epochs_t, epochs_k, lr, batch, student, reference=None, replay=False, **anchor):
+        replay_data = {"replay_paths": [paths["replay"]], "replay_fraction": REPLAY_FRACTION} if replay else {}
         return {
             "output_dir": os.path.join(root, name if name == "base" else name + cfg.tag),
             "seed": cfg.seed,
@@ -128,7 +131,8 @@ def plan(cfg: ExperimentConfig, paths: dict, vocab_size: int) -> list[JobSpec]:
             "model": _model(cfg, vocab_size),
             "student": {"checkpoint": student},
             "reference": {"checkpoint": reference},
-            "data": {"paths": [data_path], "tokenizer": paths["tokenizer"], "chat_template": CHAT_TEMPLATE, "cache_dir": paths["cache"]},
+            "data": {"paths": [data_path], "tokenizer": paths["tokenizer"], "chat_template": CHAT_TEMPLATE, "cache_dir": paths["cache"],
+                     **replay_data},
             "anchor": {"objective": objective, "outer_iterations": epochs_t, "epochs_per_iteration": epochs_k, **anchor},
             "optim": {"lr": lr, "min_lr": lr / 10 if name == "base" else 0.0, "warmup_fraction": 0.05,
                       "lr_schedule": "cosine" if name == "base" else "constant", "clip_grad": 1.0},
@@ -177,6 +181,9 @@ def plan(cfg: ExperimentConfig, paths: dict, vocab_size: int) -> list[JobSpec]:
         "anchored_ramp": (run("anchored_ramp", objective="anchored", epochs_t=T, epochs_k=K, reference=teacher_dir, alpha=ALPHA_RAMP[0],
                               alpha_schedule="linear", alpha_end=ALPHA_RAMP[1], source="snapshot", reset_optimizer_per_iteration=reset, **ft),
                           {"student": "base", "reference": "teacher"}),
+        "anchored_replay": (run("anchored_replay", objective="anchored", epochs_t=T, epochs_k=K, reference=teacher_dir, alpha=cfg.alpha,
+                                source="snapshot", replay=True, reset_optimizer_per_iteration=reset, **ft),
+                            {"student": "base", "reference": "teacher"}),
         "dft": (run("dft", objective="dft", epochs_t=1, epochs_k=budget, **ft), {"student": "base"}),
         "asft": (run("asft", objective="asft", epochs_t=1, epochs_k=budget, reference=base_dir, kl_weight=cfg.kl_weight, **ft),
                  {"student": "base", "reference": "base"}),
@@ -224,7 +231,9 @@ def _assign_keys(jobs: list[JobSpec], paths: dict) -> None:
         run = copy.deepcopy(job.run)
         run.pop("output_dir")
         run["train"].pop("progress_bar")
-        run["data"]["paths"] = [digests.setdefault(p, file_digest(p)) for p in run["data"]["paths"]]
+        for key in ("paths", "replay_paths"):
+            if key in run["data"]:
+                run["data"][key] = [digests.setdefault(p, file_digest(p)) for p in run["data"][key]]
         run["data"]["tokenizer"] = digests.setdefault(paths["tokenizer_model"], file_digest(paths["tokenizer_model"]))
         run["data"].pop("cache_dir")
         for role, source in job.depends.items():

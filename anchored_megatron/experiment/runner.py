@@ -20,7 +20,7 @@ import sys
 import time
 
 from anchored_megatron.data.synthetic import (
-    RegimeData, eval_prompts, finetune_records, pretrain_records, train_char_tokenizer, write_jsonl,
+    RegimeData, eval_prompts, finetune_records, pretrain_records, replay_records, train_char_tokenizer, write_jsonl,
 )
 from anchored_megatron.experiment.jobs import JOBS_DIR, ExperimentConfig, JobSpec, file_digest, plan
 from anchored_megatron.platform.files import write_atomically
@@ -53,8 +53,12 @@ def prepare_data(cfg: ExperimentConfig) -> dict:
         "eval": os.path.join(data_dir, "eval.json"),
     }
     seen = {r["prompt"] for r in pretrain} | {r["prompt"] for r in finetune}
+    held_out = eval_prompts(data, cfg.seed, exclude=seen)
     # Compact, as before: the file's digest is part of every job's evaluation cache key.
-    write_atomically(paths["eval"], json.dumps(eval_prompts(data, cfg.seed, exclude=seen)))
+    write_atomically(paths["eval"], json.dumps(held_out))
+    held_out_prompts = {p for prompts in held_out.values() for p in prompts}
+    replay = replay_records(data, cfg.seed, cfg.finetune_examples, exclude=held_out_prompts)
+    paths["replay"] = write_jsonl(replay, os.path.join(data_dir, f"replay_{cfg.regime}.jsonl"))
     return paths
 
 

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from anchored_megatron.data.synthetic import (
-    GENERAL_SKILLS, RegimeData, TargetTask, eval_prompts, finetune_records, pretrain_records, styles,
+    GENERAL_SKILLS, RegimeData, TargetTask, eval_prompts, finetune_records, pretrain_records, replay_records, styles,
 )
 
 
@@ -29,6 +29,20 @@ def test_finetune_and_eval_sets_are_deterministic_and_held_out():
     for task, prompts in held_out.items():
         assert len(prompts) == 40
         assert not set(prompts) & train, task
+
+
+def test_replay_records_are_general_skills_off_the_held_out_prompts():
+    data = RegimeData(eval_per_skill=40, pretrain_per_skill=50)
+    held_out = {p for prompts in eval_prompts(data, 1).values() for p in prompts}
+    records = replay_records(data, 1, 60, exclude=held_out)
+    assert records == replay_records(data, 1, 60, exclude=held_out) and len(records) == 60
+    assert not {r["prompt"] for r in records} & held_out
+    # Every skill in turn, each response one of the base's dressings of the skill's own answer.
+    for i, record in enumerate(records):
+        name = data.skills[i % len(data.skills)]
+        assert record["prompt"].startswith(name + " ")
+        content = styles.parse(record["response"])
+        assert content is not None and GENERAL_SKILLS[name].check(record["prompt"], content), record
 
 
 def test_addition_checker_against_plain_arithmetic():

@@ -99,6 +99,24 @@ def pretrain_records(data: RegimeData, seed: int) -> list[dict]:
     return records
 
 
+def replay_records(data: RegimeData, seed: int, count: int, exclude: set[str] = frozenset()) -> list[dict]:
+    """``count`` general-skill records drawn as the base's pretraining draws them (same skills
+    and dressing, its own random stream), none with a prompt in ``exclude`` (the held-out
+    prompts): what a replay trust region keeps the student close to its snapshot on."""
+    data.validate()
+    rng = _rng(seed, f"replay/{data.regime}")
+    general = styles.HIGH_ENTROPY if data.regime == "C" else styles.PLAIN
+    records = []
+    while len(records) < count:
+        skill = GENERAL_SKILLS[data.skills[len(records) % len(data.skills)]]
+        for _ in range(50):
+            prompt, content = skill.make(rng)
+            if prompt not in exclude:
+                break
+        records.append({"prompt": prompt, "response": general.dress(content, rng)})
+    return records
+
+
 def finetune_records(data: RegimeData, seed: int) -> list[dict]:
     """The target in ONE format: the canonical worked solution (same in every regime)."""
     data.validate()
