@@ -52,7 +52,7 @@ def _from_bytes(blob: bytes):
     return torch.load(io.BytesIO(blob), weights_only=False)  # written by our own rank process
 
 
-def _rank_main(rank, world_size, port, fn, args, kwargs, results, stack_dir, threads, extra_env, launcher_env):
+def _rank_main(rank, world_size, port, fn, args, kwargs, results, stack_dir, threads, extra_env, launcher_env, launcher_pid):
     # A fork server's child starts with the server's environment, not the launcher's of now.
     os.environ.clear()
     os.environ.update(launcher_env)
@@ -66,7 +66,9 @@ def _rank_main(rank, world_size, port, fn, args, kwargs, results, stack_dir, thr
     from anchored_megatron.platform import supervision, warnings_filter
 
     warnings_filter.install()
-    supervision.exit_with_launcher()  # a killed parent (test run, demo) takes its ranks with it
+    # A killed launcher (test run, demo) takes its ranks with it; it is not their parent when
+    # they fork from the fork server.
+    supervision.exit_with_launcher(launcher_pid)
     import torch
 
     torch.set_num_threads(threads)
@@ -102,7 +104,8 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 300.0, threads: in
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
     with tempfile.TemporaryDirectory(prefix="ranks-") as stack_dir:
         procs = [
-            ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, kwargs, results, stack_dir, threads, env, dict(os.environ)), daemon=False)
+            ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, kwargs, results, stack_dir, threads, env, dict(os.environ),
+                                                 os.getpid()), daemon=False)
             for r in range(world_size)
         ]
         for p in procs:

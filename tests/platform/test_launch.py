@@ -50,3 +50,54 @@ def test_failure_report_holds_the_traceback_and_the_hung_rank_stack():
 def test_failure_report_names_the_exit_code_of_a_rank_that_died():
     with pytest.raises(RankFailure, match="rank 1: no result, exit code 17"):
         run_on_ranks(exit_on_rank_one, 2, threads=1, timeout=120)
+
+
+def write_pid_and_wait(directory):
+    with open(os.path.join(directory, f"rank{os.environ['RANK']}.pid"), "w") as fh:
+        fh.write(str(os.getpid()))
+    wait_forever()
+
+
+LAUNCHER = """
+import sys
+from anchored_megatron.platform import run_on_ranks
+from tests.platform.test_launch import write_pid_and_wait
+run_on_ranks(write_pid_and_wait, 2, sys.argv[1], threads=1, timeout=600)
+"""
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.distributed
+def test_ranks_end_within_seconds_of_a_killed_launcher(tmp_path):
+    """The ranks fork from a fork server that outlives the launcher: they must watch the
+    launcher itself, not their parent."""
+    import signal
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(tmp_path)], cwd=root, env=dict(os.environ, PYTHONPATH=root),
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("rank*.pid"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ranks = [int((tmp_path / f"rank{r}.pid").read_text()) for r in range(2)]
+        assert all(_alive(pid) for pid in ranks)
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        killed_at = time.monotonic()
+        while any(_alive(pid) for pid in ranks) and time.monotonic() < killed_at + 30:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in ranks), "the ranks outlived their launcher"
+        assert time.monotonic() - killed_at < 10
+    finally:
+        launcher.kill()
+        launcher.wait()
