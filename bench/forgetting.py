@@ -8,12 +8,15 @@ output; ``--seeds/--lrs/--controls`` run (or re-render from the cache) part of t
 ``--output-dir``: an interrupted run resumes at the first unfinished job.
 
     python bench/forgetting.py [--reduced] [--output-dir runs/forgetting] [--results docs/results.md]
-    python bench/forgetting.py --study [--output-dir runs/forgetting_study] [--groups C:0-4,A:0-2]
+    python bench/forgetting.py --study [--large] [--output-dir runs/forgetting_study] [--groups C:0-4,A:0-2]
 
 ``--study``: every method and variant (``STUDY_METHODS``) at lr 3e-4 on regime C seeds 0-4 and
 regime A seeds 0-2 (``--groups`` runs part of it), every saved checkpoint evaluated; it writes
 bench/results/forgetting_summary.json (Pareto frontiers, paired differences with 95% t-intervals)
 and one Pareto plot per regime. Hours on 2 cores: run it in the background; it resumes job by job.
+``--study --large``: the same on a model of about 8x the parameters (hidden 256, 4 layers),
+regime C seeds 0-1, for SFT, SFT+KL, distillation, anchored and two anchored variants; its own
+output directory and bench/results/forgetting_summary_large.json.
 
 Prints the tables; writes them (+ plots) to --results and the printed output to
 bench/results/forgetting.txt.
@@ -42,6 +45,13 @@ FULL = dict(  # REDUCED's model, data and base (so cached bases are reused), the
 )
 STUDY = dict(  # FULL's model, data, base and budget; every method; the seeds the statistics need
     sizes=dict(FULL["sizes"], methods=STUDY_METHODS), groups=(("C", tuple(range(5))), ("A", tuple(range(3)))), lr=3e-4,
+)
+# The size check: a 4x wider, 2x deeper model (about 8x the parameters) on regime C with 2 seeds,
+# for the methods whose anchored / SFT ratio it is meant to show; "--study --large".
+STUDY_LARGE = dict(
+    sizes=dict(FULL["sizes"], hidden_size=256, num_layers=4, ffn_hidden_size=768,
+               methods=("sft", "sft_kl", "distill", "anchored", "anchored_base_kl", "anchored_replay")),
+    groups=(("C", (0, 1)),), lr=3e-4,
 )
 REDUCED = dict(  # the demo's model and base budget (measured to learn the skills), regime C, 2 seeds, one lr
     sizes=dict(skills=("add", "rev", "up", "rep"), target_min_steps=1, target_max_steps=2, pretrain_per_skill=2000, finetune_examples=500, eval_per_skill=100,
@@ -136,7 +146,7 @@ def paired_table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_study(plan: dict, by_regime: dict, results_path: str) -> str:
+def render_study(plan: dict, by_regime: dict, results_path: str, suffix: str = "") -> str:
     """Tables, the paired-difference table, one Pareto plot per regime, and
     bench/results/forgetting_summary.json; returns the text."""
     from anchored_megatron.eval.study import plot_frontiers, summarize_regime
@@ -144,18 +154,25 @@ def render_study(plan: dict, by_regime: dict, results_path: str) -> str:
     plot_dir = os.path.join(os.path.dirname(results_path) or ".", "results")
     os.makedirs(plot_dir, exist_ok=True)
     seeds = dict(plan["groups"])
-    sections = [f"Settings: the method study at lr {plan['lr']:g}; " + settings_text(dict(FULL, regime_c_seeds=seeds.get("C", ())), False).split(": ", 1)[1], ""]
+    s = plan["sizes"]
+    sections = [
+        f"Settings: the method study. Regimes and seeds: {'; '.join(f'{r} {list(v)}' for r, v in seeds.items())}; fine-tuning lr {plan['lr']:g}. "
+        f"Model: Llama-shaped, hidden {s['hidden_size']}, {s['num_layers']} layers, ffn {s['ffn_hidden_size']}, char vocabulary, TP=2. "
+        f"Base: {s['pretrain_per_skill']} examples per skill, {s['base_epochs']} epochs. Fine-tuning: {s['finetune_examples']} target "
+        f"examples, global batch {s['finetune_global_batch']}, constant lr, T x K = {s['outer_iterations']} x {s['epochs_per_iteration']} "
+        f"epochs for every method; teacher {s['teacher_epochs']} epochs. Eval: {s['eval_per_skill']} held-out items per task, greedy, "
+        f"every {s['eval_every_epochs']} epochs. Methods: {', '.join(s['methods'])}.", ""]
     summary = []
     for regime, runs in by_regime.items():
         records = summarize_regime(runs, regime, list(seeds[regime]))
         summary += records
         title = f"regime {regime}, lr {plan['lr']:g}, {len(runs)} seed(s)"
-        plot = plot_frontiers(runs, os.path.join(plot_dir, f"forgetting_study_{regime}.png"), f"Pareto frontiers, {title}")
+        plot = plot_frontiers(runs, os.path.join(plot_dir, f"forgetting_study{suffix}_{regime}.png"), f"Pareto frontiers, {title}")
         sections += [markdown_tables(runs, title), "General accuracy at 0.9x the teacher's target accuracy, paired across seeds "
                      "(method − other, same base and teacher per seed; 95% Student t-interval):", "", paired_table(records),
                      f"![Pareto frontiers, {title}]({os.path.relpath(plot, os.path.dirname(results_path) or '.')})", ""]
     os.makedirs(os.path.join("bench", "results"), exist_ok=True)
-    with open(os.path.join("bench", "results", "forgetting_summary.json"), "w", encoding="utf-8") as fh:
+    with open(os.path.join("bench", "results", f"forgetting_summary{suffix}.json"), "w", encoding="utf-8") as fh:
         json.dump({"date": datetime.date.today().isoformat(), "lr": plan["lr"], "groups": {k: list(v) for k, v in seeds.items()},
                    "records": summary}, fh, indent=1)
         fh.write("\n")
@@ -167,6 +184,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reduced", action="store_true")
     parser.add_argument("--study", action="store_true", help="the method study (every method and variant, C seeds 0-4, A seeds 0-2)")
     parser.add_argument("--groups", help="with --study: REGIME:FIRST-LAST seeds, comma-separated (default C:0-4,A:0-2)")
+    parser.add_argument("--large", action="store_true", help="with --study: the larger model's plan")
     parser.add_argument("--output-dir", default=os.path.join("runs", "forgetting"))
     parser.add_argument("--results", default=os.path.join("docs", "results_forgetting_tables.md"),
                         help="markdown file for the tables (docs/results.md holds the analysis and links here)")
@@ -175,16 +193,20 @@ def main(argv=None) -> int:
     parser.add_argument("--controls", help="override the control regimes, e.g. A,B (empty: none)")
     args = parser.parse_args(argv)
     if args.study:
-        plan = dict(STUDY, groups=parse_groups(args.groups)) if args.groups else dict(STUDY)
-        output_dir = args.output_dir if args.output_dir != parser.get_default("output_dir") else os.path.join("runs", "forgetting_study")
+        plan = dict(STUDY_LARGE if args.large else STUDY)
+        if args.groups:
+            plan["groups"] = parse_groups(args.groups)
+        suffix = "_large" if args.large else ""
+        default_dir = os.path.join("runs", "forgetting_study" + suffix)
+        output_dir = args.output_dir if args.output_dir != parser.get_default("output_dir") else default_dir
         by_regime = run_study(plan, output_dir)
-        results = args.results if args.results != parser.get_default("results") else os.path.join("docs", "results_forgetting_study_tables.md")
-        text = render_study(plan, by_regime, results)
+        results = args.results if args.results != parser.get_default("results") else os.path.join("docs", f"results_forgetting_study{suffix}_tables.md")
+        text = render_study(plan, by_regime, results, suffix)
         stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
         print(text)
         with open(results, "w", encoding="utf-8") as fh:
             fh.write(f"# Forgetting study tables ({stamp})\n\nWritten by bench/forgetting.py --study.\n\n{text}\n")
-        with open(os.path.join("bench", "results", "forgetting_study.txt"), "w", encoding="utf-8") as fh:
+        with open(os.path.join("bench", "results", f"forgetting_study{suffix}.txt"), "w", encoding="utf-8") as fh:
             fh.write(f"{stamp}\n{text}\n")
         return 0
     plan = dict(REDUCED if args.reduced else FULL)
