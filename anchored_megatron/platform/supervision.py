@@ -59,12 +59,22 @@ def _exists(pid: int, started: bytes | None) -> bool:
     return True
 
 
+def _end_children() -> None:
+    """os._exit skips the finalizers that stop this process's multiprocessing children, e.g. the
+    Manager server Megatron's async checkpoint writer starts: without this it would live on."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+
+
 def _watch(launcher: int, rank: str) -> None:
     parent, started = os.getppid(), _start_time(launcher)
     while os.getppid() == parent and _exists(launcher, started):
         time.sleep(POLL_SECONDS)
     try:
         print(f"rank {rank}: the launcher (pid {launcher}) is gone; exiting", file=sys.stderr, flush=True)
+        _end_children()
     finally:
         # Not sys.exit: this is not the main thread, and the main one may be inside a collective
         # that waits forever for ranks that are gone. Checkpoints are published atomically, so

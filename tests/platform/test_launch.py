@@ -53,8 +53,12 @@ def test_failure_report_names_the_exit_code_of_a_rank_that_died():
 
 
 def write_pid_and_wait(directory):
+    # A multiprocessing child, as Megatron's async checkpoint writer starts one (a Manager server).
+    import multiprocessing
+
+    manager = multiprocessing.get_context("spawn").Manager()
     with open(os.path.join(directory, f"rank{os.environ['RANK']}.pid"), "w") as fh:
-        fh.write(str(os.getpid()))
+        fh.write(f"{os.getpid()} {manager._process.pid}")
     wait_forever()
 
 
@@ -77,7 +81,7 @@ def _alive(pid):
 @pytest.mark.distributed
 def test_ranks_end_within_seconds_of_a_killed_launcher(tmp_path):
     """The ranks fork from a fork server that outlives the launcher: they must watch the
-    launcher itself, not their parent."""
+    launcher itself, not their parent; and take their own multiprocessing children along."""
     import signal
     import subprocess
     import sys
@@ -89,14 +93,14 @@ def test_ranks_end_within_seconds_of_a_killed_launcher(tmp_path):
         deadline = time.monotonic() + 120
         while len(list(tmp_path.glob("rank*.pid"))) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-        ranks = [int((tmp_path / f"rank{r}.pid").read_text()) for r in range(2)]
+        ranks = [int(pid) for r in range(2) for pid in (tmp_path / f"rank{r}.pid").read_text().split()]  # each rank and its child
         assert all(_alive(pid) for pid in ranks)
         launcher.send_signal(signal.SIGKILL)
         launcher.wait()
         killed_at = time.monotonic()
         while any(_alive(pid) for pid in ranks) and time.monotonic() < killed_at + 30:
             time.sleep(0.1)
-        assert not any(_alive(pid) for pid in ranks), "the ranks outlived their launcher"
+        assert not any(_alive(pid) for pid in ranks), "the ranks or their children outlived the launcher"
         assert time.monotonic() - killed_at < 10
     finally:
         launcher.kill()
