@@ -53,6 +53,7 @@ def validate_run(cfg, world_size: int, check_files: bool = True) -> None:
     cfg.train.num_microbatches(cfg.parallel.data_parallel_size(world_size))
     _check_options_the_objective_uses(cfg)
     _check_pipeline_schedule(cfg)
+    _check_moe_training(cfg)
     _check_checkpoints(cfg, check_files)
     if check_files:
         _check_tokenizers(cfg)
@@ -155,6 +156,15 @@ def _check_pipeline_schedule(cfg) -> None:
             "parallel.vpp: the interleaved pipeline schedule cannot carry the frozen roles' hidden states "
             "(Megatron-Core ignores adjust_tensor_shapes_fn there); use parallel.vpp: null with "
             f"anchor.objective={cfg.anchor.objective}, or anchor.objective=sft"
+        )
+
+
+def _check_moe_training(cfg) -> None:
+    if cfg.model.is_moe and cfg.parallel.tp > 1 and not cfg.parallel.sequence_parallel:
+        raise ConfigError(
+            f"parallel.tp: training a MoE model at tp={cfg.parallel.tp} needs parallel.sequence_parallel=true "
+            "(Megatron-Core refuses MoE layers under tensor parallelism without it), which needs "
+            "model.transformer_impl=transformer_engine; with the local spec split the experts with parallel.ep at tp=1"
         )
 
 
