@@ -72,6 +72,14 @@ class ModelConfig:
         "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_pre_softmax",
         "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_token_dispatcher_type", "moe_grouped_gemm",
     )
+    # What a frozen reference may have of its own: the loss compares the roles' distributions over
+    # one vocabulary, token by token, and their hidden states share the pipeline's P2P tensor, so
+    # everything else must match the student. A dense teacher for a MoE student (or the reverse,
+    # or another expert count) differs here only.
+    MLP_FIELDS: ClassVar[tuple[str, ...]] = (
+        "ffn_hidden_size", "num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size",
+        "moe_shared_expert_intermediate_size", "moe_router_pre_softmax",
+    )
     LOAD_BALANCING_TYPES: ClassVar[tuple[str, ...]] = ("aux_loss", "seq_aux_loss", "none")
     TOKEN_DISPATCHERS: ClassVar[tuple[str, ...]] = ("alltoall", "allgather")
 
@@ -182,6 +190,16 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None:
                 require(value % parallel.tp == 0, f"{prefix}.{name}", f"{value} is not divisible by parallel.tp={parallel.tp}")
+
+    def with_mlp_of(self, other: ModelConfig) -> ModelConfig:
+        """This model (how it runs included) with ``other``'s MLP: how a frozen reference of
+        another MLP is built next to this student. Training-only MoE options of a student are
+        dropped for a reference that is dense (a frozen role applies no load-balancing loss)."""
+        changes = {name: getattr(other, name) for name in self.MLP_FIELDS}
+        if not other.is_moe:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            changes.update({name: defaults[name] for name in self.MOE_FIELDS if name not in changes})
+        return dataclasses.replace(self, **changes)
 
     @property
     def is_moe(self) -> bool:

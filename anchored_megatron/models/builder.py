@@ -131,9 +131,12 @@ def build_model_chunk(
     return gpt
 
 
-def build_model_chunks(model: ModelConfig, parallel: ParallelConfig) -> list:
-    """All model chunks this rank owns: one, or ``vpp`` when the schedule is interleaved."""
+def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, calculate_per_token_loss: bool = False) -> list:
+    """All model chunks this rank owns: one, or ``vpp`` when the schedule is interleaved.
+    ``calculate_per_token_loss``: the loss function returns (loss sum, token count), Megatron's
+    per-token convention (a MoE router scales its load-balancing loss for it when built)."""
     config = transformer_config(model, parallel)
+    config.calculate_per_token_loss = calculate_per_token_loss
     if (parallel.vpp or 1) > 1:
         return [build_model_chunk(model, parallel, vp_stage=i, config=config) for i in range(parallel.vpp)]
     return [build_model_chunk(model, parallel, config=config)]

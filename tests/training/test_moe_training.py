@@ -1,0 +1,106 @@
+"""MoE students and frozen MoE / dense roles in the anchored trainer: a run at expert parallel 2
+equals one at expert parallel 1, and the logged load-balancing loss equals one computed in
+float64 from transformers' router logits (an independent implementation of the same model)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from anchored_megatron.config import RunConfig, build
+from tests.convert.helpers import make_hf_model
+
+SIZES = dict(vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+             num_hidden_layers=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+SEQ, TOPK, EXPERTS = 24, 2, 4
+AUX_COEFF = 0.01
+
+
+@pytest.fixture(scope="module")
+def moe_run(tiny_run, tmp_path_factory):
+    """A Mixtral student, a dense Mistral teacher (same vocabulary and attention, its own MLP) and
+    16 copies of one record longer than SEQ (truncated, unpadded): every row is the same tokens."""
+    from anchored_megatron.convert import hf_to_megatron
+
+    root = tmp_path_factory.mktemp("moe_run")
+    moe_hf = make_hf_model("mixtral", str(root / "moe_hf"), intermediate_size=48, **SIZES)
+    dense_hf = make_hf_model("mistral", str(root / "dense_hf"), seed=1, intermediate_size=64, **SIZES)
+    hf_to_megatron(moe_hf, str(root / "moe"), "fp32", show_progress=False)
+    hf_to_megatron(dense_hf, str(root / "dense"), "fp32", show_progress=False)
+    record = {"prompt": "alpha beta",
+              "response": "six seven eight nine ten plus minus equals one two three four five six seven"}
+    data = root / "same.jsonl"
+    data.write_text((json.dumps(record) + "\n") * 16)
+    return {"root": root, "moe_hf": moe_hf, "tokenizer": tiny_run["tokenizer"], "data": str(data),
+            "moe": str(root / "moe"), "dense": str(root / "dense")}
+
+
+def _config(paths, output_dir, ep):
+    return {
+        "output_dir": str(output_dir), "seed": 3,
+        "model": {"seq_length": SEQ, "moe_aux_loss_coeff": AUX_COEFF},
+        "parallel": {"ep": ep},
+        "student": {"checkpoint": paths["moe"]},
+        "reference": {"checkpoint": paths["dense"]},
+        "data": {"paths": [paths["data"]], "tokenizer": paths["tokenizer"], "cache_dir": str(paths["root"] / "cache"),
+                 "packing": False, "truncate": True},
+        "anchor": {"objective": "anchored", "alpha": 0.5, "outer_iterations": 1, "epochs_per_iteration": 1},
+        "optim": {"lr": 3e-3, "warmup_fraction": 0.0},
+        "train": {"micro_batch_size": 1, "global_batch_size": 4, "max_steps": 3, "progress_bar": False, "tensorboard": False},
+    }
+
+
+def two_runs_rank(first, second):
+    from anchored_megatron.training.trainer import train
+
+    for cfg in (first, second):
+        train(build(RunConfig, cfg))
+    return True
+
+
+def _records(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def _switch_loss(router_logits: torch.Tensor) -> float:
+    """Switch-Transformer load balancing, float64: E / (k T^2) * sum_e (sum_t p_te) * tokens_e."""
+    probs = router_logits.double().softmax(-1)
+    tokens, experts = probs.shape
+    chosen = probs.topk(TOPK, dim=-1).indices.flatten()
+    counts = torch.zeros(experts, dtype=torch.float64).index_add_(0, chosen, torch.ones(chosen.numel(), dtype=torch.float64))
+    return (experts / (TOPK * tokens * tokens) * (probs.sum(0) * counts).sum()).item()
+
+
+def _rows(paths):
+    from anchored_megatron.config import DataConfig
+    from anchored_megatron.data import build_sft_dataset, load_tokenizer
+
+    cfg = build(DataConfig, _config(paths, "unused", 1)["data"])
+    dataset = build_sft_dataset(cfg, load_tokenizer(paths["tokenizer"]), SEQ, seed=3)
+    return [dataset[i] for i in range(len(dataset))]
+
+
+@pytest.mark.distributed
+def test_expert_parallel_run_equals_ep1_and_logs_the_load_balancing_loss(moe_run, tmp_path, ranks):
+    ep1, ep2 = tmp_path / "ep1", tmp_path / "ep2"
+    ranks(two_runs_rank, 2, _config(moe_run, ep1, 1), _config(moe_run, ep2, 2), timeout=600)
+    one, two = _records(ep1), _records(ep2)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        for name in ("loss", "kl_step", "kl_reference", "moe_aux_loss"):
+            assert abs(a[name] - b[name]) <= 1e-4, (a["step"], name, a[name], b[name])
+
+    # Every row holds the same unpadded tokens, so each microbatch's loss is that row's.
+    rows = _rows(moe_run)
+    assert all(torch.equal(r["tokens"], rows[0]["tokens"]) for r in rows)
+    assert len(set(rows[0]["document_ids"].tolist())) == 1
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(moe_run["moe_hf"], dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        router_logits = hf(rows[0]["tokens"].unsqueeze(0), output_router_logits=True).router_logits
+    expected = sum(_switch_loss(layer) for layer in router_logits) / len(router_logits)
+    assert one[0]["moe_aux_loss"] == pytest.approx(expected, rel=1e-5)
+    assert two[0]["moe_aux_loss"] == pytest.approx(expected, rel=1e-5)
