@@ -104,3 +104,56 @@ def test_expert_parallel_run_equals_ep1_and_logs_the_load_balancing_loss(moe_run
     expected = sum(_switch_loss(layer) for layer in router_logits) / len(router_logits)
     assert one[0]["moe_aux_loss"] == pytest.approx(expected, rel=1e-5)
     assert two[0]["moe_aux_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def aux_gradient_rank():
+    """The trainer's student set-up (per-token loss convention, Megatron DDP, finalize_model_grads)
+    with a zero main loss: the last router's gradient is the load-balancing loss's alone."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from anchored_megatron.config import ModelConfig, ParallelConfig
+    from anchored_megatron.models.builder import build_model_chunks
+    from anchored_megatron.models.layout import unwrap
+    from anchored_megatron.platform import initialize
+    from anchored_megatron.training.optim import wrap_ddp
+
+    initialize(ParallelConfig(), seed=1)
+    model = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2, vocab_size=128,
+                        seq_length=8, num_moe_experts=EXPERTS, moe_router_topk=TOPK, moe_ffn_hidden_size=16, moe_aux_loss_coeff=AUX_COEFF)
+    chunks = build_model_chunks(model, ParallelConfig(), calculate_per_token_loss=True)
+    (wrapped,) = wrap_ddp(chunks, use_distributed_optimizer=False)
+    chunks[0].config.finalize_model_grads_func = finalize_model_grads
+    router = unwrap(chunks[0]).decoder.layers[-1].mlp.router
+    seen = {}
+
+    def keep_input(module, args, output):
+        seen["input"] = args[0].detach().clone()
+
+    router.register_forward_hook(keep_input)
+    tokens = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(8).expand(2, 8)
+
+    def forward_step(data_iterator, module):
+        output = module(next(data_iterator), positions, None)
+        # Per-token convention, 16 tokens: finalize_model_grads divides every gradient by them.
+        return output, lambda out: ((out * 0).sum(), torch.tensor(16), {})
+
+    wrapped.zero_grad_buffer()
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([tokens]), model=wrapped,
+                                num_microbatches=1, seq_length=8, micro_batch_size=2)
+    return router.weight.main_grad.clone(), router.weight.detach().clone(), seen["input"]
+
+
+@pytest.mark.distributed
+def test_the_load_balancing_loss_reaches_the_router_at_its_coefficient(ranks):
+    grad, weight, hidden = ranks(aux_gradient_rank, 1)[0]
+    w = weight.double().requires_grad_(True)
+    logits = hidden.double().reshape(-1, hidden.shape[-1]) @ w.T
+    probs = logits.softmax(-1)
+    tokens, experts = probs.shape
+    chosen = probs.detach().topk(TOPK, dim=-1).indices.flatten()
+    counts = torch.zeros(experts, dtype=torch.float64).index_add_(0, chosen, torch.ones(chosen.numel(), dtype=torch.float64))
+    (AUX_COEFF * experts / (TOPK * tokens * tokens) * (probs.sum(0) * counts).sum()).backward()
+    assert grad.abs().max() > 0
+    torch.testing.assert_close(grad.double(), w.grad, rtol=1e-5, atol=1e-9)
