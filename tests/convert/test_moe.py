@@ -14,6 +14,10 @@ from anchored_megatron.convert.cli import main as cli_main
 from tests.convert.helpers import VOCAB, make_hf_model, rank_logits
 
 FAMILIES = ("qwen3_moe", "mixtral")
+# Single-process cases: both families, and Qwen3-MoE without renormalised top-k probabilities
+# (transformers' default; Megatron's moe_router_pre_softmax).
+CASES = {"qwen3_moe": ("qwen3_moe", {}), "mixtral": ("mixtral", {}),
+         "qwen3_moe_unnormalised": ("qwen3_moe", {"norm_topk_prob": False})}
 # (tp, pp, vpp, ep) on 4 ranks: the experts split 2 and 2 (EP=2), alone and with TP=2 or PP=2.
 LAYOUTS = [(1, 1, None, 1), (1, 1, None, 2), (2, 1, None, 1), (2, 1, None, 2), (1, 2, None, 2)]
 
@@ -22,11 +26,11 @@ LAYOUTS = [(1, 1, None, 1), (1, 1, None, 2), (2, 1, None, 1), (2, 1, None, 2), (
 def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
     out = {}
-    for family in FAMILIES:
-        hf_dir = make_hf_model(family, str(root / family / "hf"), num_hidden_layers=2)
-        mg_dir = str(root / family / "megatron")
+    for name, (family, overrides) in CASES.items():
+        hf_dir = make_hf_model(family, str(root / name / "hf"), num_hidden_layers=2, **overrides)
+        mg_dir = str(root / name / "megatron")
         assert cli_main(["hf-to-megatron", "--hf", hf_dir, "--out", mg_dir, "--dtype", "fp32", "--target-ep", "2", "--no-progress"]) == 0
-        out[family] = (hf_dir, mg_dir)
+        out[name] = (hf_dir, mg_dir)
     return root, out
 
 
@@ -38,9 +42,10 @@ def _hf_reference(hf_dir, tokens):
         return model(tokens).logits.double()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_cli_round_trip_is_bit_identical_with_identical_config(converted, tmp_path, family):
-    hf_dir, mg_dir = converted[1][family]
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cli_round_trip_is_bit_identical_with_identical_config(converted, tmp_path, case):
+    family = CASES[case][0]
+    hf_dir, mg_dir = converted[1][case]
     back = str(tmp_path / "back")
     assert cli_main(["megatron-to-hf", "--ckpt", mg_dir, "--out", back, "--dtype", "fp32", "--no-progress"]) == 0
     original, exported = load_file(os.path.join(hf_dir, "model.safetensors")), load_file(os.path.join(back, "model.safetensors"))
@@ -54,12 +59,28 @@ def test_cli_round_trip_is_bit_identical_with_identical_config(converted, tmp_pa
         assert a.read() == b.read()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_cli_compare_passes(converted, capsys, family):
-    hf_dir, mg_dir = converted[1][family]
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cli_compare_passes(converted, capsys, case):
+    hf_dir, mg_dir = converted[1][case]
     assert cli_main(["compare", "--hf", hf_dir, "--ckpt", mg_dir, "--seq", "16"]) == 0
     diff = float(re.search(r"max \|logit diff\| = (\S+)", capsys.readouterr().out).group(1))
     assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("case", ["qwen3_moe_unnormalised", "mixtral"])
+def test_a_synthesised_config_loads_in_transformers_with_the_same_logits(converted, tmp_path, case):
+    """Without the kept HF config, export writes one from model_config.yaml (family by shape)."""
+    import shutil
+
+    from anchored_megatron.convert import megatron_to_hf
+
+    hf_dir, mg_dir = converted[1][case]
+    bare = str(tmp_path / "bare")
+    shutil.copytree(mg_dir, bare)
+    os.remove(os.path.join(bare, "hf_config.json"))
+    megatron_to_hf(bare, str(tmp_path / "back"), "fp32", show_progress=False)
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(_hf_reference(str(tmp_path / "back"), tokens), _hf_reference(hf_dir, tokens))
 
 
 @pytest.mark.distributed

@@ -64,13 +64,14 @@ def _records(output_dir):
         return [json.loads(line) for line in fh]
 
 
-def _switch_loss(router_logits: torch.Tensor) -> float:
-    """Switch-Transformer load balancing, float64: E / (k T^2) * sum_e (sum_t p_te) * tokens_e."""
+def _switch_loss(router_logits: torch.Tensor) -> torch.Tensor:
+    """Switch-Transformer load balancing, float64: E / (k T^2) * sum_e (sum_t p_te) * tokens_e
+    (differentiable in the probabilities; the token counts are not)."""
     probs = router_logits.double().softmax(-1)
     tokens, experts = probs.shape
-    chosen = probs.topk(TOPK, dim=-1).indices.flatten()
+    chosen = probs.detach().topk(TOPK, dim=-1).indices.flatten()
     counts = torch.zeros(experts, dtype=torch.float64).index_add_(0, chosen, torch.ones(chosen.numel(), dtype=torch.float64))
-    return (experts / (TOPK * tokens * tokens) * (probs.sum(0) * counts).sum()).item()
+    return experts / (TOPK * tokens * tokens) * (probs.sum(0) * counts).sum()
 
 
 def _rows(paths):
@@ -101,7 +102,7 @@ def test_expert_parallel_run_equals_ep1_and_logs_the_load_balancing_loss(moe_run
     hf = AutoModelForCausalLM.from_pretrained(moe_run["moe_hf"], dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         router_logits = hf(rows[0]["tokens"].unsqueeze(0), output_router_logits=True).router_logits
-    expected = sum(_switch_loss(layer) for layer in router_logits) / len(router_logits)
+    expected = sum(_switch_loss(layer).item() for layer in router_logits) / len(router_logits)
     assert one[0]["moe_aux_loss"] == pytest.approx(expected, rel=1e-5)
     assert two[0]["moe_aux_loss"] == pytest.approx(expected, rel=1e-5)
 
@@ -149,11 +150,6 @@ def aux_gradient_rank():
 def test_the_load_balancing_loss_reaches_the_router_at_its_coefficient(ranks):
     grad, weight, hidden = ranks(aux_gradient_rank, 1)[0]
     w = weight.double().requires_grad_(True)
-    logits = hidden.double().reshape(-1, hidden.shape[-1]) @ w.T
-    probs = logits.softmax(-1)
-    tokens, experts = probs.shape
-    chosen = probs.detach().topk(TOPK, dim=-1).indices.flatten()
-    counts = torch.zeros(experts, dtype=torch.float64).index_add_(0, chosen, torch.ones(chosen.numel(), dtype=torch.float64))
-    (AUX_COEFF * experts / (TOPK * tokens * tokens) * (probs.sum(0) * counts).sum()).backward()
+    (AUX_COEFF * _switch_loss(hidden.double().reshape(-1, hidden.shape[-1]) @ w.T)).backward()
     assert grad.abs().max() > 0
     torch.testing.assert_close(grad.double(), w.grad, rtol=1e-5, atol=1e-9)
