@@ -106,6 +106,22 @@ def test_expert_parallel_run_equals_ep1_and_logs_the_load_balancing_loss(moe_run
     assert one[0]["moe_aux_loss"] == pytest.approx(expected, rel=1e-5)
     assert two[0]["moe_aux_loss"] == pytest.approx(expected, rel=1e-5)
 
+    # Both runs' checkpoints export to the per-expert tensors transformers reads, with the source config.
+    from safetensors.torch import load_file
+
+    from anchored_megatron.convert import megatron_to_hf
+
+    exported = {}
+    for run in (ep1, ep2):
+        megatron_to_hf(str(run), str(run / "hf"), "fp32", show_progress=False)
+        exported[run] = load_file(str(run / "hf" / "model.safetensors"))
+        with open(run / "hf" / "config.json", "rb") as a, open(os.path.join(moe_run["moe_hf"], "config.json"), "rb") as b:
+            assert a.read() == b.read()
+    assert sorted(exported[ep1]) == sorted(exported[ep2])
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in exported[ep2]
+    for name, tensor in exported[ep1].items():
+        torch.testing.assert_close(exported[ep2][name], tensor, rtol=0, atol=1e-5, msg=name)
+
 
 def aux_gradient_rank():
     """The trainer's student set-up (per-token loss convention, Megatron DDP, finalize_model_grads)
