@@ -9,7 +9,8 @@ Per rank (every TP and DP rank of a stage holds the same):
   optimizer shards this over the data-parallel ranks, a MoE model's experts over the
   expert-data-parallel ones (DP / EP: the other EP ranks hold other experts);
 - frozen roles (reference, snapshot): weights only, same layout as the student, no grads,
-  no optimizer state;
+  no optimizer state (a reference with an MLP of its own, e.g. a dense teacher of a MoE
+  student, is counted at the student's size);
 - activations: ``activations.py`` (per layer per microbatch x layers on the rank x
   in-flight microbatches, P2P buffers, the loss peak on the last stage, one layer transient,
   and for MoE models one layer's all-to-all token buffers).

@@ -7,7 +7,8 @@ import os
 
 from anchored_megatron.config import ConfigError, RunConfig
 from anchored_megatron.planning.memory import GIB, MemoryPlan, plan_memory
-from anchored_megatron.planning.parameters import total_parameters
+from anchored_megatron.planning.activations import all_to_all_bytes
+from anchored_megatron.planning.parameters import layer_expert_parameters, total_parameters
 
 
 def resolve_world_size(cfg: RunConfig, world_size: int | None) -> tuple[int, str]:
@@ -54,16 +55,14 @@ def _moe_lines(cfg: RunConfig, plan: MemoryPlan) -> list[str]:
     model, parallel = cfg.model, cfg.parallel
     if not model.is_moe:
         return []
-    from anchored_megatron.planning.activations import all_to_all_bytes
-    from anchored_megatron.planning.parameters import layer_expert_parameters
-
     per_rank = layer_expert_parameters(model, parallel.tp, parallel.ep)
     shared = f", shared expert {model.moe_shared_expert_intermediate_size}" if model.moe_shared_expert_intermediate_size else ""
     return [
         f"experts: {model.num_moe_experts} per layer (top {model.moe_router_topk}, ffn {model.expert_ffn_hidden_size}{shared})"
         f", EP {parallel.ep}: {model.num_moe_experts // parallel.ep} per rank, {_count(per_rank)} expert parameters per layer per rank"
-        f", optimizer state sharded over {plan.data_parallel_size // parallel.ep} expert-data-parallel ranks"
-        f"; all-to-all buffers {_gib(all_to_all_bytes(model, cfg.train.micro_batch_size))} GiB per layer"
+        + (f", optimizer state sharded over {plan.data_parallel_size // parallel.ep} expert-data-parallel ranks"
+           if cfg.optim.distributed_optimizer else "")
+        + f"; all-to-all buffers {_gib(all_to_all_bytes(model, cfg.train.micro_batch_size))} GiB per layer"
         f"; {model.moe_token_dispatcher_type} dispatcher, load balancing {model.moe_router_load_balancing_type}"
         f" x {model.moe_aux_loss_coeff:g} (student only)",
     ]
