@@ -49,11 +49,39 @@ class ModelConfig:
     # each role's vocab-sharded logits one token chunk at a time (none is ever held whole).
     fused_output_loss: bool = True
     fused_output_chunk_tokens: int | None = None  # tokens per chunk; null = from a fixed memory budget
+    # Mixture of experts: every layer's MLP becomes num_moe_experts experts behind a router
+    # (null = a dense model; the other moe_* fields then keep their defaults).
+    num_moe_experts: int | None = None
+    moe_router_topk: int = 2  # experts each token is sent to
+    moe_ffn_hidden_size: int | None = None  # one expert's hidden size; null = ffn_hidden_size
+    moe_shared_expert_intermediate_size: int | None = None  # hidden size of the always-on shared expert; null = none
+    # Softmax over all experts, then the top k (probabilities not renormalised: Qwen3-MoE's
+    # norm_topk_prob=false); false = top k logits, then softmax over them (Mixtral, norm_topk_prob=true).
+    moe_router_pre_softmax: bool = False
+    moe_router_load_balancing_type: str = "aux_loss"  # aux_loss | seq_aux_loss | none (applies to the student only)
+    moe_aux_loss_coeff: float = 0.0  # weight of the load-balancing loss; 0 = not applied
+    moe_token_dispatcher_type: str = "alltoall"  # alltoall | allgather
+    moe_grouped_gemm: bool = False  # one grouped GEMM for a rank's experts (CUDA and the grouped_gemm package or TE)
 
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = (
         "seq_length", "make_vocab_size_divisible_by", "init_method_std", "params_dtype", "transformer_impl",
         "fp8", "fp8_recipe", "fp8_bf16_first_last_layers", "fused_kernels", "fused_output_loss", "fused_output_chunk_tokens",
+        "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_token_dispatcher_type", "moe_grouped_gemm",
     )
+    MOE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size", "moe_router_pre_softmax",
+        "moe_router_load_balancing_type", "moe_aux_loss_coeff", "moe_token_dispatcher_type", "moe_grouped_gemm",
+    )
+    # What a frozen reference may have of its own: the loss compares the roles' distributions over
+    # one vocabulary, token by token, and their hidden states share the pipeline's P2P tensor, so
+    # everything else must match the student. A dense teacher for a MoE student (or the reverse,
+    # or another expert count) differs here only.
+    MLP_FIELDS: ClassVar[tuple[str, ...]] = (
+        "ffn_hidden_size", "num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size",
+        "moe_shared_expert_intermediate_size", "moe_router_pre_softmax",
+    )
+    LOAD_BALANCING_TYPES: ClassVar[tuple[str, ...]] = ("aux_loss", "seq_aux_loss", "none")
+    TOKEN_DISPATCHERS: ClassVar[tuple[str, ...]] = ("alltoall", "allgather")
 
     @classmethod
     def architecture_fields(cls) -> tuple[str, ...]:
@@ -83,6 +111,7 @@ class ModelConfig:
             f"must be 'local' or 'transformer_engine', got {self.transformer_impl!r}",
         )
         self._validate_precision(parallel, prefix)
+        self._validate_moe(parallel, prefix)
         require(isinstance(self.fused_output_loss, bool), f"{prefix}.fused_output_loss", f"must be true or false, got {self.fused_output_loss!r}")
         chunk = self.fused_output_chunk_tokens
         require(
@@ -111,6 +140,75 @@ class ModelConfig:
                 f"{prefix}.num_layers",
                 f"{self.num_layers} is not divisible by parallel.pp x parallel.vpp = {stages}",
             )
+
+    def _validate_moe(self, parallel: ParallelConfig | None, prefix: str) -> None:
+        experts = self.num_moe_experts
+        ep = parallel.ep if parallel is not None else 1
+        if experts is None:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name in self.MOE_FIELDS:
+                require(getattr(self, name) == defaults[name], f"{prefix}.{name}", "is used only by MoE models: set model.num_moe_experts, or remove it")
+            require(ep == 1, "parallel.ep", f"{ep} needs a MoE model (model.num_moe_experts), got a dense one")
+            return
+
+        def positive(name: str, value, nullable: bool = False) -> None:
+            ok = (nullable and value is None) or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+            require(ok, f"{prefix}.{name}", f"must be a positive integer{' or null' if nullable else ''}, got {value!r}")
+
+        positive("num_moe_experts", experts)
+        positive("moe_router_topk", self.moe_router_topk)
+        positive("moe_ffn_hidden_size", self.moe_ffn_hidden_size, nullable=True)
+        positive("moe_shared_expert_intermediate_size", self.moe_shared_expert_intermediate_size, nullable=True)
+        require(self.moe_router_topk <= experts, f"{prefix}.moe_router_topk", f"{self.moe_router_topk} exceeds model.num_moe_experts={experts}")
+        require(isinstance(self.moe_router_pre_softmax, bool), f"{prefix}.moe_router_pre_softmax", f"must be true or false, got {self.moe_router_pre_softmax!r}")
+        require(isinstance(self.moe_grouped_gemm, bool), f"{prefix}.moe_grouped_gemm", f"must be true or false, got {self.moe_grouped_gemm!r}")
+        require(
+            self.moe_router_load_balancing_type in self.LOAD_BALANCING_TYPES,
+            f"{prefix}.moe_router_load_balancing_type",
+            f"must be one of {', '.join(self.LOAD_BALANCING_TYPES)}, got {self.moe_router_load_balancing_type!r}",
+        )
+        coeff = self.moe_aux_loss_coeff
+        require(
+            isinstance(coeff, (int, float)) and not isinstance(coeff, bool) and coeff >= 0,
+            f"{prefix}.moe_aux_loss_coeff", f"must be a number >= 0, got {coeff!r}",
+        )
+        require(
+            coeff == 0 or self.moe_router_load_balancing_type != "none",
+            f"{prefix}.moe_aux_loss_coeff",
+            f"{coeff} is not used with model.moe_router_load_balancing_type=none; set a load-balancing type or remove it",
+        )
+        require(
+            self.moe_token_dispatcher_type in self.TOKEN_DISPATCHERS,
+            f"{prefix}.moe_token_dispatcher_type",
+            f"must be one of {', '.join(self.TOKEN_DISPATCHERS)}, got {self.moe_token_dispatcher_type!r} "
+            "(flex needs DeepEP, which this project does not set up)",
+        )
+        if parallel is None:
+            return
+        require(experts % ep == 0, "parallel.ep", f"{ep} does not divide model.num_moe_experts={experts}")
+        for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            value = getattr(self, name)
+            if value is not None:
+                require(value % parallel.tp == 0, f"{prefix}.{name}", f"{value} is not divisible by parallel.tp={parallel.tp}")
+
+    def with_mlp_of(self, other: ModelConfig) -> ModelConfig:
+        """This model (how it runs included) with ``other``'s MLP: how a frozen reference of
+        another MLP is built next to this student. Training-only MoE options of a student are
+        dropped for a reference that is dense (a frozen role applies no load-balancing loss)."""
+        changes = {name: getattr(other, name) for name in self.MLP_FIELDS}
+        if not other.is_moe:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            changes.update({name: defaults[name] for name in self.MOE_FIELDS if name not in changes})
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_moe_experts is not None
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        """One expert's hidden size (``moe_ffn_hidden_size``, else ``ffn_hidden_size``)."""
+        return self.moe_ffn_hidden_size if self.moe_ffn_hidden_size is not None else self.ffn_hidden_size
 
     def _validate_precision(self, parallel: ParallelConfig | None, prefix: str) -> None:
         """FP8 / fused-kernel options; what the machine offers is checked when the model is built."""

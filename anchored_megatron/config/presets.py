@@ -24,6 +24,13 @@ PRESETS: dict[str, dict] = {
         num_layers=80, hidden_size=8192, ffn_hidden_size=28672, num_attention_heads=64, num_query_groups=8,
         vocab_size=128256, seq_length=8192, rotary_base=500000.0, norm_epsilon=1e-5,
     ),
+    # 128 experts, 8 per token; head_dim 128 apart from hidden / heads (64); ffn 6144 is Qwen3-MoE's
+    # dense size (unused: every layer is MoE) and kept so that the converted config matches.
+    "qwen3-30b-a3b": dict(
+        num_layers=48, hidden_size=2048, ffn_hidden_size=6144, num_attention_heads=32, num_query_groups=4, kv_channels=128,
+        vocab_size=151936, seq_length=40960, rotary_base=1000000.0, norm_epsilon=1e-6, qk_layernorm=True,
+        num_moe_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768,
+    ),
     "qwen2.5-3b": dict(
         num_layers=36, hidden_size=2048, ffn_hidden_size=11008, num_attention_heads=16, num_query_groups=2,
         vocab_size=151936, seq_length=32768, rotary_base=1000000.0, norm_epsilon=1e-6, tie_embeddings=True, qkv_bias=True,

@@ -17,6 +17,9 @@ class ParallelConfig:
     pp: int = 1  # pipeline-parallel size
     vpp: int | None = None  # virtual pipeline stages per pipeline rank (interleaved 1F1B)
     sequence_parallel: bool = False
+    # Expert-parallel size (MoE models): the experts of each layer are split over ep ranks. The
+    # experts keep tensor-parallel size tp, so ep ranks are carved out of the data-parallel ones.
+    ep: int = 1
 
     def validate(self, world_size: int | None = None, prefix: str = "parallel") -> None:
         require(isinstance(self.tp, int) and self.tp >= 1, f"{prefix}.tp", f"must be an integer >= 1, got {self.tp!r}")
@@ -25,11 +28,20 @@ class ParallelConfig:
             require(isinstance(self.vpp, int) and self.vpp >= 1, f"{prefix}.vpp", f"must be an integer >= 1 or null, got {self.vpp!r}")
             require(self.pp > 1 or self.vpp == 1, f"{prefix}.vpp", f"needs parallel.pp > 1, got pp={self.pp}, vpp={self.vpp}")
         require(not self.sequence_parallel or self.tp > 1, f"{prefix}.sequence_parallel", "needs parallel.tp > 1")
+        require(isinstance(self.ep, int) and not isinstance(self.ep, bool) and self.ep >= 1, f"{prefix}.ep", f"must be an integer >= 1, got {self.ep!r}")
         if world_size is not None:
             require(
                 world_size % (self.tp * self.pp) == 0,
                 f"{prefix}.tp",
                 f"tp x pp = {self.tp} x {self.pp} does not divide the world size {world_size}",
+            )
+            dp = self.data_parallel_size(world_size)
+            # Megatron-Core lays the experts out as tp x ep x expert-data-parallel x pp over the
+            # same ranks as tp x dp x pp: ep must divide the data-parallel size.
+            require(
+                dp % self.ep == 0,
+                f"{prefix}.ep",
+                f"{self.ep} does not divide the data-parallel size {dp} (world size {world_size} / (tp x pp = {self.tp} x {self.pp}))",
             )
 
     def data_parallel_size(self, world_size: int) -> int:

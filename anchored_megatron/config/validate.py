@@ -56,6 +56,7 @@ def validate_run(cfg, world_size: int, check_files: bool = True) -> None:
         cfg.data.replay_microbatches(gold_microbatches)
     _check_options_the_objective_uses(cfg)
     _check_pipeline_schedule(cfg)
+    _check_moe_training(cfg)
     _check_checkpoints(cfg, check_files)
     if check_files:
         _check_tokenizers(cfg)
@@ -164,6 +165,15 @@ def _check_pipeline_schedule(cfg) -> None:
         )
 
 
+def _check_moe_training(cfg) -> None:
+    if cfg.model.is_moe and cfg.parallel.tp > 1 and not cfg.parallel.sequence_parallel:
+        raise ConfigError(
+            f"parallel.tp: training a MoE model at tp={cfg.parallel.tp} needs parallel.sequence_parallel=true "
+            "(Megatron-Core refuses MoE layers under tensor parallelism without it), which needs "
+            "model.transformer_impl=transformer_engine; with the local spec split the experts with parallel.ep at tp=1"
+        )
+
+
 def _inside(path: str, directory: str) -> bool:
     path, directory = os.path.realpath(path), os.path.realpath(directory)
     return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
@@ -206,17 +216,34 @@ def _refuse_reference_inside_output_dir(reference: str, output_dir: str) -> None
 
 
 def _check_reference_architecture(cfg, where: str) -> None:
-    """Every role is built from ``cfg.model``: a reference of another shape or vocabulary would
-    load wrongly or not at all."""
+    """The reference is built from ``cfg.model`` with its own MLP (``reference_model``): any other
+    difference in shape or vocabulary would load wrongly or not at all."""
     ref = read_model_config(where, "reference.checkpoint")
     if ref is None:
         return
     for name in ModelConfig.architecture_fields():
-        if getattr(ref, name) != getattr(cfg.model, name):
+        if name not in ModelConfig.MLP_FIELDS and getattr(ref, name) != getattr(cfg.model, name):
             raise ConfigError(
                 f"reference.checkpoint: {name}={getattr(ref, name)!r} differs from the student's "
-                f"{getattr(cfg.model, name)!r}; the reference must share the student's architecture and vocabulary"
+                f"{getattr(cfg.model, name)!r}; the reference must share the student's architecture and vocabulary "
+                f"(only its MLP may differ: {', '.join(ModelConfig.MLP_FIELDS)})"
             )
+    model = cfg.model.with_mlp_of(ref)
+    try:
+        model.validate(dataclasses.replace(cfg.parallel, ep=cfg.parallel.ep if model.is_moe else 1), prefix="reference")
+    except ConfigError as exc:
+        raise ConfigError(f"reference.checkpoint: {where}: {exc}") from None
+
+
+def reference_model(cfg) -> ModelConfig:
+    """The ModelConfig the frozen reference is built from: the student's, with the MLP of the
+    reference checkpoint (dense or MoE; validated by ``validate_run``)."""
+    from anchored_megatron.training.checkpoint_dirs import resolve_checkpoint_dir
+
+    if cfg.reference.checkpoint is None:
+        return cfg.model
+    ref = read_model_config(resolve_checkpoint_dir(cfg.reference.checkpoint, "reference.checkpoint"), "reference.checkpoint")
+    return cfg.model if ref is None else cfg.model.with_mlp_of(ref)
 
 
 def _check_tokenizers(cfg) -> None:

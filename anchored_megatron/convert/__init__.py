@@ -1,7 +1,7 @@
-"""Hugging Face <-> Megatron checkpoint conversion (Llama 2/3, Mistral, Qwen2/2.5, Qwen3).
+"""Hugging Face <-> Megatron checkpoint conversion (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Qwen3-MoE, Mixtral).
 
 The Megatron side is a dist_checkpointing (torch_dist) directory plus model_config.yaml;
-the trainer loads it at any TP/PP/VPP layout with ``load_megatron_weights``. See
+the trainer loads it at any TP/PP/VPP/EP layout with ``load_megatron_weights``. See
 megatron_io.py for how the vocabulary rows are stored.
 """
 

@@ -12,7 +12,7 @@ import sys
 
 from anchored_megatron.convert.errors import ConvertError
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"]
 RANDOM_TOKENS = {"batch": 2, "seq": 64, "seed": 0}  # compare's defaults when no --text is given
 
 
@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="refuse now if the model cannot run at tensor-parallel size N (default: no check)")
     to_mg.add_argument("--target-pp", type=int, default=None, metavar="N",
                        help="refuse now if the model cannot run at pipeline-parallel size N (default: no check)")
+    to_mg.add_argument("--target-ep", type=int, default=None, metavar="N",
+                       help="MoE models: refuse now if the experts cannot be split over N expert-parallel ranks (default: no check)")
     to_mg.add_argument("--no-progress", action="store_true", help=no_progress)
 
     to_hf = sub.add_parser("megatron-to-hf", help="Megatron dist checkpoint (converted or trainer) -> HF safetensors + config.json")
@@ -66,8 +68,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="directory whose tokenizer files are copied next to the model; a config built from "
                             "model_config.yaml takes its bos/eos/pad ids (default: no tokenizer files)")
     to_hf.add_argument("--family", default=None, choices=FAMILIES,
-                       help="model family of a config built from model_config.yaml (default: qwen3 with q/k norm, "
-                            "qwen2 with q/k/v bias, else llama); refused if it contradicts a known HF config")
+                       help="model family of a config built from model_config.yaml (default: for MoE models qwen3_moe "
+                            "with q/k norm, else mixtral; for dense ones qwen3 with q/k norm, qwen2 with q/k/v bias, "
+                            "else llama); refused if it contradicts a known HF config")
     to_hf.add_argument("--max-shard-size", default="5GB", type=_size, metavar="SIZE",
                        help="largest safetensors file, in bytes or with a KB/MB/GB suffix (default: %(default)s)")
     to_hf.add_argument("--no-progress", action="store_true", help=no_progress)
@@ -77,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_checkpoint_options(cmp)
     cmp.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel size to load the checkpoint at (default: %(default)s)")
     cmp.add_argument("--pp", type=int, default=1, metavar="N", help="pipeline-parallel size to load the checkpoint at (default: %(default)s)")
+    cmp.add_argument("--ep", type=int, default=1, metavar="N",
+                     help="MoE models: expert-parallel size to load the checkpoint at (default: %(default)s)")
     cmp.add_argument("--text", default=None,
                      help="text to run, tokenized with the --hf directory's tokenizer (default: random tokens, see --batch)")
     cmp.add_argument("--batch", type=int, default=None, metavar="N",
@@ -116,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             from anchored_megatron.convert.hf_to_megatron import hf_to_megatron
 
             target = None
-            if args.target_tp or args.target_pp:
-                target = ParallelConfig(tp=args.target_tp or 1, pp=args.target_pp or 1)
+            if args.target_tp or args.target_pp or args.target_ep:
+                target = ParallelConfig(tp=args.target_tp or 1, pp=args.target_pp or 1, ep=args.target_ep or 1)
             model = hf_to_megatron(args.hf, args.out, args.dtype, args.transformer_impl, target, not args.no_progress)
             print(f"wrote {args.out} ({model.num_layers} layers, vocab {model.vocab_size}, {args.dtype})")
         elif args.command == "megatron-to-hf":
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
             ckpt = checkpoint_dir(args.ckpt, args.iteration)
             tokens = _tokens(args, load_model_config(ckpt).vocab_size)
-            result = run_compare(args.hf, ckpt, ParallelConfig(tp=args.tp, pp=args.pp), tokens)
+            result = run_compare(args.hf, ckpt, ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep), tokens)
             if result is not None:
                 print(result.summary())
     except (ConvertError, ConfigError) as exc:

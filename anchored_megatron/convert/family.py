@@ -1,8 +1,9 @@
 """What a model family is: how its Hugging Face config maps to ModelConfig and back.
 
-Each family module (llama.py, mistral.py, qwen2.py, qwen3.py) builds one ``Family``.
-The families differ only in which config keys they accept and which quirks they
-carry (qkv bias, q/k norm); the tensor mapping itself is shared (mapping.py).
+Each family module (llama.py, mistral.py, qwen2.py, qwen3.py, qwen3_moe.py, mixtral.py)
+builds one ``Family``. The families differ only in which config keys they accept and which
+quirks they carry (qkv bias, q/k norm, how MoE experts are named and configured); the
+tensor mapping itself is shared (mapping.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Callable
 
 from anchored_megatron.config import ModelConfig
 from anchored_megatron.convert.errors import ConvertError
+from anchored_megatron.convert.mapping import ExpertNames
 
 # Megatron-Core 0.16.1's RotaryEmbedding applies Llama-3 scaling with these values
 # hard-coded; only ``factor`` can be passed through.
@@ -30,9 +32,19 @@ class Family:
     check: Callable[[dict, str], None] | None = None
     # HF config keys a synthesised config.json gets (used when no source config is stored).
     extra_hf_keys: dict = field(default_factory=dict)
+    # MoE families: the experts' HF tensor names, the ModelConfig MoE fields an HF config
+    # implies (refusing what Megatron cannot express), and the HF keys back for a synthesised config.
+    experts: ExpertNames | None = None
+    moe_fields: Callable[[dict, str], dict] | None = None
+    moe_hf_keys: Callable[[ModelConfig], dict] | None = None
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts is not None
 
 
-def _get(cfg: dict, key: str, where: str, default=None, required: bool = True):
+def get_key(cfg: dict, key: str, where: str, default=None, required: bool = True):
+    """``cfg[key]``; a missing key is refused (ConvertError) unless a default is given."""
     if key in cfg and cfg[key] is not None:
         return cfg[key]
     if required and default is None:
@@ -68,9 +80,9 @@ def rope_settings(cfg: dict, where: str) -> tuple[float, dict | None]:
 
 def to_model_config(family: Family, cfg: dict, where: str, dtype: str, transformer_impl: str = "local") -> ModelConfig:
     """ModelConfig implied by an HF ``config.json`` dict; refuses what Megatron cannot express."""
-    hidden = int(_get(cfg, "hidden_size", where))
-    heads = int(_get(cfg, "num_attention_heads", where))
-    groups = int(_get(cfg, "num_key_value_heads", where, default=heads))
+    hidden = int(get_key(cfg, "hidden_size", where))
+    heads = int(get_key(cfg, "num_attention_heads", where))
+    groups = int(get_key(cfg, "num_key_value_heads", where, default=heads))
     head_dim = cfg.get("head_dim")
     if head_dim is None and hidden % heads != 0:
         raise ConvertError(f"{where}: hidden_size={hidden} is not divisible by num_attention_heads={heads}")
@@ -87,22 +99,23 @@ def to_model_config(family: Family, cfg: dict, where: str, dtype: str, transform
         family.check(cfg, where)
     theta, scaling = rope_settings(cfg, where)
     model = ModelConfig(
-        num_layers=int(_get(cfg, "num_hidden_layers", where)),
+        num_layers=int(get_key(cfg, "num_hidden_layers", where)),
         hidden_size=hidden,
-        ffn_hidden_size=int(_get(cfg, "intermediate_size", where)),
+        ffn_hidden_size=int(get_key(cfg, "intermediate_size", where)),
         num_attention_heads=heads,
         num_query_groups=groups,
         kv_channels=kv_channels,
-        vocab_size=int(_get(cfg, "vocab_size", where)),
-        seq_length=int(_get(cfg, "max_position_embeddings", where, default=4096)),
+        vocab_size=int(get_key(cfg, "vocab_size", where)),
+        seq_length=int(get_key(cfg, "max_position_embeddings", where, default=4096)),
         rotary_base=theta,
         rope_scaling=scaling,
-        norm_epsilon=float(_get(cfg, "rms_norm_eps", where, default=1e-6)),
+        norm_epsilon=float(get_key(cfg, "rms_norm_eps", where, default=1e-6)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=family.qkv_bias or bool(cfg.get("attention_bias", False)),
         qk_layernorm=family.qk_layernorm,
         params_dtype=dtype,
         transformer_impl=transformer_impl,
+        **(family.moe_fields(cfg, where) if family.is_moe else {}),
     )
     try:
         model.validate()
@@ -135,6 +148,7 @@ def to_hf_config(family: Family, model: ModelConfig, dtype: str) -> dict:
         "attention_dropout": 0.0,  # the Megatron model is built without dropout
         "dtype": HF_DTYPE_NAMES[dtype],
         **family.extra_hf_keys,
+        **(family.moe_hf_keys(model) if family.is_moe else {}),
     }
     if family.model_type == "llama":
         cfg["attention_bias"] = model.qkv_bias

@@ -13,7 +13,7 @@ import torch
 
 from anchored_megatron.config import ConfigError, ModelConfig, ParallelConfig
 from anchored_megatron.convert.errors import ConvertError
-from anchored_megatron.convert.family import to_model_config
+from anchored_megatron.convert.family import Family, to_model_config
 from anchored_megatron.convert.hf_io import HFReader, read_config
 from anchored_megatron.convert.mapping import hf_shapes, rules
 from anchored_megatron.convert.megatron_io import (
@@ -50,7 +50,7 @@ def owned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def plan(hf_dir: str, dtype: str, transformer_impl: str = "local", target: ParallelConfig | None = None) -> tuple[ModelConfig, HFReader]:
+def plan(hf_dir: str, dtype: str, transformer_impl: str = "local", target: ParallelConfig | None = None) -> tuple[ModelConfig, Family, HFReader]:
     """Validate everything that can be validated before writing: config, layout, shards."""
     check_dtype(dtype)
     hf_config = read_config(hf_dir)
@@ -62,11 +62,11 @@ def plan(hf_dir: str, dtype: str, transformer_impl: str = "local", target: Paral
             target.validate()
             model.validate(target)
         except ConfigError as exc:
-            raise ConvertError(f"{where}: cannot run at tp={target.tp}, pp={target.pp}: {exc}") from None
+            raise ConvertError(f"{where}: cannot run at tp={target.tp}, pp={target.pp}, ep={target.ep}: {exc}") from None
     reader = HFReader(hf_dir)
     optional = {"lm_head.weight"} if model.tie_embeddings else set()
-    reader.validate(hf_shapes(model), optional=optional)
-    return model, reader
+    reader.validate(hf_shapes(model, family.experts), optional=optional)
+    return model, family, reader
 
 
 def hf_to_megatron(
@@ -82,16 +82,16 @@ def hf_to_megatron(
 
     torch_dtype = check_dtype(dtype)
     check_empty_output(out_dir)
-    model, reader = plan(hf_dir, dtype, transformer_impl, target)
+    model, family, reader = plan(hf_dir, dtype, transformer_impl, target)
     entries = {}
-    all_rules = rules(model)
+    all_rules = rules(model, family.experts)
     for rule in progress_bar(all_rules, "read HF", "tensor", show_progress):
         pieces = [reader.get(name) for name in rule.hf_names]
         entries[entry_name(rule)] = sharded_tensor(rule, owned(rule.to_megatron(pieces).to(torch_dtype)), model.num_layers)
         del pieces
     reader.close()
     for layer in range(model.num_layers):
-        entries.update(extra_state_objects(layer, model.num_layers))
+        entries.update(extra_state_objects(layer, model))
     entries[MANIFEST_MARKER] = manifest.FORMAT
     os.makedirs(out_dir, exist_ok=True)
     with single_process_group():

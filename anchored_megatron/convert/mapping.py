@@ -12,6 +12,12 @@ A Megatron dist-checkpoint entry is (key, layer, fragment):
   pieces straight from HF's gate_proj / up_proj, with no concatenated copy.
 
 ``linear_qkv`` rows are interleaved per query group: [q (heads/groups*head_dim rows), k, v].
+
+MoE layers (SequentialMLP) replace the MLP with ``mlp.router.weight`` (one row per expert)
+and the experts, saved under ``decoder.layers.mlp.experts.experts.linear_fc1.weight`` /
+``linear_fc2.weight`` with two leading axes, layer and global expert index ([L, E, rows,
+cols]), so a checkpoint does not depend on the expert-parallel layout either. An entry's
+``expert`` is (index, count) on that second axis.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Callable
 import torch
 
 from anchored_megatron.config import ModelConfig
+from anchored_megatron.convert.errors import ConvertError
 
 LAYER_PREFIX = "decoder.layers."
 
@@ -31,7 +38,23 @@ _LOCAL_NAMES = {
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
 # Linear layers whose (empty) ``_extra_state`` Megatron stores as a ShardedObject per layer.
-EXTRA_STATE_LINEARS = ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2")
+ATTENTION_LINEARS = ("self_attention.linear_proj", "self_attention.linear_qkv")
+EXTRA_STATE_LINEARS = (*ATTENTION_LINEARS, "mlp.linear_fc1", "mlp.linear_fc2")
+EXPERTS_KEY = LAYER_PREFIX + "mlp.experts.experts."  # + linear_fc1.weight / linear_fc2.weight
+EXPERT_LINEARS = ("linear_fc1", "linear_fc2")
+
+
+@dataclass(frozen=True)
+class ExpertNames:
+    """A MoE family's HF tensor names inside ``model.layers.{i}.``; ``{e}`` is the expert index."""
+
+    router: str
+    gate: str
+    up: str
+    down: str
+
+    def expert(self, template: str, layer: int, expert: int) -> str:
+        return f"model.layers.{layer}." + template.format(e=expert)
 
 
 @dataclass(frozen=True)
@@ -42,6 +65,7 @@ class Rule:
     key: str
     layer: int | None = None
     fragment: tuple[int, int] | None = None
+    expert: tuple[int, int] | None = None  # (global expert index, number of experts)
     merge: Callable[[list[torch.Tensor]], torch.Tensor] | None = None  # HF pieces -> Megatron tensor
     split: Callable[[torch.Tensor], list[torch.Tensor]] | None = None  # Megatron tensor -> HF pieces
 
@@ -54,6 +78,7 @@ class Rule:
     @property
     def label(self) -> str:
         where = f"[layer {self.layer}]" if self.layer is not None else ""
+        where += f"[expert {self.expert[0]}]" if self.expert is not None else ""
         part = f"[fragment {self.fragment[0]}/{self.fragment[1]}]" if self.fragment else ""
         return f"{self.key}{where}{part}"
 
@@ -79,8 +104,35 @@ def split_qkv(qkv: torch.Tensor, heads: int, groups: int) -> list[torch.Tensor]:
     return [q, k, v]
 
 
-def rules(model: ModelConfig) -> list[Rule]:
-    """Every tensor of ``model``, in an order that keeps one layer's tensors together."""
+def _check_expert_names(model: ModelConfig, experts: ExpertNames | None) -> None:
+    if model.is_moe and experts is None:
+        raise ConvertError("a MoE model's expert tensors are named by its family, and none was given")
+    if model.moe_shared_expert_intermediate_size is not None:
+        raise ConvertError("model.moe_shared_expert_intermediate_size: shared experts have no Hugging Face mapping here (Qwen3-MoE and Mixtral have none)")
+
+
+def _mlp_rules(model: ModelConfig, layer: int, experts: ExpertNames | None) -> list[Rule]:
+    hf, key = f"model.layers.{layer}.", LAYER_PREFIX
+    if not model.is_moe:
+        return [
+            Rule((hf + "mlp.gate_proj.weight",), key + "mlp.linear_fc1.weight", layer, fragment=(0, 2)),
+            Rule((hf + "mlp.up_proj.weight",), key + "mlp.linear_fc1.weight", layer, fragment=(1, 2)),
+            Rule((hf + "mlp.down_proj.weight",), key + "mlp.linear_fc2.weight", layer),
+        ]
+    count = model.num_moe_experts
+    out = [Rule((hf + experts.router,), key + "mlp.router.weight", layer)]
+    for e in range(count):
+        where = dict(layer=layer, expert=(e, count))
+        out.append(Rule((experts.expert(experts.gate, layer, e),), EXPERTS_KEY + "linear_fc1.weight", fragment=(0, 2), **where))
+        out.append(Rule((experts.expert(experts.up, layer, e),), EXPERTS_KEY + "linear_fc1.weight", fragment=(1, 2), **where))
+        out.append(Rule((experts.expert(experts.down, layer, e),), EXPERTS_KEY + "linear_fc2.weight", **where))
+    return out
+
+
+def rules(model: ModelConfig, experts: ExpertNames | None = None) -> list[Rule]:
+    """Every tensor of ``model``, in an order that keeps one layer's tensors together.
+    ``experts``: the family's expert tensor names (MoE models only)."""
+    _check_expert_names(model, experts)
     heads, groups = model.num_attention_heads, model.num_query_groups
     merge_qkv = lambda ts: interleave_qkv(*ts, groups=groups)  # noqa: E731
     split = lambda t: split_qkv(t, heads, groups)  # noqa: E731
@@ -100,9 +152,7 @@ def rules(model: ModelConfig) -> list[Rule]:
             out.append(Rule((attn + "k_norm.weight",), key + "self_attention.k_layernorm.weight", i))
         out.append(Rule((attn + "o_proj.weight",), key + "self_attention.linear_proj.weight", i))
         out.append(Rule((hf + "post_attention_layernorm.weight",), key + "mlp.linear_fc1.layer_norm_weight", i))
-        out.append(Rule((hf + "mlp.gate_proj.weight",), key + "mlp.linear_fc1.weight", i, fragment=(0, 2)))
-        out.append(Rule((hf + "mlp.up_proj.weight",), key + "mlp.linear_fc1.weight", i, fragment=(1, 2)))
-        out.append(Rule((hf + "mlp.down_proj.weight",), key + "mlp.linear_fc2.weight", i))
+        out.extend(_mlp_rules(model, i, experts))
     out.append(Rule(("model.norm.weight",), "decoder.final_layernorm.weight"))
     if not model.tie_embeddings:
         out.append(Rule(("lm_head.weight",), "output_layer.weight"))
@@ -133,8 +183,9 @@ def is_vocab_key(key: str) -> bool:
     return key in ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def hf_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+def hf_shapes(model: ModelConfig, experts: ExpertNames | None = None) -> dict[str, tuple[int, ...]]:
     """Shape of every HF tensor ``model`` implies (to validate a checkpoint from headers alone)."""
+    _check_expert_names(model, experts)
     hidden, ffn, vocab = model.hidden_size, model.ffn_hidden_size, model.vocab_size
     head_dim = model.head_dim
     q_rows, kv_rows = model.num_attention_heads * head_dim, model.num_query_groups * head_dim
@@ -150,10 +201,19 @@ def hf_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.k_proj.weight": (kv_rows, hidden),
             p + "self_attn.v_proj.weight": (kv_rows, hidden),
             p + "self_attn.o_proj.weight": (hidden, q_rows),
-            p + "mlp.gate_proj.weight": (ffn, hidden),
-            p + "mlp.up_proj.weight": (ffn, hidden),
-            p + "mlp.down_proj.weight": (hidden, ffn),
         })
+        if model.is_moe:
+            expert_ffn = model.expert_ffn_hidden_size
+            shapes[p + experts.router] = (model.num_moe_experts, hidden)
+            for e in range(model.num_moe_experts):
+                shapes.update({
+                    experts.expert(experts.gate, i, e): (expert_ffn, hidden),
+                    experts.expert(experts.up, i, e): (expert_ffn, hidden),
+                    experts.expert(experts.down, i, e): (hidden, expert_ffn),
+                })
+        else:
+            shapes.update({p + "mlp.gate_proj.weight": (ffn, hidden), p + "mlp.up_proj.weight": (ffn, hidden),
+                           p + "mlp.down_proj.weight": (hidden, ffn)})
         if model.qkv_bias:
             shapes.update({p + "self_attn.q_proj.bias": (q_rows,), p + "self_attn.k_proj.bias": (kv_rows,),
                            p + "self_attn.v_proj.bias": (kv_rows,)})
@@ -175,9 +235,15 @@ def megatron_shapes(model: ModelConfig, vocab_rows: int | None = None) -> dict[s
         LAYER_PREFIX + "self_attention.linear_qkv.weight": (layers, qkv_rows, hidden),
         LAYER_PREFIX + "self_attention.linear_proj.weight": (layers, hidden, model.num_attention_heads * head_dim),
         LAYER_PREFIX + "mlp.linear_fc1.layer_norm_weight": (layers, hidden),
-        LAYER_PREFIX + "mlp.linear_fc1.weight": (layers, 2 * ffn, hidden),
-        LAYER_PREFIX + "mlp.linear_fc2.weight": (layers, hidden, ffn),
     }
+    if model.is_moe:
+        experts, expert_ffn = model.num_moe_experts, model.expert_ffn_hidden_size
+        shapes[LAYER_PREFIX + "mlp.router.weight"] = (layers, experts, hidden)
+        shapes[EXPERTS_KEY + "linear_fc1.weight"] = (layers, experts, 2 * expert_ffn, hidden)
+        shapes[EXPERTS_KEY + "linear_fc2.weight"] = (layers, experts, hidden, expert_ffn)
+    else:
+        shapes[LAYER_PREFIX + "mlp.linear_fc1.weight"] = (layers, 2 * ffn, hidden)
+        shapes[LAYER_PREFIX + "mlp.linear_fc2.weight"] = (layers, hidden, ffn)
     if not model.tie_embeddings:
         shapes["output_layer.weight"] = (rows, hidden)
     if model.qkv_bias:

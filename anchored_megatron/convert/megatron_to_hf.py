@@ -16,7 +16,7 @@ import torch
 
 from anchored_megatron.config import ModelConfig
 from anchored_megatron.convert.errors import ConvertError
-from anchored_megatron.convert.family import HF_DTYPE_NAMES, to_hf_config, to_model_config
+from anchored_megatron.convert.family import HF_DTYPE_NAMES, Family, to_hf_config, to_model_config
 from anchored_megatron.convert.hf_io import HFShardWriter, copy_tokenizer, read_json
 from anchored_megatron.convert.hf_to_megatron import check_dtype, check_empty_output
 from anchored_megatron.convert.mapping import is_vocab_key, megatron_shapes, rules
@@ -28,13 +28,15 @@ from anchored_megatron.convert.registry import family_for_hf_config, family_for_
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                "vocab_size", "rotary_base", "rope_scaling", "norm_epsilon", "tie_embeddings", "qkv_bias", "qk_layernorm")
+               "vocab_size", "rotary_base", "rope_scaling", "norm_epsilon", "tie_embeddings", "qkv_bias", "qk_layernorm",
+               "num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+               "moe_router_pre_softmax")
 
 
 def _export_config(ckpt_dir: str, model: ModelConfig, dtype: str, hf_config_source: str | None, family_name: str | None,
-                   tokenizer_dir: str | None) -> dict:
-    """config.json to write: the source HF config when known (checked against the checkpoint;
-    only its dtype changes), else one synthesised from model_config.yaml and the tokenizer."""
+                   tokenizer_dir: str | None) -> tuple[dict, Family]:
+    """(config.json to write, its family): the source HF config when known (checked against the
+    checkpoint; only its dtype changes), else one synthesised from model_config.yaml and the tokenizer."""
     if hf_config_source is not None:
         where = os.path.join(hf_config_source, "config.json") if os.path.isdir(hf_config_source) else hf_config_source
         base = read_json(where, "--hf-config")
@@ -42,7 +44,7 @@ def _export_config(ckpt_dir: str, model: ModelConfig, dtype: str, hf_config_sour
         where, base = os.path.join(ckpt_dir, HF_CONFIG_NAME), load_hf_config(ckpt_dir)
     if base is None:
         family = family_for_model_config(model, family_name)
-        return {**to_hf_config(family, model, dtype), **_special_token_ids(tokenizer_dir)}
+        return {**to_hf_config(family, model, dtype), **_special_token_ids(tokenizer_dir)}, family
     family = family_for_hf_config(base, where)
     if family_name is not None and family_name != family.name:
         raise ConvertError(f"--family {family_name}: {where} describes a {family.name} model")
@@ -54,7 +56,7 @@ def _export_config(ckpt_dir: str, model: ModelConfig, dtype: str, hf_config_sour
     config = dict(base)
     dtype_key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
     config[dtype_key] = HF_DTYPE_NAMES[dtype]
-    return config
+    return config, family
 
 
 def _special_token_ids(tokenizer_dir: str | None) -> dict:
@@ -106,8 +108,8 @@ def megatron_to_hf(
     ckpt_dir = checkpoint_dir(ckpt_dir, iteration)
     check_empty_output(out_dir)
     model = load_model_config(ckpt_dir)
-    hf_config = _export_config(ckpt_dir, model, dtype, hf_config_source, family_name, tokenizer_dir)
-    all_rules = rules(model)
+    hf_config, family = _export_config(ckpt_dir, model, dtype, hf_config_source, family_name, tokenizer_dir)
+    all_rules = rules(model, family.experts)
     outside_layers = [r for r in all_rules if r.layer is None]  # embedding, final norm, output layer
     layers = [[r for r in all_rules if r.layer == i] for i in range(model.num_layers)]
     with single_process_group():

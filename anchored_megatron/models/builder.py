@@ -57,7 +57,27 @@ def transformer_config_kwargs(model: ModelConfig, parallel: ParallelConfig) -> d
         # Each fused kernel only where it is installed (all off on CPU); FP8 only when asked.
         **te.fusion_settings(model),
         **te.precision_settings(model),
+        **moe_settings(model, parallel),
         use_cpu_initialization=not accelerators.has_cuda(),
+    )
+
+
+def moe_settings(model: ModelConfig, parallel: ParallelConfig) -> dict:
+    """``TransformerConfig`` fields of a MoE model (none for a dense one). The experts keep
+    Megatron's default expert tensor-parallel size, which is ``parallel.tp``."""
+    if not model.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=model.num_moe_experts,
+        moe_router_topk=model.moe_router_topk,
+        moe_ffn_hidden_size=model.expert_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=model.moe_shared_expert_intermediate_size,
+        moe_router_pre_softmax=model.moe_router_pre_softmax,
+        moe_router_load_balancing_type=model.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=float(model.moe_aux_loss_coeff),
+        moe_token_dispatcher_type=model.moe_token_dispatcher_type,
+        moe_grouped_gemm=model.moe_grouped_gemm,
+        expert_model_parallel_size=parallel.ep,
     )
 
 
@@ -66,7 +86,10 @@ def layer_spec(model: ModelConfig):
         return te.te_layer_spec(model)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+    return get_gpt_layer_local_spec(
+        num_experts=model.num_moe_experts, moe_grouped_gemm=model.moe_grouped_gemm,
+        qk_layernorm=model.qk_layernorm, normalization="RMSNorm",
+    )
 
 
 def build_model_chunk(
@@ -108,9 +131,12 @@ def build_model_chunk(
     return gpt
 
 
-def build_model_chunks(model: ModelConfig, parallel: ParallelConfig) -> list:
-    """All model chunks this rank owns: one, or ``vpp`` when the schedule is interleaved."""
+def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, calculate_per_token_loss: bool = False) -> list:
+    """All model chunks this rank owns: one, or ``vpp`` when the schedule is interleaved.
+    ``calculate_per_token_loss``: the loss function returns (loss sum, token count), Megatron's
+    per-token convention (a MoE router scales its load-balancing loss for it when built)."""
     config = transformer_config(model, parallel)
+    config.calculate_per_token_loss = calculate_per_token_loss
     if (parallel.vpp or 1) > 1:
         return [build_model_chunk(model, parallel, vp_stage=i, config=config) for i in range(parallel.vpp)]
     return [build_model_chunk(model, parallel, config=config)]

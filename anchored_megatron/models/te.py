@@ -21,6 +21,8 @@ their forward under FP8 too; nothing outside the model has to enter an autocast.
 
 from __future__ import annotations
 
+import importlib.util
+
 from anchored_megatron.config import ConfigError, ModelConfig, ParallelConfig
 from anchored_megatron.platform import accelerators
 
@@ -59,6 +61,24 @@ def check_environment(model: ModelConfig, parallel: ParallelConfig | None = None
             )
     if model.transformer_impl == "transformer_engine":
         require_transformer_engine()
+    if model.moe_grouped_gemm:
+        check_grouped_gemm(model)
+
+
+def check_grouped_gemm(model: ModelConfig) -> None:
+    """Grouped GEMM runs a rank's experts as one CUDA kernel: Transformer Engine's with the TE
+    spec, the ``grouped_gemm`` package's with the local one. Neither exists without CUDA."""
+    if not accelerators.has_cuda():
+        raise ConfigError(
+            "model.moe_grouped_gemm: needs a CUDA GPU (its kernels are CUDA only) and none is visible; "
+            "set model.moe_grouped_gemm=false (each expert runs as its own GEMM)"
+        )
+    if model.transformer_impl == "local" and importlib.util.find_spec("grouped_gemm") is None:
+        raise ConfigError(
+            "model.moe_grouped_gemm: with model.transformer_impl=local it needs the grouped_gemm package, which is not "
+            "installed (pip install git+https://github.com/fanshiqing/grouped_gemm@v1.1.4); or use "
+            "model.transformer_impl=transformer_engine, or set model.moe_grouped_gemm=false"
+        )
 
 
 def require_transformer_engine() -> None:
@@ -119,4 +139,6 @@ def te_layer_spec(model: ModelConfig):
     require_transformer_engine()
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_layernorm)
+    return get_gpt_layer_with_transformer_engine_spec(
+        num_experts=model.num_moe_experts, moe_grouped_gemm=model.moe_grouped_gemm, qk_layernorm=model.qk_layernorm,
+    )

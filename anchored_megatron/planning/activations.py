@@ -23,6 +23,12 @@ calibrated, since the calibration runs on CPU where TE does not):
     per token   beta (4 h / t_sp + ((a + 2 g) d + a d + 5 F) / t) + 4 (2 + a / t)
     no s^2 term (flash attention saves q, k, v, the output and a softmax log-sum-exp only).
 
+MoE layers (derived, not calibrated): the dense MLP's 5 F per token becomes, per token, k
+routed copies of beta (5 F_e / t + 2 h) (each copy's expert internals, its permuted input and
+unpermuted output) plus the router's fp32 logits and probabilities (8 E), plus 5 S / t for a
+shared expert. The all-to-all buffers of one layer (the dispatched and the combined tokens,
+2 k h beta per token) are counted once per stage as a transient (``all_to_all_bytes``).
+
 Frozen roles run under ``no_grad``: they save nothing for backward; their working set while
 a layer runs is at most one layer's worth, which the planner adds once as "transient".
 """
@@ -42,13 +48,32 @@ def layer_activation_bytes(model: ModelConfig, parallel: ParallelConfig, micro_b
     beta = PARAM_BYTES[model.params_dtype]
     t_sp = t if parallel.sequence_parallel else 1
     tokens = s * b
+    mlp = _mlp_bytes_per_token(model, t)
     if model.transformer_impl == "transformer_engine":
-        per_token = beta * (4 * h / t_sp + ((a + 2 * g) * d + a * d + 5 * f) / t) + 4 * (2 + a / t)
+        per_token = beta * (4 * h / t_sp + ((a + 2 * g) * d + a * d) / t) + mlp + 4 * (2 + a / t)
         return int(tokens * per_token)
-    per_token = 4 * (5 * h + 2 * d) / t_sp + beta * (4 * a * d + 5 * f) / t
+    per_token = 4 * (5 * h + 2 * d) / t_sp + beta * 4 * a * d / t + mlp
     probs_bytes = 4 + (beta if beta < 4 else 0)
     scores = b * (a / t) * s * s * probs_bytes + b * s * s
     return int(tokens * per_token + scores)
+
+
+def _mlp_bytes_per_token(model: ModelConfig, t: int) -> float:
+    beta = PARAM_BYTES[model.params_dtype]
+    if not model.is_moe:
+        return beta * 5 * model.ffn_hidden_size / t
+    routed = model.moe_router_topk * beta * (5 * model.expert_ffn_hidden_size / t + 2 * model.hidden_size)
+    shared = beta * 5 * (model.moe_shared_expert_intermediate_size or 0) / t
+    return routed + 8 * model.num_moe_experts + shared
+
+
+def all_to_all_bytes(model: ModelConfig, micro_batch_size: int) -> int:
+    """One MoE layer's token buffers for one microbatch: each token goes to k experts, out and
+    back (0 for a dense model). Every rank receives k tokens per token it sends, on average."""
+    if not model.is_moe:
+        return 0
+    beta = PARAM_BYTES[model.params_dtype]
+    return 2 * model.seq_length * micro_batch_size * model.moe_router_topk * model.hidden_size * beta
 
 
 def loss_activation_bytes(model: ModelConfig, parallel: ParallelConfig, micro_batch_size: int, num_roles: int) -> int:

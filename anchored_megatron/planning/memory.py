@@ -6,11 +6,14 @@ Per rank (every TP and DP rank of a stage holds the same):
   trainable parameter (4 B/param, not sharded, also with the distributed optimizer);
 - optimizer state (Adam): fp32 master weights + two fp32 moments = 12 B/param for bf16/fp16
   parameters; fp32 parameters are their own master copy, 8 B/param. The distributed
-  optimizer shards this over the data-parallel ranks;
+  optimizer shards this over the data-parallel ranks, a MoE model's experts over the
+  expert-data-parallel ones (DP / EP: the other EP ranks hold other experts);
 - frozen roles (reference, snapshot): weights only, same layout as the student, no grads,
-  no optimizer state;
+  no optimizer state (a reference with an MLP of its own, e.g. a dense teacher of a MoE
+  student, is counted at the student's size);
 - activations: ``activations.py`` (per layer per microbatch x layers on the rank x
-  in-flight microbatches, P2P buffers, the loss peak on the last stage, one layer transient).
+  in-flight microbatches, P2P buffers, the loss peak on the last stage, one layer transient,
+  and for MoE models one layer's all-to-all token buffers).
 
 Not counted: CUDA context and allocator fragmentation (budget 2-5 GiB per GPU), the DDP
 buckets' padding, communication buffers (NCCL), checkpoint-save staging copies.
@@ -78,12 +81,15 @@ def plan_memory(cfg: RunConfig, world_size: int) -> MemoryPlan:
         params = sum(chunk.total for chunk in chunks)
         layers = sum(chunk.layers for chunk in chunks)
         first, last = pp_rank == 0, pp_rank == parallel.pp - 1
-        optimizer = params * optimizer_bytes_per_param(model.params_dtype)
+        experts = sum(chunk.experts for chunk in chunks)
+        per_param = optimizer_bytes_per_param(model.params_dtype)
+        optimizer = params * per_param
         if cfg.optim.distributed_optimizer:
-            optimizer = -(-optimizer // dp)
+            optimizer = _ceil_div((params - experts) * per_param, dp) + _ceil_div(experts * per_param, dp // parallel.ep)
         held = act.in_flight_microbatches(parallel, pp_rank, num_microbatches)
         activations = held * (layers * per_layer + act.pipeline_buffer_bytes(model, parallel, mbs, num_roles, first, last))
         activations += per_layer  # one layer's working set (frozen roles' no-grad forward, backward temporaries)
+        activations += act.all_to_all_bytes(model, mbs)
         if last:
             activations += act.loss_activation_bytes(model, parallel, mbs, num_roles)
         stages.append(
@@ -99,6 +105,10 @@ def plan_memory(cfg: RunConfig, world_size: int) -> MemoryPlan:
             )
         )
     return MemoryPlan(world_size=world_size, data_parallel_size=dp, num_microbatches=num_microbatches, frozen_roles=frozen, stages=tuple(stages))
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def checkpoint_bytes(cfg: RunConfig) -> int:

@@ -7,6 +7,9 @@ which changes names but not counts):
 - per layer: two RMSNorm weights [h] (replicated), linear_qkv [(a + 2g) d / t, h] (+ bias),
   optional q/k layernorms [d] each (replicated), linear_proj [h, a d / t],
   gated linear_fc1 [2 F / t, h], linear_fc2 [h, F / t];
+- a MoE layer instead of that MLP: the router [E, h] (replicated) and E / ep experts, each a
+  gated MLP of F_e rows split over t (the experts keep the tensor-parallel size), plus an
+  optional shared expert of S rows split over t;
 - first stage: word embeddings [V_padded / t, h];
 - last stage: final RMSNorm [h] and the output layer [V_padded / t, h]. With tied
   embeddings the output layer reuses the embedding on a single stage, but with PP > 1 the
@@ -28,6 +31,7 @@ class ChunkParameters:
 
     layers: int  # transformer layers in this chunk
     decoder: int  # parameters of those layers
+    experts: int  # of which MoE experts (their optimizer state shards over the expert-data-parallel ranks)
     embedding: int  # word embeddings (first stage only)
     output_layer: int  # output projection (last stage; 0 when tied on a single stage)
     final_norm: int
@@ -37,8 +41,19 @@ class ChunkParameters:
         return self.decoder + self.embedding + self.output_layer + self.final_norm
 
 
-def layer_parameters(model: ModelConfig, tp: int) -> int:
-    """Parameters of one transformer layer on one TP rank."""
+def _gated_mlp(rows: int, hidden: int, tp: int) -> int:
+    return (2 * rows // tp) * hidden + hidden * (rows // tp)
+
+
+def layer_expert_parameters(model: ModelConfig, tp: int, ep: int = 1) -> int:
+    """Parameters of one layer's experts on one rank (0 for a dense model)."""
+    if not model.is_moe:
+        return 0
+    return model.num_moe_experts // ep * _gated_mlp(model.expert_ffn_hidden_size, model.hidden_size, tp)
+
+
+def layer_parameters(model: ModelConfig, tp: int, ep: int = 1) -> int:
+    """Parameters of one transformer layer on one TP (and EP) rank."""
     h, d, f = model.hidden_size, model.head_dim, model.ffn_hidden_size
     qkv_rows = (model.num_attention_heads + 2 * model.num_query_groups) * d // tp
     attention = qkv_rows * h + h * (model.num_attention_heads * d // tp)
@@ -46,7 +61,12 @@ def layer_parameters(model: ModelConfig, tp: int) -> int:
         attention += qkv_rows
     if model.qk_layernorm:
         attention += 2 * d
-    mlp = (2 * f // tp) * h + h * (f // tp)
+    if model.is_moe:
+        mlp = model.num_moe_experts * h + layer_expert_parameters(model, tp, ep)
+        if model.moe_shared_expert_intermediate_size is not None:
+            mlp += _gated_mlp(model.moe_shared_expert_intermediate_size, h, tp)
+    else:
+        mlp = _gated_mlp(f, h, tp)
     norms = 2 * h
     return attention + mlp + norms
 
@@ -62,7 +82,8 @@ def chunk_parameters(model: ModelConfig, parallel: ParallelConfig, pp_rank: int,
     output_layer = vocab_rows * model.hidden_size if last and not shares_embedding else 0
     return ChunkParameters(
         layers=layers,
-        decoder=layers * layer_parameters(model, parallel.tp),
+        decoder=layers * layer_parameters(model, parallel.tp, parallel.ep),
+        experts=layers * layer_expert_parameters(model, parallel.tp, parallel.ep),
         embedding=embedding,
         output_layer=output_layer,
         final_norm=model.hidden_size if last else 0,

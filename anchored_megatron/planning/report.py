@@ -7,7 +7,8 @@ import os
 
 from anchored_megatron.config import ConfigError, RunConfig
 from anchored_megatron.planning.memory import GIB, MemoryPlan, plan_memory
-from anchored_megatron.planning.parameters import total_parameters
+from anchored_megatron.planning.activations import all_to_all_bytes
+from anchored_megatron.planning.parameters import layer_expert_parameters, total_parameters
 
 
 def resolve_world_size(cfg: RunConfig, world_size: int | None) -> tuple[int, str]:
@@ -50,6 +51,23 @@ def _count(n: int) -> str:
     return str(n)
 
 
+def _moe_lines(cfg: RunConfig, plan: MemoryPlan) -> list[str]:
+    model, parallel = cfg.model, cfg.parallel
+    if not model.is_moe:
+        return []
+    per_rank = layer_expert_parameters(model, parallel.tp, parallel.ep)
+    shared = f", shared expert {model.moe_shared_expert_intermediate_size}" if model.moe_shared_expert_intermediate_size else ""
+    return [
+        f"experts: {model.num_moe_experts} per layer (top {model.moe_router_topk}, ffn {model.expert_ffn_hidden_size}{shared})"
+        f", EP {parallel.ep}: {model.num_moe_experts // parallel.ep} per rank, {_count(per_rank)} expert parameters per layer per rank"
+        + (f", optimizer state sharded over {plan.data_parallel_size // parallel.ep} expert-data-parallel ranks"
+           if cfg.optim.distributed_optimizer else "")
+        + f"; all-to-all buffers {_gib(all_to_all_bytes(model, cfg.train.micro_batch_size))} GiB per layer"
+        f"; {model.moe_token_dispatcher_type} dispatcher, load balancing {model.moe_router_load_balancing_type}"
+        f" x {model.moe_aux_loss_coeff:g} (student only)",
+    ]
+
+
 def format_plan(cfg: RunConfig, plan: MemoryPlan, world_source: str) -> str:
     model, parallel, train = cfg.model, cfg.parallel, cfg.train
     roles = " + ".join(("student",) + plan.frozen_roles)
@@ -57,11 +75,13 @@ def format_plan(cfg: RunConfig, plan: MemoryPlan, world_source: str) -> str:
     lines = [
         "config: valid",
         f"world size {plan.world_size} ({world_source}) = TP {parallel.tp} x PP {parallel.pp} x DP {plan.data_parallel_size}"
+        f"{f' (EP {parallel.ep} within DP)' if parallel.ep > 1 else ''}"
         f"; virtual stages {parallel.vpp or 1}; sequence parallel {'on' if parallel.sequence_parallel else 'off'}",
         f"model: {model.num_layers} layers, hidden {model.hidden_size}, ffn {model.ffn_hidden_size}, heads {model.num_attention_heads}"
         f" (query groups {model.num_query_groups}), vocab {model.vocab_size} padded to {model.padded_vocab_size(parallel.tp)}"
         f", {'tied' if model.tie_embeddings else 'untied'} embeddings, {model.params_dtype}, {model.transformer_impl} spec"
         f"; {_count(total_parameters(model))} parameters",
+        *_moe_lines(cfg, plan),
         f"objective {cfg.anchor.objective}: roles {roles} (frozen roles co-sharded with the student, weights only)",
         f"batch: micro {train.micro_batch_size} x {plan.num_microbatches} microbatches x DP {plan.data_parallel_size}"
         f" = global {train.global_batch_size} sequences of {model.seq_length} tokens; optimizer {optimizer}",

@@ -95,6 +95,7 @@ def initialize(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp if (parallel.vpp or 1) > 1 else None,
+        expert_model_parallel_size=parallel.ep,
     )
     seed_everything(seed)
     return RuntimeInfo(

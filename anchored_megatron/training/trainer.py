@@ -18,7 +18,9 @@ import torch
 
 from anchored_megatron.anchor import fused_passes
 from anchored_megatron.config import ConfigError, RunConfig
+from anchored_megatron.config.validate import reference_model
 from anchored_megatron.training import checkpoint as ckpt
+from anchored_megatron.training import moe_metrics
 from anchored_megatron.training.checkpoint_dirs import resolve_checkpoint_dir
 from anchored_megatron.training.forward_step import REPLAY_KEY, REPLAY_SUM_NAMES, SUM_NAMES, make_forward_step
 from anchored_megatron.training.metrics_log import MetricsLog
@@ -128,15 +130,17 @@ class Trainer:
         from anchored_megatron.training.optim import build_optimizer, wrap_ddp
 
         cfg = self.cfg
-        self.student = build_model_chunks(cfg.model, cfg.parallel)
+        # loss_func returns (sum, tokens): a true per-token mean. Set at construction: MoE routers
+        # read it there to scale their load-balancing loss to that convention.
+        self.student = build_model_chunks(cfg.model, cfg.parallel, calculate_per_token_loss=True)
         config = self.student[0].config
-        config.calculate_per_token_loss = True  # loss_func returns (sum, tokens): a true per-token mean
         self.wrapped = wrap_ddp(self.student, cfg.optim.distributed_optimizer)
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = [m.no_sync for m in self.wrapped] if len(self.wrapped) > 1 else self.wrapped[0].no_sync
         roles = {}
         for name in cfg.anchor.frozen_roles:
-            roles[name] = build_model_chunks(cfg.model, cfg.parallel)
+            # The reference may have an MLP of its own (a dense teacher for a MoE student, or the reverse).
+            roles[name] = build_model_chunks(reference_model(cfg) if name == "reference" else cfg.model, cfg.parallel)
             freeze(roles[name])
         self.reference, self.snapshot, self.base = (roles.get(name) for name in ("reference", "snapshot", "base"))
         frozen = list(roles.values())
@@ -338,7 +342,7 @@ class Trainer:
             micro_batch_size=cfg.train.micro_batch_size,
             adjust_tensor_shapes_fn=adjust_tensor_shapes_for(self.num_roles) if pipelined and self.num_roles > 1 else None,
         )
-        sums, replay_sums = self._reduce_sums(outputs)
+        sums, replay_sums, aux_loss = self._reduce_sums(outputs)
         finite = bool(torch.isfinite(sums[0]).item()) and bool(torch.isfinite(replay_sums[0]).item())
         grad_norm = float("nan")
         lr = self.optimizer.param_groups[0]["lr"]  # what this update uses; the scheduler then moves on
@@ -347,24 +351,33 @@ class Trainer:
             self.scheduler.step(increment=1)
         tokens = max(sums[-1].item(), 1.0)
         record = {name: (sums[SUM_NAMES.index(name)] / tokens).item() for name in self.metric_names}
+        if aux_loss is not None:
+            record[moe_metrics.METRIC] = moe_metrics.step_mean(aux_loss, cfg.model, self.runtime.data_parallel_size, self.num_microbatches)
         record.update(response_tokens=int(sums[-1].item()), grad_norm=float(grad_norm) if grad_norm is not None else None,
                       finite=finite, lr=lr)
         if self.replay_sampler is not None:
             record.update(replay_loss=(replay_sums[0] / max(replay_sums[1].item(), 1.0)).item(), replay_tokens=int(replay_sums[1].item()))
         return record
 
-    def _reduce_sums(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(SUM_NAMES sums, REPLAY_SUM_NAMES sums) of the step, in one all-reduce: the last
-        stage's TP-rank-0 of each DP replica contributes."""
+    def _reduce_sums(self, outputs) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+        """One all-reduce per step: (the SUM_NAMES sums, the REPLAY_SUM_NAMES sums, the MoE
+        load-balancing loss sum or None). The last stage's TP-rank-0 of each DP replica
+        contributes the sums; every stage its layers' load-balancing losses."""
         from megatron.core import parallel_state
 
-        sums = torch.zeros(len(SUM_NAMES) + len(REPLAY_SUM_NAMES), dtype=torch.float64, device=self.runtime.device)
-        if outputs and parallel_state.get_tensor_model_parallel_rank() == 0:
+        aux_name = moe_metrics.tracked_name(self.cfg.model)
+        packed = len(SUM_NAMES) + len(REPLAY_SUM_NAMES)
+        sums = torch.zeros(packed + (aux_name is not None), dtype=torch.float64, device=self.runtime.device)
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        if outputs and tp_rank == 0:
             for out in outputs:
-                sums += torch.cat([out["sums"], out["replay_sums"]]).to(sums)
+                sums[:packed] += torch.cat([out["sums"], out["replay_sums"]]).to(sums)
+        if aux_name is not None:
+            # Under sequence parallelism each TP rank holds the loss of its own tokens; without, copies.
+            sums[-1] = moe_metrics.take_local_sum(aux_name, tp_rank == 0 or self.cfg.parallel.sequence_parallel).to(sums)
         torch.distributed.all_reduce(sums)
         sums = sums.cpu()
-        return sums[: len(SUM_NAMES)], sums[len(SUM_NAMES):]
+        return sums[: len(SUM_NAMES)], sums[len(SUM_NAMES):packed], None if aux_name is None else sums[-1].item()
 
     # ---- the main loop -----------------------------------------------------------------------
     def run(self) -> dict:

@@ -18,6 +18,8 @@ def make_hf_model(family: str, out_dir: str, seed: int = 0, **overrides) -> str:
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
     }
     config_cls, model_cls = classes[family]
     kwargs = dict(
@@ -25,10 +27,14 @@ def make_hf_model(family: str, out_dir: str, seed: int = 0, **overrides) -> str:
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=1e-6,
         tie_word_embeddings=False,
     )
-    if family == "qwen3":
+    if family in ("qwen3", "qwen3_moe"):
         kwargs["head_dim"] = 16  # like real Qwen3: not hidden_size / num_attention_heads (8)
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         kwargs["sliding_window"] = None
+    if family == "qwen3_moe":  # expert size apart from the dense intermediate_size, like real Qwen3-MoE
+        kwargs.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
+    if family == "mixtral":
+        kwargs.update(num_local_experts=4, num_experts_per_tok=2)
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).float()
@@ -41,9 +47,9 @@ def make_hf_model(family: str, out_dir: str, seed: int = 0, **overrides) -> str:
     return out_dir
 
 
-def rank_logits(cases: list[tuple[str, str]], layouts: list[tuple[int, int, int | None]], tokens: torch.Tensor,
+def rank_logits(cases: list[tuple[str, str]], layouts: list[tuple], tokens: torch.Tensor,
                 save_dirs: dict | None = None) -> dict:
-    """On every rank: load each converted checkpoint at each layout and run ``tokens``.
+    """On every rank: load each converted checkpoint at each layout (tp, pp, vpp[, ep]) and run ``tokens``.
 
     Returns {(case, layout): logits} from the reporting rank of each layout (last stage,
     TP rank 0, DP rank 0). ``save_dirs`` {(case, layout): dir} also saves that model back
@@ -59,8 +65,8 @@ def rank_logits(cases: list[tuple[str, str]], layouts: list[tuple[int, int, int 
 
     out = {}
     for layout in layouts:
-        tp, pp, vpp = layout
-        parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp)
+        tp, pp, vpp, ep = (*layout, 1)[:4]
+        parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp, ep=ep)
         initialize(parallel)
         for name, ckpt in cases:
             model = load_model_config(ckpt)

@@ -11,8 +11,10 @@ from anchored_megatron.config import ConfigError, load_run_config
 from anchored_megatron.planning import dry_run, plan_memory, total_parameters
 from tests.conftest import write_word_tokenizer
 
-# Published parameter counts (Hugging Face model cards / safetensors metadata).
-PUBLISHED = {"llama3-1b": 1_235_814_400, "llama3-8b": 8_030_261_248, "llama3-70b": 70_553_706_496}
+# Published parameter counts (Hugging Face model cards / safetensors metadata; Qwen3-30B-A3B:
+# transformers' Qwen3MoeForCausalLM built on the meta device from the model card's config).
+PUBLISHED = {"llama3-1b": 1_235_814_400, "llama3-8b": 8_030_261_248, "llama3-70b": 70_553_706_496,
+             "qwen3-30b-a3b": 30_532_122_624}
 
 
 @pytest.fixture
@@ -48,6 +50,17 @@ def test_distributed_optimizer_shards_adam_state_over_data_parallel_ranks():
     assert replicated.optimizer == sharded.parameters * 12  # fp32 master + two moments
     assert sharded.optimizer == -(-replicated.optimizer // 4)  # DP = 32 / (4 x 2)
     assert sharded.grads == replicated.grads == sharded.parameters * 4  # fp32 main grads, not sharded
+
+
+def test_expert_optimizer_state_shards_over_expert_data_parallel_ranks():
+    from anchored_megatron.planning.parameters import rank_parameters
+
+    cfg = load_run_config(None, ["output_dir=/tmp/plan", "model.preset=qwen3-30b-a3b", "model.params_dtype=bf16",
+                                 "parallel.ep=8", "train.global_batch_size=32"])
+    stage = plan_memory(cfg, world_size=32).stages[0]
+    (chunk,) = rank_parameters(cfg.model, cfg.parallel, 0)
+    assert chunk.experts == 48 * 16 * 3 * 768 * 2048  # 16 of the 128 experts of every layer
+    assert stage.optimizer == -(-(chunk.total - chunk.experts) * 12 // 32) + -(-chunk.experts * 12 // 4)  # DP 32, EP 8
 
 
 @pytest.mark.parametrize("overrides,roles", [
@@ -98,7 +111,8 @@ def test_cli_dry_run_exit_codes(files, monkeypatch, capsys):
     assert "anchor.alpha" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("example, world_size", [("llama3_8b_anchored.yaml", 32), ("llama3_70b_anchored.yaml", 128)])
+@pytest.mark.parametrize("example, world_size", [("llama3_8b_anchored.yaml", 32), ("llama3_70b_anchored.yaml", 128),
+                                                 ("qwen3_30b_a3b_anchored.yaml", 32)])
 def test_the_example_configs_pass_the_trainers_validation(example, world_size):
     import os
 

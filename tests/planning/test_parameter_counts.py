@@ -1,5 +1,6 @@
 """The planner's per-rank parameter counts equal those of real built models (TP/PP in {1, 2},
-interleaved stages, tied embeddings, qkv bias, qk layernorm, a padded vocabulary), and its
+interleaved stages, expert parallelism, tied embeddings, qkv bias, qk layernorm, MoE with a
+shared expert, a padded vocabulary), and its
 per-layer activation estimate is close to what autograd actually saves (measured with
 saved-tensor hooks on a shape the estimate was not calibrated on)."""
 
@@ -16,8 +17,11 @@ BASE = ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attenti
 VARIANTS = {
     "base": BASE,
     "tied_bias_qknorm": dataclasses.replace(BASE, tie_embeddings=True, qkv_bias=True, qk_layernorm=True, kv_channels=24),
+    "moe_shared": dataclasses.replace(BASE, num_moe_experts=4, moe_ffn_hidden_size=48, moe_shared_expert_intermediate_size=32),
 }
-LAYOUTS = [ParallelConfig(tp=tp, pp=pp) for tp in (1, 2) for pp in (1, 2)] + [ParallelConfig(tp=2, pp=2, vpp=2)]
+# The expert-parallel layouts build the dense variants too (EP then splits nothing).
+LAYOUTS = [ParallelConfig(tp=tp, pp=pp) for tp in (1, 2) for pp in (1, 2)] + [
+    ParallelConfig(tp=2, pp=2, vpp=2), ParallelConfig(tp=1, pp=2, ep=2), ParallelConfig(tp=2, ep=2)]
 ACTIVATION_SHAPE = ModelConfig(num_layers=2, hidden_size=96, ffn_hidden_size=256, num_attention_heads=6, num_query_groups=2, vocab_size=128, seq_length=48)
 ACTIVATION_CASES = [(dtype, tp) for dtype in ("fp32", "bf16") for tp in (1, 2)]
 MICRO_BATCH = 3
@@ -68,6 +72,7 @@ def measure_rank():
                     "total": sum(p.numel() for p in named.values()),
                     "embedding": sum(p.numel() for n, p in named.items() if n.startswith("embedding.")),
                     "output_layer": sum(p.numel() for n, p in named.items() if n.startswith("output_layer.")),
+                    "experts": sum(p.numel() for n, p in named.items() if ".local_experts." in n),
                 })
             counts[(variant, index, pp_rank)] = per_chunk
         if parallel.pp == 1:
@@ -85,7 +90,7 @@ def measured(ranks):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("layout", range(len(LAYOUTS)), ids=[f"tp{p.tp}pp{p.pp}vpp{p.vpp or 1}" for p in LAYOUTS])
+@pytest.mark.parametrize("layout", range(len(LAYOUTS)), ids=[f"tp{p.tp}pp{p.pp}vpp{p.vpp or 1}ep{p.ep}" for p in LAYOUTS])
 def test_parameter_counts_per_rank_equal_the_built_model(measured, variant, layout):
     model, parallel = VARIANTS[variant], LAYOUTS[layout]
     for result in measured:
@@ -97,6 +102,7 @@ def test_parameter_counts_per_rank_equal_the_built_model(measured, variant, layo
         assert [c.total for c in planned] == [c["total"] for c in built]
         assert [c.embedding for c in planned] == [c["embedding"] for c in built]
         assert [c.output_layer for c in planned] == [c["output_layer"] for c in built]
+        assert [c.experts for c in planned] == [c["experts"] for c in built]
 
 
 @pytest.mark.distributed
