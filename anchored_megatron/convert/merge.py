@@ -78,7 +78,7 @@ def merge_checkpoints(base: str, finetuned: str, out_dir: str, ratio: float, sho
                 merged = torch.lerp(a, b, ratio)  # exactly a at 0 and b at 1
                 entries[entry_name(rule)] = sharded_tensor(rule, owned(merged.to(out_dtype)), model.num_layers)
         for layer in range(model.num_layers):
-            entries.update(extra_state_objects(layer, model.num_layers))
+            entries.update(extra_state_objects(layer, model))
         entries[MANIFEST_MARKER] = manifest.FORMAT
         os.makedirs(out_dir, exist_ok=True)
         dist_checkpointing.save(entries, out_dir)
