@@ -90,6 +90,7 @@ def initialize(
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
     if parallel_state.model_parallel_is_initialized():
+        _destroy_subgroups()
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp,
@@ -107,6 +108,19 @@ def initialize(
         cpu_shim_active=shim_active,
         data_parallel_size=parallel.data_parallel_size(world_size),
     )
+
+
+def _destroy_subgroups() -> None:
+    """End every process group but the default one before a new layout's are made.
+    Megatron-Core's destroy_model_parallel only forgets its groups; each gloo group keeps its
+    threads and sockets, so a process that re-initialises per job (the experiment runner, the
+    tests) piled them up: 51 threads per TP=2 layout, over a thousand per rank in a study."""
+    from torch.distributed import distributed_c10d
+
+    world = distributed_c10d.GroupMember.WORLD
+    for group in list(distributed_c10d._world.pg_map):  # torch has no public listing of the groups
+        if group is not world:
+            torch.distributed.destroy_process_group(group)
 
 
 def seed_everything(seed: int) -> None:
@@ -131,6 +145,7 @@ def shutdown() -> None:
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
+        _destroy_subgroups()
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -105,3 +105,22 @@ def test_ranks_end_within_seconds_of_a_killed_launcher(tmp_path):
     finally:
         launcher.kill()
         launcher.wait()
+
+
+def reinitialize_and_count_threads(times):
+    from anchored_megatron.config import ParallelConfig
+    from anchored_megatron.platform import initialize
+
+    counts = []
+    for _ in range(times):
+        initialize(ParallelConfig(tp=2))
+        counts.append(len(os.listdir("/proc/self/task")))
+    return counts
+
+
+@pytest.mark.distributed
+def test_a_new_layout_ends_the_previous_layouts_process_groups():
+    # Each gloo group runs threads of its own: a process that re-initialises per job (the
+    # experiment runner) must not pile them up.
+    for counts in run_on_ranks(reinitialize_and_count_threads, 2, 3, threads=1):
+        assert counts[0] == counts[1] == counts[2], counts
