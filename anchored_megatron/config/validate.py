@@ -53,6 +53,7 @@ def validate_run(cfg, world_size: int, check_files: bool = True) -> None:
     cfg.train.num_microbatches(cfg.parallel.data_parallel_size(world_size))
     _check_options_the_objective_uses(cfg)
     _check_pipeline_schedule(cfg)
+    _check_fsdp(cfg)
     _check_checkpoints(cfg, check_files)
     if check_files:
         _check_tokenizers(cfg)
@@ -156,6 +157,28 @@ def _check_pipeline_schedule(cfg) -> None:
             "(Megatron-Core ignores adjust_tensor_shapes_fn there); use parallel.vpp: null with "
             f"anchor.objective={cfg.anchor.objective}, or anchor.objective=sft"
         )
+
+
+def _check_fsdp(cfg) -> None:
+    if not cfg.parallel.fsdp:
+        return
+    if "optim.distributed_optimizer" in cfg.explicit_keys and not cfg.optim.distributed_optimizer:
+        raise ConfigError(
+            "optim.distributed_optimizer: parallel.fsdp=true always shards the optimizer state over the data-parallel "
+            "ranks; remove optim.distributed_optimizer=false or set parallel.fsdp=false"
+        )
+    if not cfg.model.fused_output_loss:
+        return
+    # The fused loss reads the roles' whole output weights after their forward; under
+    # Megatron-FSDP those weights exist only as shards by then. Its default gives way to FSDP
+    # (the resolved config written next to the run shows it off); a user's explicit true is refused.
+    for option in ("model.fused_output_loss", "model.fused_output_chunk_tokens"):
+        if option in cfg.explicit_keys and (option == "model.fused_output_loss" or _changed(cfg, option)):
+            raise ConfigError(
+                f"{option}: the fused output loss is not available with parallel.fsdp=true (the output weights are sharded outside "
+                "the forward); set model.fused_output_loss=false or parallel.fsdp=false"
+            )
+    cfg.model = dataclasses.replace(cfg.model, fused_output_loss=False)
 
 
 def _inside(path: str, directory: str) -> bool:

@@ -19,6 +19,7 @@ import torch
 from anchored_megatron.anchor import fused_passes
 from anchored_megatron.config import ConfigError, RunConfig
 from anchored_megatron.training import checkpoint as ckpt
+from anchored_megatron.training import sharding
 from anchored_megatron.training.checkpoint_dirs import resolve_checkpoint_dir
 from anchored_megatron.training.forward_step import SUM_NAMES, make_forward_step
 from anchored_megatron.training.metrics_log import MetricsLog
@@ -117,20 +118,19 @@ class Trainer:
         from anchored_megatron.training.optim import build_optimizer, wrap_ddp
 
         cfg = self.cfg
+        fsdp = cfg.parallel.fsdp
         self.student = build_model_chunks(cfg.model, cfg.parallel)
         config = self.student[0].config
         config.calculate_per_token_loss = True  # loss_func returns (sum, tokens): a true per-token mean
-        self.wrapped = wrap_ddp(self.student, cfg.optim.distributed_optimizer)
+        self.wrapped = sharding.wrap_fsdp(self.student) if fsdp else wrap_ddp(self.student, cfg.optim.distributed_optimizer)
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = [m.no_sync for m in self.wrapped] if len(self.wrapped) > 1 else self.wrapped[0].no_sync
         self.reference = None
         self.snapshot = None
         if cfg.anchor.needs_reference:
-            self.reference = build_model_chunks(cfg.model, cfg.parallel)
-            freeze(self.reference)
+            self.reference = self._frozen_role(build_model_chunks(cfg.model, cfg.parallel))
         if cfg.anchor.needs_snapshot:
-            self.snapshot = build_model_chunks(cfg.model, cfg.parallel)
-            freeze(self.snapshot)
+            self.snapshot = self._frozen_role(build_model_chunks(cfg.model, cfg.parallel))
         frozen = [roles for roles in (self.reference, self.snapshot) if roles is not None]
         self.stacks = [RoleStack(self.wrapped[i], [roles[i] for roles in frozen], output_fusion(cfg.model)) for i in range(len(self.wrapped))]
         self.num_roles = 1 + len(frozen)
@@ -138,6 +138,21 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(self.wrapped, cfg.optim, config.params_dtype, steps)
         if self.optimizer.config.fp16:
             config.grad_scale_func = self.optimizer.scale_loss
+
+    def _frozen_role(self, chunks) -> list:
+        freeze(chunks)
+        return sharding.shard_frozen(chunks) if self.cfg.parallel.fsdp else chunks
+
+    def _copy_student_to(self, role) -> None:
+        """role <- the student's current weights: under FSDP shard by shard, else tensor by tensor."""
+        if self.cfg.parallel.fsdp:
+            sharding.copy_shards(self.wrapped, role)
+        else:
+            copy_weights(self.student, role)
+
+    def _whole_weights(self, chunks, write: bool = False):
+        """Whole tensors for checkpoint I/O: under FSDP ``chunks`` are gathered for the block."""
+        return sharding.gathered_weights(chunks, write) if self.cfg.parallel.fsdp else contextlib.nullcontext()
 
     # ---- checkpoints ----------------------------------------------------------------------
     def _load_initial_weights(self) -> Progress:
@@ -149,25 +164,29 @@ class Trainer:
         checksums = cfg.train.verify_checkpoint_checksums
         self.reference_identity = self._reference_identity()
         if self.reference is not None and not cfg.reference.checkpoint:
-            copy_weights(self.student, self.reference)  # random-init runs (tests): reference = the initial student
+            self._copy_student_to(self.reference)  # random-init runs (tests): reference = the initial student
         latest = ckpt.latest_checkpoint(self.ckpt_root) if os.path.isdir(self.ckpt_root) else None
         progress = self._resume(latest) if latest is not None else None
         if self.reference is not None and cfg.reference.checkpoint:
-            load_megatron_weights(self.reference, resolve_checkpoint_dir(cfg.reference.checkpoint, "reference.checkpoint"), checksums)
+            with self._whole_weights(self.reference, write=True):
+                load_megatron_weights(self.reference, resolve_checkpoint_dir(cfg.reference.checkpoint, "reference.checkpoint"), checksums)
         if progress is not None:
             return progress
         if cfg.student.checkpoint:
-            load_megatron_weights(self.student, resolve_checkpoint_dir(cfg.student.checkpoint, "student.checkpoint"), checksums)
+            with self._whole_weights(self.wrapped, write=True):
+                load_megatron_weights(self.wrapped, resolve_checkpoint_dir(cfg.student.checkpoint, "student.checkpoint"), checksums)
             # The DDP/optimizer main params were copied at construction: refresh them.
             self.optimizer.reload_model_params()
         return Progress()
 
     def _resume(self, latest: str) -> Progress:
         checksums = self.cfg.train.verify_checkpoint_checksums
-        state = ckpt.load_checkpoint(
-            latest, self.wrapped, self.optimizer, rank_state_loader=self._restore_rank_state,
-            checksums=checksums, check_common=lambda common: self._check_resume(common, latest), message=self.log.message,
-        )
+        fsdp = self.cfg.parallel.fsdp
+        with self._whole_weights(self.wrapped, write=True):
+            state = ckpt.load_checkpoint(
+                latest, self.wrapped, None if fsdp else self.optimizer, rank_state_loader=self._restore_rank_state,
+                checksums=checksums, check_common=lambda common: self._check_resume(common, latest), message=self.log.message,
+            )
         stored = dict(state["progress"])
         if "optimizer_stage" in stored:  # the field's name in checkpoints written before 2026-11-30
             stored["optimizer_iteration"] = stored.pop("optimizer_stage")
@@ -176,12 +195,13 @@ class Trainer:
         load_scheduler_state(self.scheduler, progress.scheduler)
         if self.snapshot is not None and progress.step % self.steps_per_iteration != 0:
             iteration = progress.step // self.steps_per_iteration
-            ckpt.load_checkpoint(
-                os.path.join(self.snapshot_root, ckpt.checkpoint_name(iteration)), self.snapshot, checksums=checksums,
-                advice=f"The snapshot of outer iteration {iteration} is needed to resume at step {progress.step}: resume from a "
-                f"checkpoint saved before that iteration (anchored-checkpoint list {self.ckpt_root}, then anchored-checkpoint use).",
-                message=self.log.message,
-            )
+            with self._whole_weights(self.snapshot, write=True):
+                ckpt.load_checkpoint(
+                    os.path.join(self.snapshot_root, ckpt.checkpoint_name(iteration)), self.snapshot, checksums=checksums,
+                    advice=f"The snapshot of outer iteration {iteration} is needed to resume at step {progress.step}: resume from a "
+                    f"checkpoint saved before that iteration (anchored-checkpoint list {self.ckpt_root}, then anchored-checkpoint use).",
+                    message=self.log.message,
+                )
         self.log.message(f"resumed from {latest} at step {progress.step}")
         return progress
 
@@ -205,6 +225,20 @@ class Trainer:
         """Before any tensor is read: the resumed run must train as the saved one did."""
         check_resumed_schedule(self.scheduler, common["progress"]["scheduler"], checkpoint)
         self._check_reference(common)
+        self._check_sharding(common, checkpoint)
+
+    def _check_sharding(self, common: dict, checkpoint: str) -> None:
+        """The Adam state of an FSDP checkpoint is kept per rank: only the same FSDP layout reads it."""
+        saved, mine = bool(common.get("fsdp", False)), self.cfg.parallel.fsdp
+        if saved == mine and (not mine or common.get("layout") == self._layout()):
+            return
+        was = f"parallel.fsdp={str(saved).lower()}" + (f" at tp x pp x dp = {' x '.join(map(str, common.get('layout', [])))}" if saved else "")
+        raise ConfigError(
+            f"parallel.fsdp: {checkpoint} was saved with {was}; this run has parallel.fsdp={str(mine).lower()} at tp x pp x dp = "
+            f"{' x '.join(map(str, self._layout()))}, and the optimizer state of an FSDP run resumes only in the same layout. "
+            "Resume with the saved layout, or start a new run (another output_dir) from this checkpoint as student.checkpoint "
+            "(weights load into any layout, FSDP or not)"
+        )
 
     def _check_reference(self, common: dict) -> None:
         if "reference" not in common:  # written before references were recorded
@@ -225,11 +259,14 @@ class Trainer:
 
         progress.sampler = self.sampler.state_dict()
         progress.scheduler = self.scheduler.state_dict()
-        common = {"progress": dataclasses.asdict(progress), "layout": self._layout(), "reference": self.reference_identity}
-        path = ckpt.save_checkpoint(
-            self.ckpt_root, progress.step, self.wrapped, self.optimizer, common, rank_state=self._rank_state(),
-            add_files=lambda directory: write_trainer_model_config(directory, self.cfg.model, self.cfg.student.checkpoint),
-        )
+        fsdp = self.cfg.parallel.fsdp
+        common = {"progress": dataclasses.asdict(progress), "layout": self._layout(), "reference": self.reference_identity, "fsdp": fsdp}
+        with self._whole_weights(self.wrapped):
+            # Under FSDP the weights are written whole (the DDP layout) and the Adam state per rank.
+            path = ckpt.save_checkpoint(
+                self.ckpt_root, progress.step, self.wrapped, None if fsdp else self.optimizer, common, rank_state=self._rank_state(),
+                add_files=lambda directory: write_trainer_model_config(directory, self.cfg.model, self.cfg.student.checkpoint),
+            )
         if self.runtime.rank == 0:
             ckpt.prune(self.ckpt_root, keep=self.cfg.train.keep_checkpoints)
             if self.snapshot is not None:
@@ -254,10 +291,13 @@ class Trainer:
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if not self.runtime.cpu_shim_active else None,
             "python": list(random.getstate()[1]),
+            **({"fsdp_optimizer": sharding.optimizer_shard_state(self.optimizer)} if self.cfg.parallel.fsdp else {}),
         }
 
     def _restore_rank_state(self, state: dict, common: dict) -> None:
         # RNG streams belong to one rank of one layout; after resharding they are re-seeded.
+        if self.cfg.parallel.fsdp:  # _check_sharding let only the saved FSDP layout through
+            sharding.load_optimizer_shard_state(self.optimizer, state["fsdp_optimizer"])
         if state is None or state.get("layout") != self._layout():
             return
         torch.set_rng_state(state["torch"])
@@ -272,8 +312,9 @@ class Trainer:
         anchor = self.cfg.anchor
         events = [f"alpha {iteration_loss(anchor, iteration).alpha:g}"] if anchor.objective == "anchored" else []
         if self.snapshot is not None:
-            copy_weights(self.student, self.snapshot)
-            ckpt.save_checkpoint(self.snapshot_root, iteration, self.snapshot)
+            self._copy_student_to(self.snapshot)
+            with self._whole_weights(self.snapshot):
+                ckpt.save_checkpoint(self.snapshot_root, iteration, self.snapshot)
             events.append("snapshot refreshed from the student")
         if anchor.reset_optimizer_per_iteration and iteration != progress.optimizer_iteration:
             from anchored_megatron.training.optim import build_scheduler, reset_optimizer_state

@@ -229,3 +229,23 @@ def test_a_checkpoint_shipping_another_tokenizer_is_refused_before_launch(run):
     write_word_tokenizer(run["teacher"], words=["x", "y"])
     with pytest.raises(ConfigError, match=r"^data.tokenizer: tokenizers differ between data.tokenizer, reference.checkpoint"):
         validated(run["args"])
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["parallel.fsdp=true", "parallel.pp=2"], 4, "parallel.fsdp: shards over data-parallel ranks without pipeline stages; got pp=2"),
+    (["parallel.fsdp=true", "optim.distributed_optimizer=false"], 2,
+     "optim.distributed_optimizer: parallel.fsdp=true always shards the optimizer state"),
+    (["parallel.fsdp=true", "model.fused_output_loss=true"], 2,
+     "model.fused_output_loss: the fused output loss is not available with parallel.fsdp=true"),
+    (["parallel.fsdp=true", "model.fused_output_chunk_tokens=512"], 2,
+     "model.fused_output_chunk_tokens: the fused output loss is not available with parallel.fsdp=true"),
+])
+def test_what_fsdp_cannot_do_is_refused_by_name(run, overrides, world, message):
+    with pytest.raises(ConfigError) as info:
+        validated(run["args"] + overrides, world_size=world)
+    assert str(info.value).startswith(message)
+
+
+def test_fsdp_turns_the_default_fused_output_loss_off_in_the_resolved_config(run):
+    assert validated(run["args"] + ["parallel.fsdp=true"], world_size=2).model.fused_output_loss is False
+    assert validated(run["args"], world_size=2).model.fused_output_loss is True
