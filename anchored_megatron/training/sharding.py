@@ -73,7 +73,7 @@ def shard_frozen(chunks) -> list:
     return [ShardedFrozenRole(chunk) for chunk in chunks]
 
 
-def _megatron_fsdp(wrapped):
+def megatron_fsdp(wrapped):
     """The ``MegatronFSDP`` inside a student wrapper or a ``ShardedFrozenRole``."""
     from megatron.core.distributed.fsdp.src.megatron_fsdp.megatron_fsdp import MegatronFSDP
 
@@ -85,12 +85,17 @@ def _megatron_fsdp(wrapped):
 
 def release_gathered(wrapped) -> None:
     """Free every gathered weight bucket and put the sharded parameters back in the module."""
-    _megatron_fsdp(wrapped).synchronize_param_gather()
+    fsdp = megatron_fsdp(wrapped)
+    pipeline = fsdp.all_gather_pipeline
+    # A forward prefetches the next bucket; finish it first (Megatron's reset would, with a warning).
+    while pipeline.param_gather_event_map:
+        pipeline.wait_bucket_ready(*next(iter(pipeline.param_gather_event_map)))
+    fsdp.synchronize_param_gather()
 
 
 def _weight_buffers(wrapped):
     """(names, buffer) per parameter group: the low-precision weights every forward gathers."""
-    fsdp = _megatron_fsdp(wrapped)
+    fsdp = megatron_fsdp(wrapped)
     buffer = fsdp.param_and_grad_buffer
     for group in buffer.parameter_groups:
         yield [buffer.param_to_name[p] for p in group.params], group
@@ -117,7 +122,7 @@ def gathered_weights(chunks, write: bool = False):
     model's own ``sharded_state_dict`` / ``load_state_dict`` work unchanged. With ``write``, what
     the block wrote into the weights is stored back into each rank's shards (the low-precision
     weights and, for the student, the fp32 main weights the optimizer updates)."""
-    fsdps = [_megatron_fsdp(chunk) for chunk in chunks]
+    fsdps = [megatron_fsdp(chunk) for chunk in chunks]
     for fsdp in fsdps:
         # The forward's own first step: the module's parameters become the full-size tensors.
         fsdp._replace_param_with_raw_if_needed()
@@ -134,8 +139,8 @@ def gathered_weights(chunks, write: bool = False):
                                 if buffer is not None:
                                     buffer.set_item(item_id, param.detach())
     finally:
-        for fsdp in fsdps:
-            fsdp.synchronize_param_gather()
+        for chunk in chunks:
+            release_gathered(chunk)
 
 
 @contextlib.contextmanager
@@ -160,7 +165,7 @@ def resident_parameter_bytes(chunks) -> int:
     full-size parameters, every weight buffer's shard and the gathered buckets still allocated."""
     seen, total = set(), 0
     for chunk in chunks:
-        fsdp = _megatron_fsdp(chunk)
+        fsdp = megatron_fsdp(chunk)
         tensors = [p.to_local() if hasattr(p, "to_local") else p for p in fsdp.module.parameters()]
         tensors += list(fsdp.raw_param.values())
         for group in fsdp.param_and_grad_buffer.parameter_groups:
@@ -175,43 +180,3 @@ def resident_parameter_bytes(chunks) -> int:
                 total += storage.nbytes()
     return total
 
-
-def _torch_optimizers(optimizer):
-    return [opt.optimizer for opt in (getattr(optimizer, "chained_optimizers", None) or [optimizer])]
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def optimizer_shard_state(optimizer) -> list[dict]:
-    """This rank's Adam state (moments and step of its shard of every parameter), in the
-    optimizer's parameter order, as plain tensors. Megatron's own FSDP optimizer checkpoint
-    format (fsdp_dtensor) is not a dist_checkpointing one, so the trainer keeps this per rank."""
-    return [
-        {key: _local(value).detach().clone() for key, value in torch_opt.state.get(param, {}).items()}
-        for torch_opt in _torch_optimizers(optimizer)
-        for group in torch_opt.param_groups
-        for param in group["params"]
-    ]
-
-
-@torch.no_grad()
-def load_optimizer_shard_state(optimizer, saved: list[dict]) -> None:
-    """Inverse of ``optimizer_shard_state`` (same layout: same parameters, same DP size)."""
-    from torch.distributed.tensor import DTensor
-
-    params = [(torch_opt, param) for torch_opt in _torch_optimizers(optimizer) for group in torch_opt.param_groups for param in group["params"]]
-    if len(params) != len(saved):
-        raise ValueError(f"optimizer state for {len(saved)} parameters, this optimizer has {len(params)}")
-    for (torch_opt, param), values in zip(params, saved):
-        state = torch_opt.state[param]
-        for key, value in values.items():
-            if value.dim() == 0 or not hasattr(param, "to_local"):  # Adam's step count is a plain scalar
-                state[key] = value.clone()
-            else:
-                # The shard's own local shape (Megatron-FSDP shards unevenly), not an even split.
-                state[key] = DTensor.from_local(
-                    value.clone(), device_mesh=param.device_mesh, placements=param.placements,
-                    run_check=False, shape=param.shape, stride=param.stride(),
-                )

@@ -150,6 +150,14 @@ class Trainer:
         else:
             copy_weights(self.student, role)
 
+    def _checkpointed_optimizer(self):
+        """The optimizer as checkpoints see it: under FSDP its shards in the DDP format."""
+        if self.cfg.parallel.fsdp:
+            from anchored_megatron.training.fsdp_checkpoint import FsdpOptimizerState
+
+            return FsdpOptimizerState(self.optimizer, self.wrapped)
+        return self.optimizer
+
     def _whole_weights(self, chunks, write: bool = False):
         """Whole tensors for checkpoint I/O: under FSDP ``chunks`` are gathered for the block."""
         return sharding.gathered_weights(chunks, write) if self.cfg.parallel.fsdp else contextlib.nullcontext()
@@ -181,12 +189,14 @@ class Trainer:
 
     def _resume(self, latest: str) -> Progress:
         checksums = self.cfg.train.verify_checkpoint_checksums
-        fsdp = self.cfg.parallel.fsdp
+        optimizer = self._checkpointed_optimizer()
         with self._whole_weights(self.wrapped, write=True):
             state = ckpt.load_checkpoint(
-                latest, self.wrapped, None if fsdp else self.optimizer, rank_state_loader=self._restore_rank_state,
+                latest, self.wrapped, optimizer, rank_state_loader=self._restore_rank_state,
                 checksums=checksums, check_common=lambda common: self._check_resume(common, latest), message=self.log.message,
             )
+        if hasattr(optimizer, "finish_load"):
+            optimizer.finish_load()
         stored = dict(state["progress"])
         if "optimizer_stage" in stored:  # the field's name in checkpoints written before 2026-11-30
             stored["optimizer_iteration"] = stored.pop("optimizer_stage")
@@ -225,20 +235,6 @@ class Trainer:
         """Before any tensor is read: the resumed run must train as the saved one did."""
         check_resumed_schedule(self.scheduler, common["progress"]["scheduler"], checkpoint)
         self._check_reference(common)
-        self._check_sharding(common, checkpoint)
-
-    def _check_sharding(self, common: dict, checkpoint: str) -> None:
-        """The Adam state of an FSDP checkpoint is kept per rank: only the same FSDP layout reads it."""
-        saved, mine = bool(common.get("fsdp", False)), self.cfg.parallel.fsdp
-        if saved == mine and (not mine or common.get("layout") == self._layout()):
-            return
-        was = f"parallel.fsdp={str(saved).lower()}" + (f" at tp x pp x dp = {' x '.join(map(str, common.get('layout', [])))}" if saved else "")
-        raise ConfigError(
-            f"parallel.fsdp: {checkpoint} was saved with {was}; this run has parallel.fsdp={str(mine).lower()} at tp x pp x dp = "
-            f"{' x '.join(map(str, self._layout()))}, and the optimizer state of an FSDP run resumes only in the same layout. "
-            "Resume with the saved layout, or start a new run (another output_dir) from this checkpoint as student.checkpoint "
-            "(weights load into any layout, FSDP or not)"
-        )
 
     def _check_reference(self, common: dict) -> None:
         if "reference" not in common:  # written before references were recorded
@@ -259,12 +255,10 @@ class Trainer:
 
         progress.sampler = self.sampler.state_dict()
         progress.scheduler = self.scheduler.state_dict()
-        fsdp = self.cfg.parallel.fsdp
-        common = {"progress": dataclasses.asdict(progress), "layout": self._layout(), "reference": self.reference_identity, "fsdp": fsdp}
+        common = {"progress": dataclasses.asdict(progress), "layout": self._layout(), "reference": self.reference_identity}
         with self._whole_weights(self.wrapped):
-            # Under FSDP the weights are written whole (the DDP layout) and the Adam state per rank.
             path = ckpt.save_checkpoint(
-                self.ckpt_root, progress.step, self.wrapped, None if fsdp else self.optimizer, common, rank_state=self._rank_state(),
+                self.ckpt_root, progress.step, self.wrapped, self._checkpointed_optimizer(), common, rank_state=self._rank_state(),
                 add_files=lambda directory: write_trainer_model_config(directory, self.cfg.model, self.cfg.student.checkpoint),
             )
         if self.runtime.rank == 0:
@@ -291,13 +285,10 @@ class Trainer:
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if not self.runtime.cpu_shim_active else None,
             "python": list(random.getstate()[1]),
-            **({"fsdp_optimizer": sharding.optimizer_shard_state(self.optimizer)} if self.cfg.parallel.fsdp else {}),
         }
 
     def _restore_rank_state(self, state: dict, common: dict) -> None:
         # RNG streams belong to one rank of one layout; after resharding they are re-seeded.
-        if self.cfg.parallel.fsdp:  # _check_sharding let only the saved FSDP layout through
-            sharding.load_optimizer_shard_state(self.optimizer, state["fsdp_optimizer"])
         if state is None or state.get("layout") != self._layout():
             return
         torch.set_rng_state(state["torch"])

@@ -1,6 +1,6 @@
 """parallel.fsdp end to end against Megatron DDP (an independent code path): the same anchored
 run (a snapshot refresh at step 4) at TP=1 x DP=2 and TP=2 x DP=2, the frozen roles' measured
-parameter storage, an exact FSDP resume, and the layouts an FSDP checkpoint refuses."""
+parameter storage, an exact FSDP resume, and checkpoints moving between DDP and FSDP runs and DP sizes."""
 
 import os
 import shutil
@@ -108,13 +108,29 @@ def test_fsdp_resume_reproduces_the_uninterrupted_run_exactly(tiny_run, tp1_runs
 
 
 @pytest.mark.distributed
-def test_a_ddp_checkpoint_is_refused_by_an_fsdp_resume_by_name(tiny_run, tp1_runs, tmp_path, ranks):
-    from anchored_megatron.platform import RankFailure
-
+def test_a_ddp_checkpoint_resumes_under_fsdp_like_the_ddp_run(tiny_run, tp1_runs, tmp_path, ranks):
     dirs, _ = tp1_runs
-    shutil.copytree(dirs["ddp"] / "checkpoints", tmp_path / "checkpoints")
-    with pytest.raises(RankFailure, match=r"parallel.fsdp: .*was saved with parallel.fsdp=false; this run has parallel.fsdp=true"):
-        ranks(probed_rank, 2, run_config(tiny_run, tmp_path, train__max_steps=7, parallel__fsdp=True, **RUN))
+    for sub in ("checkpoints", "snapshots"):
+        shutil.copytree(dirs["ddp"] / sub, tmp_path / sub)
+    (tmp_path / "checkpoints" / "latest").write_text("iter_0000003\n")
+    ranks(probed_rank, 2, run_config(tiny_run, tmp_path, train__max_steps=6, parallel__fsdp=True, **RUN))
+    resumed, ddp = _metrics(tmp_path), _metrics(dirs["ddp"])[3:]
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    for x, y in zip(resumed, ddp):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5, (x["step"], x["loss"], y["loss"])
+
+
+@pytest.mark.distributed
+def test_an_fsdp_checkpoint_resumes_under_ddp_at_another_dp_size(tiny_run, tp1_runs, tmp_path, ranks):
+    dirs, _ = tp1_runs
+    for sub in ("checkpoints", "snapshots"):
+        shutil.copytree(dirs["fsdp"] / sub, tmp_path / sub)
+    (tmp_path / "checkpoints" / "latest").write_text("iter_0000003\n")
+    ranks(probed_rank, 1, run_config(tiny_run, tmp_path, train__max_steps=6, **RUN))
+    resumed, fsdp = _metrics(tmp_path), _metrics(dirs["fsdp"])[3:]
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    for x, y in zip(resumed, fsdp):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5, (x["step"], x["loss"], y["loss"])
 
 
 @pytest.mark.distributed
