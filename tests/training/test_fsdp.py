@@ -134,6 +134,25 @@ def test_an_fsdp_checkpoint_resumes_under_ddp_at_another_dp_size(tiny_run, tp1_r
 
 
 @pytest.mark.distributed
+def test_fsdp_from_the_cli_under_torchrun_trains_like_ddp(tiny_run, tp1_runs, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.training.cli import ROOT, cli_env, write_config
+
+    dirs, _ = tp1_runs
+    config = write_config(tmp_path / "run.yaml", run_config(tiny_run, tmp_path / "out", train__max_steps=6, parallel__fsdp=True, **RUN))
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "anchored_megatron.train", "--config", config],
+                            capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cli, ddp = _metrics(tmp_path / "out"), _metrics(dirs["ddp"])
+    assert [r["step"] for r in cli] == [r["step"] for r in ddp] == list(range(1, 7))
+    for x, y in zip(cli, ddp):
+        assert abs(x["loss"] - y["loss"]) <= 1e-4, (x["step"], x["loss"], y["loss"])
+
+
+@pytest.mark.distributed
 def test_fsdp_tp2_dp2_trains_like_ddp_across_a_snapshot_refresh(tiny_run, tmp_path_factory, ranks):
     dirs = {kind: tmp_path_factory.mktemp(f"tp2_{kind}") for kind in ("ddp", "fsdp")}
     results = {
