@@ -5,9 +5,11 @@ replicated over data-parallel ranks (Megatron DDP + distributed optimizer) again
 8 layers x hidden 512 at DP=2 (2 gloo ranks), fp32, so that the three roles' weights, the
 student's grads and Adam state dominate what a rank holds. Runs are interleaved over rounds so
 that machine load drifts hit both alike. Reports per run the peak RSS of one rank (the larger of
-the two) up to the last step, its growth above the RSS just before the roles are built, the
-frozen roles' parameter storage after a step (measured on the tensors), and the fastest step
-after the first (on a shared machine other jobs only ever add time).
+the two) up to the last step and its growth above the RSS just before the roles are built; the
+live RSS after a step above that same base (freed heap pages returned first with malloc_trim,
+which the peak cannot show: the process heap keeps them); the frozen roles' parameter storage
+after a step (measured on the tensors); and the fastest step after the first (on a shared
+machine other jobs only ever add time).
 
     .venv/bin/python bench/fsdp_bench.py [--steps 4] [--rounds 2] [--layers 8] [--hidden 512]
 """
@@ -24,18 +26,14 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from bench.logits_memory_bench import _status_mb  # noqa: E402 - after the path set-up above
 
 
 def _run(cfg_dict):
-    """Train; this rank's RSS before the roles are built, its peak before the final save, and the
-    frozen roles' parameter bytes after the first step."""
+    """Train; this rank's RSS before the roles are built, its peak before the final save, the
+    largest live RSS after a step above the first, and the frozen roles' parameter bytes."""
+    import ctypes
+
     from anchored_megatron.config import RunConfig, build
     from anchored_megatron.models.layout import unwrap
     from anchored_megatron.training import sharding
@@ -50,6 +48,9 @@ def _run(cfg_dict):
 
         def _train_step(self, forward_step):
             record = super()._train_step(forward_step)
+            # What is live: freed pages go back to the system first (the heap keeps them otherwise).
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            seen["live_mb"] = max(seen.get("live_mb", 0.0), _status_mb("VmRSS") - seen["before_mb"])
             if "frozen_mb" not in seen:
                 roles = [*self.reference, *self.snapshot]
                 if self.cfg.parallel.fsdp:
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     base, teacher = os.path.join(root, "base"), os.path.join(root, "teacher")
     run_on_ranks(make_checkpoints, 1, base, teacher, model)
     variants = {"DDP (roles replicated)": False, "Megatron-FSDP": True}
-    results = {name: {"step_s": [], "peak_mb": [], "growth_mb": [], "frozen_mb": []} for name in variants}
+    results = {name: {"step_s": [], "peak_mb": [], "growth_mb": [], "live_mb": [], "frozen_mb": []} for name in variants}
     for round_index in range(args.rounds):
         for name, fsdp in variants.items():
             out = os.path.join(root, f"{'fsdp' if fsdp else 'ddp'}_{round_index}")
@@ -106,6 +107,7 @@ def main(argv=None) -> int:
             results[name]["step_s"].append(min(times))
             results[name]["peak_mb"].append(max(r["peak_mb"] for r in ranks))
             results[name]["growth_mb"].append(max(r["peak_mb"] - r["before_mb"] for r in ranks))
+            results[name]["live_mb"].append(max(r["live_mb"] for r in ranks))
             results[name]["frozen_mb"].append(max(r["frozen_mb"] for r in ranks))
 
     def median(name, key):
@@ -119,16 +121,18 @@ def main(argv=None) -> int:
         f"steps 2..{args.steps} (step time: the fastest), median over {args.rounds} interleaved rounds; "
         f"load average {os.getloadavg()[0]:.1f} at the end",
         "",
-        "| run | step time (s) | peak RSS per rank (MB) | growth from building the roles on (MB) | frozen roles' parameters per rank (MB) |",
-        "| --- | --- | --- | --- | --- |",
+        "| run | step time (s) | peak RSS per rank (MB) | peak growth from building the roles on (MB) "
+        "| live after a step, same base (MB) | frozen roles' parameters per rank (MB) |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for name in variants:
         lines.append(f"| {name} | {median(name, 'step_s'):.2f} | {median(name, 'peak_mb'):.0f} | {median(name, 'growth_mb'):.0f} "
-                     f"| {median(name, 'frozen_mb'):.1f} |")
+                     f"| {median(name, 'live_mb'):.0f} | {median(name, 'frozen_mb'):.1f} |")
     lines += [
         "",
         f"FSDP / DDP: step time {median(fsdp, 'step_s') / median(ddp, 'step_s'):.2f}, peak RSS {median(fsdp, 'peak_mb') / median(ddp, 'peak_mb'):.2f}, "
-        f"growth {median(fsdp, 'growth_mb') / median(ddp, 'growth_mb'):.2f}, frozen roles' parameters {median(fsdp, 'frozen_mb') / median(ddp, 'frozen_mb'):.2f}",
+        f"peak growth {median(fsdp, 'growth_mb') / median(ddp, 'growth_mb'):.2f}, live {median(fsdp, 'live_mb') / median(ddp, 'live_mb'):.2f}, "
+        f"frozen roles' parameters {median(fsdp, 'frozen_mb') / median(ddp, 'frozen_mb'):.2f}",
     ]
     print("\n".join(lines))
     return 0

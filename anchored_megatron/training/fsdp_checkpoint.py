@@ -20,6 +20,8 @@ import torch
 
 STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")
 FORMAT = "fully_reshardable"
+# What tells Megatron's parameter groups apart (which parameters a group holds is not saved).
+GROUP_IDENTITY = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -35,13 +37,12 @@ class FsdpOptimizerState:
 
         if len(wrapped) != 1:
             raise ValueError("FsdpOptimizerState: Megatron-FSDP runs hold one model chunk")
-        self.optimizer = optimizer
         self.fsdp = megatron_fsdp(wrapped[0])
         inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
         if len(inner) != 1:
             raise ValueError(f"FsdpOptimizerState: expected one Megatron optimizer, got {len(inner)}")
-        self.megatron_optimizer = inner[0]
         self.torch_optimizer = inner[0].optimizer
+        self._loaded_main_weights = []
 
     # ---- the parameters: (raw full-size param, optimizer's shard param, slice of the flat param) ----
     def _parameters(self):
@@ -106,6 +107,10 @@ class FsdpOptimizerState:
         if len(groups) != len(mine):
             raise ValueError(f"the checkpoint's optimizer has {len(groups)} parameter groups, this one {len(mine)}")
         for saved, group in zip(groups, mine):
+            # The groups pair up by position: they must be the same groups (e.g. with and without weight decay).
+            differs = [k for k in GROUP_IDENTITY if k in saved and saved[k] != group.get(k)]
+            if differs:
+                raise ValueError(f"the checkpoint's optimizer parameter groups differ from this one's in {differs}")
             group.update({k: v for k, v in saved.items() if k not in ("params", "step")})
         step = float(groups[0].get("step", 0.0))
         self._loaded_main_weights = []

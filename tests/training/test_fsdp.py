@@ -58,6 +58,11 @@ def _metrics(output_dir):
         return [json.loads(line) for line in fh]
 
 
+def _same_losses(a, b, tolerance):
+    for x, y in zip(a, b, strict=True):
+        assert abs(x["loss"] - y["loss"]) <= tolerance, (x["step"], x["loss"], y["loss"])
+
+
 def _same_run(a_dir, b_dir, a_ranks, b_ranks, tolerance):
     a, b = _metrics(a_dir), _metrics(b_dir)
     assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 5
@@ -95,42 +100,36 @@ def test_fsdp_frozen_roles_hold_half_their_weights_per_rank_at_dp2(tp1_runs):
                 assert whole / 2 <= resident <= whole / 2 * 1.05, (resident, whole)
 
 
+def _resume_from_step_3(tiny_run, source, tmp_path, ranks, world, fsdp):
+    """A copy of ``source``'s checkpoints resumed at step 3 to step 6; its metrics and ``source``'s steps 4-6."""
+    for sub in ("checkpoints", "snapshots"):
+        shutil.copytree(source / sub, tmp_path / sub)
+    (tmp_path / "checkpoints" / "latest").write_text("iter_0000003\n")
+    ranks(probed_rank, world, run_config(tiny_run, tmp_path, train__max_steps=6, parallel__fsdp=fsdp, **RUN))
+    resumed = _metrics(tmp_path)
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    return resumed, _metrics(source)[3:]
+
+
 @pytest.mark.distributed
 def test_fsdp_resume_reproduces_the_uninterrupted_run_exactly(tiny_run, tp1_runs, tmp_path, ranks):
     dirs, _ = tp1_runs
-    for sub in ("checkpoints", "snapshots"):
-        shutil.copytree(dirs["fsdp"] / sub, tmp_path / sub)
-    (tmp_path / "checkpoints" / "latest").write_text("iter_0000003\n")
-    ranks(probed_rank, 2, run_config(tiny_run, tmp_path, train__max_steps=6, parallel__fsdp=True, **RUN))
-    resumed, uninterrupted = _metrics(tmp_path), _metrics(dirs["fsdp"])[3:]
-    assert [r["step"] for r in resumed] == [4, 5, 6]
+    resumed, uninterrupted = _resume_from_step_3(tiny_run, dirs["fsdp"], tmp_path, ranks, world=2, fsdp=True)
     assert [r["loss"] for r in resumed] == [r["loss"] for r in uninterrupted]
 
 
 @pytest.mark.distributed
 def test_a_ddp_checkpoint_resumes_under_fsdp_like_the_ddp_run(tiny_run, tp1_runs, tmp_path, ranks):
     dirs, _ = tp1_runs
-    for sub in ("checkpoints", "snapshots"):
-        shutil.copytree(dirs["ddp"] / sub, tmp_path / sub)
-    (tmp_path / "checkpoints" / "latest").write_text("iter_0000003\n")
-    ranks(probed_rank, 2, run_config(tiny_run, tmp_path, train__max_steps=6, parallel__fsdp=True, **RUN))
-    resumed, ddp = _metrics(tmp_path), _metrics(dirs["ddp"])[3:]
-    assert [r["step"] for r in resumed] == [4, 5, 6]
-    for x, y in zip(resumed, ddp):
-        assert abs(x["loss"] - y["loss"]) <= 1e-5, (x["step"], x["loss"], y["loss"])
+    resumed, ddp = _resume_from_step_3(tiny_run, dirs["ddp"], tmp_path, ranks, world=2, fsdp=True)
+    _same_losses(resumed, ddp, 1e-5)
 
 
 @pytest.mark.distributed
 def test_an_fsdp_checkpoint_resumes_under_ddp_at_another_dp_size(tiny_run, tp1_runs, tmp_path, ranks):
     dirs, _ = tp1_runs
-    for sub in ("checkpoints", "snapshots"):
-        shutil.copytree(dirs["fsdp"] / sub, tmp_path / sub)
-    (tmp_path / "checkpoints" / "latest").write_text("iter_0000003\n")
-    ranks(probed_rank, 1, run_config(tiny_run, tmp_path, train__max_steps=6, **RUN))
-    resumed, fsdp = _metrics(tmp_path), _metrics(dirs["fsdp"])[3:]
-    assert [r["step"] for r in resumed] == [4, 5, 6]
-    for x, y in zip(resumed, fsdp):
-        assert abs(x["loss"] - y["loss"]) <= 1e-5, (x["step"], x["loss"], y["loss"])
+    resumed, fsdp = _resume_from_step_3(tiny_run, dirs["fsdp"], tmp_path, ranks, world=1, fsdp=False)
+    _same_losses(resumed, fsdp, 1e-5)
 
 
 @pytest.mark.distributed
@@ -148,8 +147,7 @@ def test_fsdp_from_the_cli_under_torchrun_trains_like_ddp(tiny_run, tp1_runs, tm
     assert result.returncode == 0, result.stderr[-3000:]
     cli, ddp = _metrics(tmp_path / "out"), _metrics(dirs["ddp"])
     assert [r["step"] for r in cli] == [r["step"] for r in ddp] == list(range(1, 7))
-    for x, y in zip(cli, ddp):
-        assert abs(x["loss"] - y["loss"]) <= 1e-4, (x["step"], x["loss"], y["loss"])
+    _same_losses(cli, ddp, 1e-4)
 
 
 @pytest.mark.distributed
