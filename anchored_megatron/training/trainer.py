@@ -183,8 +183,11 @@ class Trainer:
         if cfg.student.checkpoint:
             with self._whole_weights(self.wrapped, write=True):
                 load_megatron_weights(self.wrapped, resolve_checkpoint_dir(cfg.student.checkpoint, "student.checkpoint"), checksums)
-            # The DDP/optimizer main params were copied at construction: refresh them.
-            self.optimizer.reload_model_params()
+            # The DDP/optimizer main params were copied at construction: refresh them. Under FSDP the
+            # gathered weights were written into the main-weight shards already (and Megatron-FSDP
+            # has no model-to-main copy: a no-op up to 0.18, NotImplementedError from 0.19).
+            if not cfg.parallel.fsdp:
+                self.optimizer.reload_model_params()
         return Progress()
 
     def _resume(self, latest: str) -> Progress:
