@@ -85,12 +85,9 @@ def megatron_fsdp(wrapped):
 
 def release_gathered(wrapped) -> None:
     """Free every gathered weight bucket and put the sharded parameters back in the module."""
-    fsdp = megatron_fsdp(wrapped)
-    pipeline = fsdp.all_gather_pipeline
-    # A forward prefetches the next bucket; finish it first (Megatron's reset would, with a warning).
-    while pipeline.param_gather_event_map:
-        pipeline.wait_bucket_ready(*next(iter(pipeline.param_gather_event_map)))
-    fsdp.synchronize_param_gather()
+    from anchored_megatron.platform.mcore_compat import fsdp
+
+    fsdp.release_gathered(megatron_fsdp(wrapped))
 
 
 def _weight_buffers(wrapped):
