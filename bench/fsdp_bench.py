@@ -62,7 +62,7 @@ def _run(cfg_dict):
 
         def _save(self, progress):
             seen.setdefault("peak_mb", _status_mb("VmHWM"))
-            super()._save(progress)
+            return super()._save(progress)
 
     trainer = Measured(build(RunConfig, cfg_dict))
     trainer.setup()
