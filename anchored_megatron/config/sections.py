@@ -20,6 +20,9 @@ class ParallelConfig:
     # Expert-parallel size (MoE models): the experts of each layer are split over ep ranks. The
     # experts keep tensor-parallel size tp, so ep ranks are carved out of the data-parallel ones.
     ep: int = 1
+    # Megatron-FSDP: shard every role's weights (and the student's grads and Adam state) over
+    # the data-parallel ranks instead of replicating them; see docs/scale-out.md.
+    fsdp: bool = False
 
     def validate(self, world_size: int | None = None, prefix: str = "parallel") -> None:
         require(isinstance(self.tp, int) and self.tp >= 1, f"{prefix}.tp", f"must be an integer >= 1, got {self.tp!r}")
@@ -29,6 +32,12 @@ class ParallelConfig:
             require(self.pp > 1 or self.vpp == 1, f"{prefix}.vpp", f"needs parallel.pp > 1, got pp={self.pp}, vpp={self.vpp}")
         require(not self.sequence_parallel or self.tp > 1, f"{prefix}.sequence_parallel", "needs parallel.tp > 1")
         require(isinstance(self.ep, int) and not isinstance(self.ep, bool) and self.ep >= 1, f"{prefix}.ep", f"must be an integer >= 1, got {self.ep!r}")
+        require(isinstance(self.fsdp, bool), f"{prefix}.fsdp", f"must be true or false, got {self.fsdp!r}")
+        require(
+            not self.fsdp or self.pp == 1, f"{prefix}.fsdp",
+            f"shards over data-parallel ranks without pipeline stages; got pp={self.pp}: use parallel.pp=1 with "
+            "parallel.fsdp=true (combine it with parallel.tp instead), or parallel.fsdp=false",
+        )
         if world_size is not None:
             require(
                 world_size % (self.tp * self.pp) == 0,

@@ -57,6 +57,7 @@ def validate_run(cfg, world_size: int, check_files: bool = True) -> None:
     _check_options_the_objective_uses(cfg)
     _check_pipeline_schedule(cfg)
     _check_moe_training(cfg)
+    _check_fsdp(cfg)
     _check_checkpoints(cfg, check_files)
     if check_files:
         _check_tokenizers(cfg)
@@ -172,6 +173,33 @@ def _check_moe_training(cfg) -> None:
             "(Megatron-Core refuses MoE layers under tensor parallelism without it), which needs "
             "model.transformer_impl=transformer_engine; with the local spec split the experts with parallel.ep at tp=1"
         )
+
+
+def _check_fsdp(cfg) -> None:
+    if not cfg.parallel.fsdp:
+        return
+    if cfg.model.is_moe:
+        raise ConfigError(
+            f"parallel.fsdp: a MoE model (model.num_moe_experts={cfg.model.num_moe_experts}) is not sharded with Megatron-FSDP "
+            "here; split its experts with parallel.ep and keep parallel.fsdp=false"
+        )
+    if "optim.distributed_optimizer" in cfg.explicit_keys and not cfg.optim.distributed_optimizer:
+        raise ConfigError(
+            "optim.distributed_optimizer: parallel.fsdp=true always shards the optimizer state over the data-parallel "
+            "ranks; remove optim.distributed_optimizer=false or set parallel.fsdp=false"
+        )
+    if not cfg.model.fused_output_loss:
+        return
+    # The fused loss reads the roles' whole output weights after their forward; under
+    # Megatron-FSDP those weights exist only as shards by then. Its default gives way to FSDP
+    # (the resolved config written next to the run shows it off); a user's explicit true is refused.
+    for option in ("model.fused_output_loss", "model.fused_output_chunk_tokens"):
+        if option in cfg.explicit_keys and (option == "model.fused_output_loss" or _changed(cfg, option)):
+            raise ConfigError(
+                f"{option}: the fused output loss is not available with parallel.fsdp=true (the output weights are sharded outside "
+                "the forward); set model.fused_output_loss=false or parallel.fsdp=false"
+            )
+    cfg.model = dataclasses.replace(cfg.model, fused_output_loss=False)
 
 
 def _inside(path: str, directory: str) -> bool:

@@ -15,6 +15,12 @@ Per rank (every TP and DP rank of a stage holds the same):
   in-flight microbatches, P2P buffers, the loss peak on the last stage, one layer transient,
   and for MoE models one layer's all-to-all token buffers).
 
+With ``parallel.fsdp`` (Megatron-FSDP, PP = 1) every rank holds 1/DP of the student's weights,
+grads and optimizer state and of each frozen role's weights, plus what is gathered at the
+peak (``gathered``): the student's non-layer weights (embedding, output layer, final norm:
+gathered at its forward, released after its backward), two layers of weights (the one running
+and the one prefetched) and one layer's fp32 grads before their reduce-scatter.
+
 Not counted: CUDA context and allocator fragmentation (budget 2-5 GiB per GPU), the DDP
 buckets' padding, communication buffers (NCCL), checkpoint-save staging copies.
 """
@@ -25,7 +31,7 @@ from dataclasses import dataclass
 
 from anchored_megatron.config import RunConfig
 from anchored_megatron.planning import activations as act
-from anchored_megatron.planning.parameters import rank_parameters, total_parameters
+from anchored_megatron.planning.parameters import layer_parameters, rank_parameters, total_parameters
 
 GIB = 1024**3
 
@@ -42,10 +48,11 @@ class StageMemory:
     optimizer: int
     frozen_weights: int
     activations: int
+    gathered: int = 0  # Megatron-FSDP: weights (and a layer's grads) gathered whole at the peak
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.frozen_weights + self.activations
+        return self.weights + self.grads + self.optimizer + self.frozen_weights + self.activations + self.gathered
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,7 @@ def plan_memory(cfg: RunConfig, world_size: int) -> MemoryPlan:
         experts = sum(chunk.experts for chunk in chunks)
         per_param = optimizer_bytes_per_param(model.params_dtype)
         optimizer = params * per_param
-        if cfg.optim.distributed_optimizer:
+        if cfg.optim.distributed_optimizer or parallel.fsdp:
             optimizer = _ceil_div((params - experts) * per_param, dp) + _ceil_div(experts * per_param, dp // parallel.ep)
         held = act.in_flight_microbatches(parallel, pp_rank, num_microbatches)
         activations = held * (layers * per_layer + act.pipeline_buffer_bytes(model, parallel, mbs, num_roles, first, last))
@@ -92,16 +99,18 @@ def plan_memory(cfg: RunConfig, world_size: int) -> MemoryPlan:
         activations += act.all_to_all_bytes(model, mbs)
         if last:
             activations += act.loss_activation_bytes(model, parallel, mbs, num_roles)
+        shard = (lambda nbytes: -(-nbytes // dp)) if parallel.fsdp else (lambda nbytes: nbytes)
         stages.append(
             StageMemory(
                 pp_rank=pp_rank,
                 layers=layers,
                 parameters=params,
-                weights=params * beta,
-                grads=params * 4,
+                weights=shard(params * beta),
+                grads=shard(params * 4),
                 optimizer=optimizer,
-                frozen_weights=params * beta * len(frozen),
+                frozen_weights=shard(params * beta) * len(frozen),
                 activations=int(activations),
+                gathered=fsdp_gathered_bytes(model, parallel, chunks) if parallel.fsdp else 0,
             )
         )
     return MemoryPlan(world_size=world_size, data_parallel_size=dp, num_microbatches=num_microbatches, frozen_roles=frozen, stages=tuple(stages))
@@ -109,6 +118,14 @@ def plan_memory(cfg: RunConfig, world_size: int) -> MemoryPlan:
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def fsdp_gathered_bytes(model, parallel, chunks) -> int:
+    """What Megatron-FSDP holds whole at the peak on one rank (see the module docstring)."""
+    beta = act.PARAM_BYTES[model.params_dtype]
+    layer = layer_parameters(model, parallel.tp)
+    outside_layers = sum(chunk.embedding + chunk.output_layer + chunk.final_norm for chunk in chunks)
+    return outside_layers * beta + 2 * layer * beta + layer * 4
 
 
 def checkpoint_bytes(cfg: RunConfig) -> int:

@@ -71,7 +71,9 @@ def _moe_lines(cfg: RunConfig, plan: MemoryPlan) -> list[str]:
 def format_plan(cfg: RunConfig, plan: MemoryPlan, world_source: str) -> str:
     model, parallel, train = cfg.model, cfg.parallel, cfg.train
     roles = " + ".join(("student",) + plan.frozen_roles)
-    optimizer = "distributed (sharded over DP)" if cfg.optim.distributed_optimizer else "replicated"
+    optimizer = "distributed (sharded over DP)" if cfg.optim.distributed_optimizer or parallel.fsdp else "replicated"
+    sharding = ("Megatron-FSDP: every role's weights, the student's grads and optimizer state sharded over DP, one layer gathered at a time"
+                if parallel.fsdp else "frozen roles co-sharded with the student, weights only")
     lines = [
         "config: valid",
         f"world size {plan.world_size} ({world_source}) = TP {parallel.tp} x PP {parallel.pp} x DP {plan.data_parallel_size}"
@@ -82,17 +84,19 @@ def format_plan(cfg: RunConfig, plan: MemoryPlan, world_source: str) -> str:
         f", {'tied' if model.tie_embeddings else 'untied'} embeddings, {model.params_dtype}, {model.transformer_impl} spec"
         f"; {_count(total_parameters(model))} parameters",
         *_moe_lines(cfg, plan),
-        f"objective {cfg.anchor.objective}: roles {roles} (frozen roles co-sharded with the student, weights only)",
+        f"objective {cfg.anchor.objective}: roles {roles} ({sharding})",
         f"batch: micro {train.micro_batch_size} x {plan.num_microbatches} microbatches x DP {plan.data_parallel_size}"
         f" = global {train.global_batch_size} sequences of {model.seq_length} tokens; optimizer {optimizer}",
         "",
         "memory per rank in GiB (every TP/DP rank of a stage alike):",
-        f"{'stage':>5} {'layers':>6} {'params':>9} {'weights':>8} {'grads':>8} {'optim':>8} {'frozen':>8} {'activ':>8} {'total':>8}",
+        f"{'stage':>5} {'layers':>6} {'params':>9} {'weights':>8} {'grads':>8} {'optim':>8} {'frozen':>8} {'activ':>8}"
+        + (f" {'gathered':>8}" if parallel.fsdp else "") + f" {'total':>8}",
     ]
     for stage in plan.stages:
         lines.append(
             f"{stage.pp_rank:>5} {stage.layers:>6} {_count(stage.parameters):>9} {_gib(stage.weights):>8} {_gib(stage.grads):>8}"
-            f" {_gib(stage.optimizer):>8} {_gib(stage.frozen_weights):>8} {_gib(stage.activations):>8} {_gib(stage.total):>8}"
+            f" {_gib(stage.optimizer):>8} {_gib(stage.frozen_weights):>8} {_gib(stage.activations):>8}"
+            + (f" {_gib(stage.gathered):>8}" if parallel.fsdp else "") + f" {_gib(stage.total):>8}"
         )
     peak = plan.peak
     lines += [

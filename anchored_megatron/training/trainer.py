@@ -20,7 +20,7 @@ from anchored_megatron.anchor import fused_passes
 from anchored_megatron.config import ConfigError, RunConfig
 from anchored_megatron.config.validate import reference_model
 from anchored_megatron.training import checkpoint as ckpt
-from anchored_megatron.training import moe_metrics
+from anchored_megatron.training import moe_metrics, sharding
 from anchored_megatron.training.checkpoint_dirs import resolve_checkpoint_dir
 from anchored_megatron.training.forward_step import REPLAY_KEY, REPLAY_SUM_NAMES, SUM_NAMES, make_forward_step
 from anchored_megatron.training.metrics_log import MetricsLog
@@ -130,18 +130,18 @@ class Trainer:
         from anchored_megatron.training.optim import build_optimizer, wrap_ddp
 
         cfg = self.cfg
+        fsdp = cfg.parallel.fsdp
         # loss_func returns (sum, tokens): a true per-token mean. Set at construction: MoE routers
         # read it there to scale their load-balancing loss to that convention.
         self.student = build_model_chunks(cfg.model, cfg.parallel, calculate_per_token_loss=True)
         config = self.student[0].config
-        self.wrapped = wrap_ddp(self.student, cfg.optim.distributed_optimizer)
+        self.wrapped = sharding.wrap_fsdp(self.student) if fsdp else wrap_ddp(self.student, cfg.optim.distributed_optimizer)
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = [m.no_sync for m in self.wrapped] if len(self.wrapped) > 1 else self.wrapped[0].no_sync
         roles = {}
         for name in cfg.anchor.frozen_roles:
             # The reference may have an MLP of its own (a dense teacher for a MoE student, or the reverse).
-            roles[name] = build_model_chunks(reference_model(cfg) if name == "reference" else cfg.model, cfg.parallel)
-            freeze(roles[name])
+            roles[name] = self._frozen_role(build_model_chunks(reference_model(cfg) if name == "reference" else cfg.model, cfg.parallel))
         self.reference, self.snapshot, self.base = (roles.get(name) for name in ("reference", "snapshot", "base"))
         frozen = list(roles.values())
         self.stacks = [RoleStack(self.wrapped[i], [roles[i] for roles in frozen], output_fusion(cfg.model)) for i in range(len(self.wrapped))]
@@ -150,6 +150,29 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(self.wrapped, cfg.optim, config.params_dtype, steps)
         if self.optimizer.config.fp16:
             config.grad_scale_func = self.optimizer.scale_loss
+
+    def _frozen_role(self, chunks) -> list:
+        freeze(chunks)
+        return sharding.shard_frozen(chunks) if self.cfg.parallel.fsdp else chunks
+
+    def _copy_student_to(self, role) -> None:
+        """role <- the student's current weights: under FSDP shard by shard, else tensor by tensor."""
+        if self.cfg.parallel.fsdp:
+            sharding.copy_shards(self.wrapped, role)
+        else:
+            copy_weights(self.student, role)
+
+    def _checkpointed_optimizer(self):
+        """The optimizer as checkpoints see it: under FSDP its shards in the DDP format."""
+        if self.cfg.parallel.fsdp:
+            from anchored_megatron.training.fsdp_checkpoint import FsdpOptimizerState
+
+            return FsdpOptimizerState(self.optimizer, self.wrapped)
+        return self.optimizer
+
+    def _whole_weights(self, chunks, write: bool = False):
+        """Whole tensors for checkpoint I/O: under FSDP ``chunks`` are gathered for the block."""
+        return sharding.gathered_weights(chunks, write) if self.cfg.parallel.fsdp else contextlib.nullcontext()
 
     # ---- checkpoints ----------------------------------------------------------------------
     def _load_initial_weights(self) -> Progress:
@@ -161,27 +184,37 @@ class Trainer:
         checksums = cfg.train.verify_checkpoint_checksums
         self.reference_identity = self._reference_identity()
         if self.reference is not None and not cfg.reference.checkpoint:
-            copy_weights(self.student, self.reference)  # random-init runs (tests): reference = the initial student
+            self._copy_student_to(self.reference)  # random-init runs (tests): reference = the initial student
         latest = ckpt.latest_checkpoint(self.ckpt_root) if os.path.isdir(self.ckpt_root) else None
         progress = self._resume(latest) if latest is not None else None
         if self.reference is not None and cfg.reference.checkpoint:
-            load_megatron_weights(self.reference, resolve_checkpoint_dir(cfg.reference.checkpoint, "reference.checkpoint"), checksums)
+            with self._whole_weights(self.reference, write=True):
+                load_megatron_weights(self.reference, resolve_checkpoint_dir(cfg.reference.checkpoint, "reference.checkpoint"), checksums)
         if self.base is not None:  # the KL term's base: the student's starting point, resume or not
-            load_megatron_weights(self.base, resolve_checkpoint_dir(cfg.student.checkpoint, "student.checkpoint"), checksums)
+            with self._whole_weights(self.base, write=True):
+                load_megatron_weights(self.base, resolve_checkpoint_dir(cfg.student.checkpoint, "student.checkpoint"), checksums)
         if progress is not None:
             return progress
         if cfg.student.checkpoint:
-            load_megatron_weights(self.student, resolve_checkpoint_dir(cfg.student.checkpoint, "student.checkpoint"), checksums)
-            # The DDP/optimizer main params were copied at construction: refresh them.
-            self.optimizer.reload_model_params()
+            with self._whole_weights(self.wrapped, write=True):
+                load_megatron_weights(self.wrapped, resolve_checkpoint_dir(cfg.student.checkpoint, "student.checkpoint"), checksums)
+            # The DDP/optimizer main params were copied at construction: refresh them. Under FSDP the
+            # gathered weights were written into the main-weight shards already (and Megatron-FSDP
+            # has no model-to-main copy: a no-op up to 0.18, NotImplementedError from 0.19).
+            if not cfg.parallel.fsdp:
+                self.optimizer.reload_model_params()
         return Progress()
 
     def _resume(self, latest: str) -> Progress:
         checksums = self.cfg.train.verify_checkpoint_checksums
-        state = ckpt.load_checkpoint(
-            latest, self.wrapped, self.optimizer, rank_state_loader=self._restore_rank_state,
-            checksums=checksums, check_common=lambda common: self._check_resume(common, latest), message=self.log.message,
-        )
+        optimizer = self._checkpointed_optimizer()
+        with self._whole_weights(self.wrapped, write=True):
+            state = ckpt.load_checkpoint(
+                latest, self.wrapped, optimizer, rank_state_loader=self._restore_rank_state,
+                checksums=checksums, check_common=lambda common: self._check_resume(common, latest), message=self.log.message,
+            )
+        if hasattr(optimizer, "finish_load"):
+            optimizer.finish_load()
         stored = dict(state["progress"])
         if "optimizer_stage" in stored:  # the field's name in checkpoints written before 2026-11-30
             stored["optimizer_iteration"] = stored.pop("optimizer_stage")
@@ -196,12 +229,13 @@ class Trainer:
         load_scheduler_state(self.scheduler, progress.scheduler)
         if self.snapshot is not None and progress.step % self.steps_per_iteration != 0:
             iteration = progress.step // self.steps_per_iteration
-            ckpt.load_checkpoint(
-                os.path.join(self.snapshot_root, ckpt.checkpoint_name(iteration)), self.snapshot, checksums=checksums,
-                advice=f"The snapshot of outer iteration {iteration} is needed to resume at step {progress.step}: resume from a "
-                f"checkpoint saved before that iteration (anchored-checkpoint list {self.ckpt_root}, then anchored-checkpoint use).",
-                message=self.log.message,
-            )
+            with self._whole_weights(self.snapshot, write=True):
+                ckpt.load_checkpoint(
+                    os.path.join(self.snapshot_root, ckpt.checkpoint_name(iteration)), self.snapshot, checksums=checksums,
+                    advice=f"The snapshot of outer iteration {iteration} is needed to resume at step {progress.step}: resume from a "
+                    f"checkpoint saved before that iteration (anchored-checkpoint list {self.ckpt_root}, then anchored-checkpoint use).",
+                    message=self.log.message,
+                )
         self.log.message(f"resumed from {latest} at step {progress.step}")
         return progress
 
@@ -247,10 +281,11 @@ class Trainer:
         progress.replay_sampler = None if self.replay_sampler is None else self.replay_sampler.state_dict()
         progress.scheduler = self.scheduler.state_dict()
         common = {"progress": dataclasses.asdict(progress), "layout": self._layout(), "reference": self.reference_identity}
-        path = ckpt.save_checkpoint(
-            self.ckpt_root, progress.step, self.wrapped, self.optimizer, common, rank_state=self._rank_state(),
-            add_files=lambda directory: write_trainer_model_config(directory, self.cfg.model, self.cfg.student.checkpoint),
-        )
+        with self._whole_weights(self.wrapped):
+            path = ckpt.save_checkpoint(
+                self.ckpt_root, progress.step, self.wrapped, self._checkpointed_optimizer(), common, rank_state=self._rank_state(),
+                add_files=lambda directory: write_trainer_model_config(directory, self.cfg.model, self.cfg.student.checkpoint),
+            )
         if self.runtime.rank == 0:
             ckpt.prune(self.ckpt_root, keep=self.cfg.train.keep_checkpoints)
             if self.snapshot is not None:
@@ -293,8 +328,9 @@ class Trainer:
         anchor = self.cfg.anchor
         events = [f"alpha {iteration_loss(anchor, iteration).alpha:g}"] if anchor.objective == "anchored" else []
         if self.snapshot is not None:
-            copy_weights(self.student, self.snapshot)
-            ckpt.save_checkpoint(self.snapshot_root, iteration, self.snapshot)
+            self._copy_student_to(self.snapshot)
+            with self._whole_weights(self.snapshot):
+                ckpt.save_checkpoint(self.snapshot_root, iteration, self.snapshot)
             events.append("snapshot refreshed from the student")
         if anchor.reset_optimizer_per_iteration and iteration != progress.optimizer_iteration:
             from anchored_megatron.training.optim import build_scheduler, reset_optimizer_state

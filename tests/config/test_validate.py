@@ -261,3 +261,24 @@ def test_replay_data_is_validated_by_name(run):
         with pytest.raises(ConfigError) as info:
             validated(run["args"] + overrides)
         assert str(info.value).startswith(message), (overrides, str(info.value))
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["parallel.fsdp=true", "parallel.pp=2"], 4, "parallel.fsdp: shards over data-parallel ranks without pipeline stages; got pp=2"),
+    (["parallel.fsdp=true", "optim.distributed_optimizer=false"], 2,
+     "optim.distributed_optimizer: parallel.fsdp=true always shards the optimizer state"),
+    (["parallel.fsdp=true", "model.fused_output_loss=true"], 2,
+     "model.fused_output_loss: the fused output loss is not available with parallel.fsdp=true"),
+    (["parallel.fsdp=true", "model.fused_output_chunk_tokens=512"], 2,
+     "model.fused_output_chunk_tokens: the fused output loss is not available with parallel.fsdp=true"),
+    (["parallel.fsdp=true", "model.num_moe_experts=4"], 2, "parallel.fsdp: a MoE model (model.num_moe_experts=4) is not sharded with Megatron-FSDP"),
+])
+def test_what_fsdp_cannot_do_is_refused_by_name(run, overrides, world, message):
+    with pytest.raises(ConfigError) as info:
+        validated(run["args"] + overrides, world_size=world)
+    assert str(info.value).startswith(message)
+
+
+def test_fsdp_turns_the_default_fused_output_loss_off_in_the_resolved_config(run):
+    assert validated(run["args"] + ["parallel.fsdp=true"], world_size=2).model.fused_output_loss is False
+    assert validated(run["args"], world_size=2).model.fused_output_loss is True

@@ -120,3 +120,19 @@ def test_the_example_configs_pass_the_trainers_validation(example, world_size):
     cfg = load_run_config(path)
     text = dry_run(cfg, world_size=world_size, check_files=False)
     assert text.startswith("config: valid")
+
+
+def test_fsdp_divides_every_roles_state_by_dp_and_adds_the_gathered_layers():
+    replicated = plan_memory(llama8b("parallel.pp=1", "model.fused_output_loss=false"), world_size=32).stages[0]
+    sharded = plan_memory(llama8b("parallel.pp=1", "parallel.fsdp=true"), world_size=32).stages[0]
+    dp = 32 // 4
+    assert sharded.weights == -(-replicated.weights // dp)
+    assert sharded.grads == -(-replicated.grads // dp)
+    assert sharded.frozen_weights == 2 * -(-replicated.weights // dp)
+    assert sharded.optimizer == replicated.optimizer  # the distributed optimizer already shards Adam over DP
+    # Llama-3-8B at TP=4, bf16: one layer, and the embedding + output layer + final norm, per TP rank.
+    h, ffn, heads, groups, d, vocab = 4096, 14336, 32, 8, 128, 128256
+    layer = (heads + 2 * groups) * d // 4 * h + h * heads * d // 4 + 3 * ffn // 4 * h + 2 * h
+    outside = 2 * vocab // 4 * h + h
+    assert sharded.gathered == outside * 2 + 2 * layer * 2 + layer * 4
+    assert replicated.gathered == 0

@@ -11,7 +11,7 @@ function returns) and compares release numbers only where no cheap probe can tel
   every release: split sizes left as tensors when they are already on the CPU).
 - ``fsdp``: Megatron-FSDP on gloo and without TE (every release: PREMUL_SUM reduction, the
   prefetch-size cap; 0.16 - 0.17: ``TELinear`` is a MagicMock subclass; 0.16: grad hooks on
-  frozen parameters).
+  frozen parameters; 0.19: releasing keeps the buckets outside the FSDP units gathered).
 - ``specs``: reading a layer spec (0.18+ builds the MLP entry as a ``functools.partial``).
 - ``checkpoint_format``: 0.19+ keeps the common state inside the torch_dist files; older releases
   cannot read such a checkpoint. 0.18+ write in threads and drop a failed write's errno, which is

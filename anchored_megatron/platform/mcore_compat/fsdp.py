@@ -12,6 +12,11 @@ Two are settings, returned by ``ddp_config_overrides`` for the caller's
 - ``TELinear`` (0.16 - 0.17): the adapter tests ``isinstance(module, TELinear)`` at TP > 1, and
   without TE that class derives from a MagicMock instance, so the test raises. No module is a
   TELinear without TE: a plain stand-in class answers False. 0.18 compares type names instead.
+- Releasing a frozen model's weights (0.19): ``synchronize_param_gather`` keeps the buckets
+  outside the FSDP units (embedding, output layer, final norm) gathered for the next step
+  (``reset(preserve_non_fsdp_units=True)``), which suits a trained model released after its
+  backward, not a frozen role that should hold only its shard between forwards;
+  ``release_gathered`` asks for every bucket (0.16 - 0.18 release them all anyway).
 - Frozen parameters (0.16): every parameter of an FSDP unit gets a post-accumulate-grad hook,
   which torch refuses for a tensor that does not require grad, so a frozen model cannot be
   wrapped. 0.17 registers hooks only on trainable parameters; so does the patch.
@@ -20,6 +25,7 @@ Two are settings, returned by ``ddp_config_overrides`` for the caller's
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 
@@ -48,6 +54,20 @@ def ddp_config_overrides(module: torch.nn.Module, backend: str) -> dict:
         "gradient_reduce_div_fusion": backend == "nccl",
         "suggested_communication_unit_size": communication_unit_size(module, (TransformerLayer,)),
     }
+
+
+def release_gathered(megatron_fsdp) -> None:
+    """Free every gathered weight bucket of a ``MegatronFSDP`` and put its sharded parameters
+    back in the module."""
+    pipeline = megatron_fsdp.all_gather_pipeline
+    # A forward prefetches the next bucket; finish it first (Megatron's reset would, with a warning).
+    while pipeline.param_gather_event_map:
+        pipeline.wait_bucket_ready(*next(iter(pipeline.param_gather_event_map)))
+    if "preserve_non_fsdp_units" in inspect.signature(pipeline.reset).parameters:
+        pipeline.reset(preserve_non_fsdp_units=False)
+    else:
+        pipeline.reset()
+    megatron_fsdp._replace_param_with_distributed_if_needed()
 
 
 def _is_instance_check_broken(cls) -> bool:
