@@ -271,12 +271,17 @@ def test_replay_data_is_validated_by_name(run):
      "model.fused_output_loss: the fused output loss is not available with parallel.fsdp=true"),
     (["parallel.fsdp=true", "model.fused_output_chunk_tokens=512"], 2,
      "model.fused_output_chunk_tokens: the fused output loss is not available with parallel.fsdp=true"),
-    (["parallel.fsdp=true", "model.num_moe_experts=4"], 2, "parallel.fsdp: a MoE model (model.num_moe_experts=4) is not sharded with Megatron-FSDP"),
 ])
 def test_what_fsdp_cannot_do_is_refused_by_name(run, overrides, world, message):
     with pytest.raises(ConfigError) as info:
         validated(run["args"] + overrides, world_size=world)
     assert str(info.value).startswith(message)
+
+
+def test_fsdp_refuses_a_moe_model(run):
+    args = [a for a in run["args"] if not a.startswith(("student.checkpoint=", "reference.checkpoint="))]
+    with pytest.raises(ConfigError, match=r"^parallel.fsdp: a MoE model \(model.num_moe_experts=4\) is not sharded with Megatron-FSDP"):
+        validated(args + ["model.preset=tiny", "model.num_moe_experts=4", "parallel.fsdp=true"], world_size=2)
 
 
 def test_fsdp_turns_the_default_fused_output_loss_off_in_the_resolved_config(run):
