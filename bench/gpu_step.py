@@ -210,6 +210,7 @@ def _time_steps(cfg, shape: dict) -> dict:
     device = trainer.runtime.device
     total = shape["warmup"] + shape["steps"]
     trainer.num_microbatches = cfg.train.num_microbatches(trainer.runtime.data_parallel_size)
+    trainer.replay_sampler = None  # no replay data: the synthetic batches are all gold ones
     trainer.steps_per_iteration = trainer.total_steps = trainer.stop_step = total
     trainer._build_roles()
     for frozen in (trainer.reference, trainer.snapshot):
