@@ -67,9 +67,9 @@ def merge_checkpoints(base: str, finetuned: str, out_dir: str, ratio: float, sho
         for ckpt in (base_dir, finetuned_dir):
             shapes[ckpt] = stored_shapes(ckpt)
             check_shapes(ckpt, model, shapes[ckpt])
-        out_dtype = stored_dtype(finetuned_dir)
+        base_dtype, out_dtype = stored_dtype(base_dir), stored_dtype(finetuned_dir)
         for group in itertools.chain(groups[:1], progress_bar(groups[1:], "merge", "layer", show_progress)):
-            base_tensors = load_entries(base_dir, group, model, shapes[base_dir], dtype=stored_dtype(base_dir))
+            base_tensors = load_entries(base_dir, group, model, shapes[base_dir], dtype=base_dtype)
             finetuned_tensors = load_entries(finetuned_dir, group, model, shapes[finetuned_dir], dtype=out_dtype)
             for rule in group:
                 a, b = base_tensors.pop(rule).float(), finetuned_tensors.pop(rule).float()
