@@ -51,9 +51,9 @@ def _logits_term(student_logits, frozen_logits, batch: dict, terms: IterationLos
     mask = batch["loss_mask"]
     # Without a reference (sft, dft) ce_weight is 1: the divergence term and the metrics are
     # skipped, so the student's own logits only stand in for the argument.
-    reference = frozen_logits[0] if terms.has_reference and not terms.label_prob_weight else student_logits.detach()
+    with_metrics = terms.with_metrics
+    reference = frozen_logits[0] if with_metrics else student_logits.detach()
     anchor = frozen_logits[1] if terms.use_snapshot else None
-    with_metrics = terms.has_reference and not terms.label_prob_weight
     result = vocab_parallel_anchored_loss(
         student_logits,
         reference,
@@ -80,7 +80,7 @@ def _fused_term(student_hidden, frozen_hidden, batch: dict, terms: IterationLoss
     """One loss term through the fused output layer; ``frozen_hidden`` as in ``_logits_term``
     (the weights are the roles' own: the base's at ``base_role`` for the KL-to-base term)."""
     roles = {}
-    with_metrics = terms.has_reference and not terms.label_prob_weight
+    with_metrics = terms.with_metrics
     if with_metrics:
         weight_index = 1 + (0 if base_role is None else base_role)
         roles.update(reference_hidden=frozen_hidden[0], reference_weight=fused.weights[weight_index])

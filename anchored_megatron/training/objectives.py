@@ -46,16 +46,23 @@ class IterationLoss:
     base_kl_weight: float = 0.0  # + base_kl_weight KL(p_base || p_theta), a second term
     base_role: int = 0  # which frozen output is the base's (asft: the reference's)
 
+    @property
+    def with_metrics(self) -> bool:
+        """Whether the term's loss call reports the KL metrics (it has a reference and a divergence)."""
+        return self.has_reference and not self.label_prob_weight
+
+    def _plain_kl(self, alpha: float, use_snapshot: bool) -> "IterationLoss":
+        return IterationLoss(alpha=alpha, ce_weight=0.0, scale=1.0, interpolation="logit", divergence="forward_kl", jsd_beta=self.jsd_beta,
+                             temperature=1.0, use_snapshot=use_snapshot, has_reference=True)
+
     def base_kl_terms(self) -> "IterationLoss":
         """The second term's settings: KL(p_base || p_theta) at temperature 1, the base in the
         reference's place (alpha = 1)."""
-        return IterationLoss(alpha=1.0, ce_weight=0.0, scale=1.0, interpolation="logit", divergence="forward_kl", jsd_beta=self.jsd_beta,
-                             temperature=1.0, use_snapshot=False, has_reference=True)
+        return self._plain_kl(alpha=1.0, use_snapshot=False)
 
     def replay_terms(self) -> "IterationLoss":
-        """A replay microbatch's settings: KL(p_snapshot || p_theta) at temperature 1."""
-        return IterationLoss(alpha=0.0, ce_weight=0.0, scale=1.0, interpolation="logit", divergence="forward_kl", jsd_beta=self.jsd_beta,
-                             temperature=1.0, use_snapshot=True, has_reference=True)
+        """A replay microbatch's settings: KL(p_snapshot || p_theta) at temperature 1 (alpha = 0)."""
+        return self._plain_kl(alpha=0.0, use_snapshot=True)
 
     def loss_kwargs(self) -> dict:
         return dict(
