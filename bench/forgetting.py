@@ -15,7 +15,8 @@ regime A seeds 0-2 (``--groups`` runs part of it), every saved checkpoint evalua
 bench/results/forgetting_summary.json (Pareto frontiers, paired differences with 95% t-intervals)
 and one Pareto plot per regime. Hours on 2 cores: run it in the background; it resumes job by job.
 ``--study --large``: the same on a model of about 8x the parameters (hidden 256, 4 layers),
-regime C seeds 0-1, for SFT, SFT+KL, distillation, anchored and two anchored variants; its own
+regime C seeds 0-1, for SFT, SFT+KL, distillation, anchored, two anchored variants and the replay
+variant's control (SFT with the same replay data); its own
 output directory and bench/results/forgetting_summary_large.json.
 
 Prints the tables; writes them (+ plots) to --results and the printed output to
@@ -50,7 +51,7 @@ STUDY = dict(  # FULL's model, data, base and budget; every method; the seeds th
 # for the methods whose anchored / SFT ratio it is meant to show; "--study --large".
 STUDY_LARGE = dict(
     sizes=dict(FULL["sizes"], hidden_size=256, num_layers=4, ffn_hidden_size=768,
-               methods=("sft", "sft_kl", "distill", "anchored", "anchored_base_kl", "anchored_replay")),
+               methods=("sft", "sft_kl", "distill", "anchored", "anchored_base_kl", "anchored_replay", "sft_replay")),
     groups=(("C", (0, 1)),), lr=3e-4,
 )
 REDUCED = dict(  # the demo's model and base budget (measured to learn the skills), regime C, 2 seeds, one lr
@@ -127,8 +128,8 @@ def run_study(plan: dict, output_dir: str) -> dict:
 
 def paired_table(records: list[dict]) -> str:
     """General accuracy at 0.9x the teacher's target accuracy and the paired differences."""
-    lines = ["| method | seeds reaching 0.9x | general at 0.9x | − SFT [95% CI] | − SFT+KL [95% CI] | − distill [95% CI] | degradation at 90% of SFT's gain |",
-             "| --- " * 7 + "|"]
+    lines = ["| method | seeds reaching 0.9x | general at 0.9x | − SFT [95% CI] | − SFT+KL [95% CI] | − distill [95% CI] | − SFT+replay [95% CI] "
+             "| degradation at 90% of SFT's gain |", "| --- " * 8 + "|"]
 
     def cell(diff):
         if diff is None or diff["mean"] is None:
@@ -142,14 +143,31 @@ def paired_table(records: list[dict]) -> str:
         general = "—" if r["general_at_0.9x"] is None else f"{r['general_at_0.9x']:.3f}"
         degradation = "—" if r["degradation_at_0.9_sft_gain"] is None else f"{100 * r['degradation_at_0.9_sft_gain']:.1f}% ({r['reached_0.9_sft_gain']}/{len(r['seeds'])})"
         lines.append(f"| {r['method']} | {r['reached_0.9x']}/{len(r['seeds'])} | {general} | {cell(diffs.get('sft'))} | "
-                     f"{cell(diffs.get('sft_kl'))} | {cell(diffs.get('distill'))} | {degradation} |")
+                     f"{cell(diffs.get('sft_kl'))} | {cell(diffs.get('distill'))} | {cell(diffs.get('sft_replay'))} | {degradation} |")
+    return "\n".join(lines) + "\n"
+
+
+def tracking_table(tracking: dict) -> str:
+    """Each teacher-trained method's final accuracies minus its own teacher's, paired per seed."""
+    def cell(d):
+        if d["mean"] is None:
+            return "—"
+        return f"{d['mean']:+.3f}" + (f" [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" if d["ci_low"] is not None else "") + f" (n={d['n']})"
+
+    lines = ["| method | its teacher | general − teacher's [95% CI] | target − teacher's [95% CI] |", "| --- " * 4 + "|"]
+    lines += [f"| {r['method']} | {r['teacher']} | {cell(r['general_minus_teacher'])} | {cell(r['target_minus_teacher'])} |"
+              for r in tracking["methods"]]
+    pooled = tracking["anchored_general_vs_teacher_general"]
+    r = "—" if pooled["r"] is None else f"{pooled['r']:.2f}"
+    lines += ["", f"Anchored-family students' final general accuracy against their own teacher's, pooled over methods and "
+              f"seeds: Pearson r = {r} over {pooled['n']} (teacher, student) pairs."]
     return "\n".join(lines) + "\n"
 
 
 def render_study(plan: dict, by_regime: dict, results_path: str, suffix: str = "") -> str:
     """Tables, the paired-difference table, one Pareto plot per regime, and
     bench/results/forgetting_summary.json; returns the text."""
-    from anchored_megatron.eval.study import plot_frontiers, summarize_regime
+    from anchored_megatron.eval.study import plot_frontiers, summarize_regime, teacher_tracking
 
     plot_dir = os.path.join(os.path.dirname(results_path) or ".", "results")
     os.makedirs(plot_dir, exist_ok=True)
@@ -162,19 +180,22 @@ def render_study(plan: dict, by_regime: dict, results_path: str, suffix: str = "
         f"examples, global batch {s['finetune_global_batch']}, constant lr, T x K = {s['outer_iterations']} x {s['epochs_per_iteration']} "
         f"epochs for every method; teacher {s['teacher_epochs']} epochs. Eval: {s['eval_per_skill']} held-out items per task, greedy, "
         f"every {s['eval_every_epochs']} epochs. Methods: {', '.join(s['methods'])}.", ""]
-    summary = []
+    summary, tracking = [], {}
     for regime, runs in by_regime.items():
         records = summarize_regime(runs, regime, list(seeds[regime]))
         summary += records
+        tracking[regime] = teacher_tracking(runs)
         title = f"regime {regime}, lr {plan['lr']:g}, {len(runs)} seed(s)"
         plot = plot_frontiers(runs, os.path.join(plot_dir, f"forgetting_study{suffix}_{regime}.png"), f"Pareto frontiers, {title}")
         sections += [markdown_tables(runs, title), "General accuracy at 0.9x the teacher's target accuracy, paired across seeds "
                      "(method − other, same base and teacher per seed; 95% Student t-interval):", "", paired_table(records),
+                     "Where each student ends against its own teacher (final checkpoints, paired per seed):", "",
+                     tracking_table(tracking[regime]),
                      f"![Pareto frontiers, {title}]({os.path.relpath(plot, os.path.dirname(results_path) or '.')})", ""]
     os.makedirs(os.path.join("bench", "results"), exist_ok=True)
     with open(os.path.join("bench", "results", f"forgetting_summary{suffix}.json"), "w", encoding="utf-8") as fh:
         json.dump({"date": datetime.date.today().isoformat(), "lr": plan["lr"], "groups": {k: list(v) for k, v in seeds.items()},
-                   "records": summary}, fh, indent=1)
+                   "records": summary, "teacher_tracking": tracking}, fh, indent=1)
         fh.write("\n")
     return "\n".join(sections)
 

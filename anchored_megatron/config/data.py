@@ -35,7 +35,8 @@ class DataConfig:
     cache_dir: str | None = None  # tokenised data lives here; default ~/.cache/anchored_megatron/sft
     # A replay trust region (anchored, snapshot only): records from these files (general prompts
     # with responses, e.g. the base's own) make up ``replay_fraction`` of every step's sequences,
-    # on top of the gold ones, with the loss KL(p_snapshot || p_theta) and no teacher.
+    # on top of the gold ones, with the loss KL(p_snapshot || p_theta) and no teacher. With
+    # objective sft: rehearsal, the CE on the replay responses (the same data without the trust region).
     replay_paths: list[str] = field(default_factory=list)
     replay_fraction: float = 0.0
 

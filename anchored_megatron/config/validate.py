@@ -146,9 +146,10 @@ def _check_options_the_objective_uses(cfg) -> None:
         raise ConfigError(f"anchor.jsd_beta: is used only with anchor.divergence=jsd, got divergence={cfg.anchor.divergence}; remove it")
     if _changed(cfg, "anchor.alpha_end") and cfg.anchor.alpha_schedule != "linear" and objective != "taid":
         raise ConfigError("anchor.alpha_end: is used only with anchor.alpha_schedule=linear; remove it or set the schedule")
-    if cfg.data.replay_paths and not cfg.anchor.needs_snapshot:
-        raise ConfigError(f"data.replay_paths: the replay loss KL(p_snapshot || p_theta) needs anchor.objective=anchored with "
-                          f"anchor.source=snapshot, got objective={objective}, source={cfg.anchor.source}")
+    if cfg.data.replay_paths and not (cfg.anchor.needs_snapshot or objective == "sft"):
+        raise ConfigError(f"data.replay_paths: the replay loss is KL(p_snapshot || p_theta), which needs anchor.objective=anchored "
+                          f"with anchor.source=snapshot, or the CE on the replay responses with anchor.objective=sft (rehearsal); "
+                          f"got objective={objective}, source={cfg.anchor.source}")
     if _changed(cfg, "reference.checkpoint") and not cfg.anchor.needs_reference:
         raise ConfigError(f"reference.checkpoint: is not used by anchor.objective={objective} (it has no frozen reference); remove it")
     if _changed(cfg, "model.fp8_recipe") and cfg.model.fp8 is None:

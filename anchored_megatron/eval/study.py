@@ -8,11 +8,12 @@ from it:
 - general accuracy at matched target accuracy: where the curve first reaches 0.75x / 0.9x /
   1.0x the teacher's target accuracy (linear between checkpoints), the level each seed's own
   teacher sets;
-- paired differences against sft, sft_kl and distill: per seed (same base, data and teacher)
+- paired differences against sft, sft_kl, distill and sft_replay: per seed (same base, data and teacher)
   the method's value minus the other's, then the mean and a 95% Student t-interval over the
   seeds where both reached the level;
 - degradation at 90% of SFT's gain: the relative loss of general accuracy where the curve first
-  reaches the base's target accuracy plus 0.9 x the final SFT checkpoint's gain.
+  reaches the base's target accuracy plus 0.9 x the final SFT checkpoint's gain;
+- teacher tracking: how far each method trained toward a teacher ends from its own teacher.
 
 Method ids: the experiment's job names, plus ``sft_early`` (the SFT curve up to the earliest
 checkpoint at 95% of its best target accuracy) and ``teacher`` (base -> teacher).
@@ -27,7 +28,8 @@ from anchored_megatron.eval.report import curve, general_accuracy, general_at_ta
 from anchored_megatron.eval.scoring import TARGET
 
 FRACTIONS = {0.75: "0.75x", 0.9: "0.9x", 1.0: "1.0x"}  # of the teacher's target accuracy, and their key suffixes
-COMPARED_WITH = ("sft", "sft_kl", "distill")
+# sft_replay: the control for replay variants (the same extra data, no trust region).
+COMPARED_WITH = ("sft", "sft_kl", "distill", "sft_replay")
 SFT_GAIN_FRACTION = 0.9
 NOT_METHODS = ("base", "teacher_sftkl", "teacher_early")  # jobs that are inputs of methods, not methods
 
@@ -138,6 +140,38 @@ def summarize_regime(runs: list[dict], regime: str, seeds: list[int]) -> list[di
                 record.setdefault(f"paired_diff_at_{label}", {})[other] = mean_interval(diffs)
         records.append(record)
     return records
+
+
+def _pearson(xs: list[float], ys: list[float]) -> float | None:
+    if len(xs) < 3 or statistics.pstdev(xs) == 0 or statistics.pstdev(ys) == 0:
+        return None
+    return statistics.correlation(xs, ys)
+
+
+def teacher_tracking(runs: list[dict]) -> dict:
+    """Does a student end where its own teacher is? For every method trained toward a teacher
+    (its ``depends["reference"]`` is a ``teacher*`` job: the teacher, or one made another way),
+    per seed its final general and target accuracy minus its teacher's, as paired 95%
+    t-intervals; and, pooled over the anchored-family methods and seeds, the correlation of the
+    student's final general accuracy with its teacher's (the teachers differ by seed and by how
+    they were made, which is what spreads them). A method that only reaches its teacher shows
+    differences near 0 whatever the teacher, and a correlation near 1."""
+    methods = [m for m in methods_of(runs) if m in runs[0] and str(runs[0][m].get("depends", {}).get("reference", "")).startswith("teacher")]
+    records, pooled = [], ([], [])
+    for m in methods:
+        general_diffs, target_diffs = [], []
+        for results in runs:
+            teacher = results[results[m]["depends"]["reference"]]["points"][-1]
+            final = results[m]["points"][-1]
+            general_diffs.append(general_accuracy(final) - general_accuracy(teacher))
+            target_diffs.append(final["accuracy"][TARGET] - teacher["accuracy"][TARGET])
+            if m.startswith("anchored"):
+                pooled[0].append(general_accuracy(teacher))
+                pooled[1].append(general_accuracy(final))
+        records.append({"method": m, "teacher": runs[0][m]["depends"]["reference"],
+                        "general_minus_teacher": mean_interval(general_diffs), "target_minus_teacher": mean_interval(target_diffs)})
+    return {"methods": records, "anchored_general_vs_teacher_general": {"r": _pearson(*pooled), "n": len(pooled[0]),
+                                                                        "teacher_general": pooled[0], "student_general": pooled[1]}}
 
 
 def plot_frontiers(runs: list[dict], path: str, title: str) -> str:

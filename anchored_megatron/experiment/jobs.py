@@ -12,7 +12,9 @@ A job is one trainer run plus the evaluation of its checkpoints:
    teacher made with sft_kl / stopped after one epoch: extra teacher jobs), ``anchored_base_kl``
    (+ kl_weight KL(p_base || p_theta)), ``anchored_reset`` (fresh optimizer per outer iteration),
    ``anchored_ramp`` (alpha 0.2 -> 0.8 over the outer iterations), ``anchored_replay`` (a replay
-   trust region on fresh general-skill records drawn like the base's pretraining data), and
+   trust region on fresh general-skill records drawn like the base's pretraining data),
+   ``sft_replay`` (its control: SFT with the same replay records at the same fraction, trained by
+   CE on them, i.e. rehearsal: the data without the trust region), and
    ``wise_ft_r<ratio>`` (no training: the base and the final SFT checkpoint merged in weight space).
 
 A job's cache key hashes its run config (paths replaced by the keys / digests of what
@@ -32,7 +34,7 @@ from anchored_megatron.data.synthetic import CHAT_TEMPLATE
 METHODS = ("sft", "sft_kl", "distill", "anchored", "anchored_live", "anchored_a3")
 # Methods the forgetting study adds to the demo's (opt in through ExperimentConfig.methods).
 STUDY_METHODS = METHODS + ("dft", "asft", "taid", "anchored_ref_sftkl", "anchored_ref_early", "anchored_base_kl",
-                           "anchored_reset", "anchored_ramp", "anchored_replay", "wise_ft_r0.25", "wise_ft_r0.5", "wise_ft_r0.75")
+                           "anchored_reset", "anchored_ramp", "anchored_replay", "sft_replay", "wise_ft_r0.25", "wise_ft_r0.5", "wise_ft_r0.75")
 WISE_FT_PREFIX = "wise_ft_r"
 TAID_T = (0.4, 1.0)  # TAID's published t_start, t_end
 ALPHA_RAMP = (0.2, 0.8)  # anchored_ramp: alpha from 0.2 at the first outer iteration to 0.8 at the last
@@ -184,6 +186,7 @@ def plan(cfg: ExperimentConfig, paths: dict, vocab_size: int) -> list[JobSpec]:
         "anchored_replay": (run("anchored_replay", objective="anchored", epochs_t=T, epochs_k=K, reference=teacher_dir, alpha=cfg.alpha,
                                 source="snapshot", replay=True, reset_optimizer_per_iteration=reset, **ft),
                             {"student": "base", "reference": "teacher"}),
+        "sft_replay": (run("sft_replay", objective="sft", epochs_t=1, epochs_k=budget, replay=True, **ft), {"student": "base"}),
         "dft": (run("dft", objective="dft", epochs_t=1, epochs_k=budget, **ft), {"student": "base"}),
         "asft": (run("asft", objective="asft", epochs_t=1, epochs_k=budget, reference=base_dir, kl_weight=cfg.kl_weight, **ft),
                  {"student": "base", "reference": "base"}),

@@ -252,7 +252,9 @@ def run_jobs(jobs: list[JobSpec], paths: dict, eval_cfg: dict, tp: int, timeout:
         for job in merges:
             merge_job(job)
         results.update(launch(merges))
-    return {j.name: results[j.name] for j in jobs}
+    # Each result names the jobs it was trained from (its reference teacher, for the study's
+    # teacher-tracking statistics).
+    return {j.name: {**results[j.name], "depends": dict(j.depends)} for j in jobs}
 
 
 def run_experiment(cfg: ExperimentConfig, *, max_new_tokens: int = 64, eval_batch_size: int = 512, timeout: float = 7200.0) -> dict:

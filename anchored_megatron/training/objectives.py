@@ -15,7 +15,8 @@ are handled in one place:
 - anchored with ``anchor.base_kl_weight`` > 0: the anchored loss + lambda KL(p_base || p_theta)
             on the same tokens, the base a third frozen role.
 - replay microbatches (``data.replay_paths``): KL(p_snapshot || p_theta), i.e. the snapshot alone
-            as the anchor (alpha = 0), no teacher (``replay_terms``).
+            as the anchor (alpha = 0), no teacher (``replay_terms``); for sft (rehearsal, the
+            control that tells the trust region from the data) the CE on the replay responses.
 - taid:     TAID's interpolated target softmax((1 - t) sg(z_theta) + t z_teacher), i.e. the live
             anchor with alpha = t, and t rising linearly with the optimizer step from ``alpha`` to
             ``alpha_end`` (TAID's schedule without its adaptive momentum term).
@@ -61,7 +62,12 @@ class IterationLoss:
         return self._plain_kl(alpha=1.0, use_snapshot=False)
 
     def replay_terms(self) -> "IterationLoss":
-        """A replay microbatch's settings: KL(p_snapshot || p_theta) at temperature 1 (alpha = 0)."""
+        """A replay microbatch's settings: KL(p_snapshot || p_theta) at temperature 1 (alpha = 0)
+        with a snapshot; without one (sft, the only other objective validation lets replay) the
+        plain CE on the replay responses."""
+        if not self.use_snapshot:
+            return IterationLoss(alpha=1.0, ce_weight=1.0, scale=1.0, interpolation="logit", divergence="forward_kl",
+                                 jsd_beta=self.jsd_beta, temperature=1.0, use_snapshot=False, has_reference=False)
         return self._plain_kl(alpha=0.0, use_snapshot=True)
 
     def loss_kwargs(self) -> dict:

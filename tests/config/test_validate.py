@@ -246,7 +246,12 @@ def test_replay_data_is_validated_by_name(run):
     replay.write_text(json.dumps({"prompt": "c", "response": "d"}) + "\n")
     # global batch 2, micro 1: 2 gold microbatches; 0.5 adds 2 replay ones.
     assert validated(run["args"] + [f"data.replay_paths=[{replay}]", "data.replay_fraction=0.5"]).data.replay_microbatches(2) == 2
+    # sft takes replay data too (rehearsal: CE on it); the other objectives do not.
+    without_reference = [a for a in run["args"] if not a.startswith("reference.")]
+    assert validated(without_reference + ["anchor.objective=sft", f"data.replay_paths=[{replay}]", "data.replay_fraction=0.5"]).data.replay_paths
     cases = [
+        (["anchor.objective=distill", f"data.replay_paths=[{replay}]", "data.replay_fraction=0.5"],
+         "data.replay_paths: the replay loss is KL(p_snapshot || p_theta)"),
         ([f"data.replay_paths=[{replay}]"], "data.replay_fraction: data.replay_paths and data.replay_fraction > 0 go together"),
         (["data.replay_fraction=0.5"], "data.replay_paths: data.replay_paths and data.replay_fraction > 0 go together"),
         ([f"data.replay_paths=[{run['root'] / 'missing.jsonl'}]", "data.replay_fraction=0.5"], "data.replay_paths[0]: "),
@@ -255,7 +260,8 @@ def test_replay_data_is_validated_by_name(run):
          "data.replay_fraction: 0.25 of each step's sequences is 0.667 microbatches next to the 2 gold ones per data-parallel rank; "
          "it must be a whole number: e.g. 0.333 (1), 0.5 (2), 0.6 (3)"),
         ([f"data.replay_paths=[{replay}]", "data.replay_fraction=0.5", "anchor.source=live"],
-         "data.replay_paths: the replay loss KL(p_snapshot || p_theta) needs anchor.objective=anchored with anchor.source=snapshot"),
+         "data.replay_paths: the replay loss is KL(p_snapshot || p_theta), which needs anchor.objective=anchored with anchor.source=snapshot, "
+         "or the CE on the replay responses with anchor.objective=sft (rehearsal); got objective=anchored, source=live"),
     ]
     for overrides, message in cases:
         with pytest.raises(ConfigError) as info:

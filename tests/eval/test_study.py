@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from anchored_megatron.eval.study import mean_interval, pareto_frontier, summarize_regime
+from anchored_megatron.eval.study import mean_interval, pareto_frontier, summarize_regime, teacher_tracking
 
 
 def _point(target, general, epoch):
@@ -67,3 +67,42 @@ def test_mean_interval_is_the_student_t_interval():
 def test_pareto_frontier_keeps_the_undominated_checkpoints():
     points = [(0.1, 0.9), (0.2, 0.8), (0.2, 0.7), (0.3, 0.85), (0.5, 0.4), (0.4, 0.3)]
     assert pareto_frontier(points) == [(0.1, 0.9), (0.3, 0.85), (0.5, 0.4)]
+
+
+def _tracking_seed(teacher_general, other_teacher_general, student_offset):
+    """Two teachers (target 0.5 each); 'anchored' trained toward the first ends at its general
+    accuracy + ``student_offset`` and target 0.45, 'anchored_ref_x' toward the second exactly at
+    it; 'sft' and 'sft_kl' have no teacher and must be left out."""
+    def job(target, general, depends):
+        return {"points": [_point(target, general, 10)], "depends": depends}
+
+    return {
+        "base": {"points": [_point(0.0, 0.60, 0)], "depends": {}},
+        "teacher": job(0.5, teacher_general, {"student": "base"}),
+        "teacher_x": job(0.5, other_teacher_general, {"student": "base", "reference": "base"}),
+        "sft": job(0.6, 0.3, {"student": "base"}),
+        "sft_kl": job(0.6, 0.4, {"student": "base", "reference": "base"}),
+        "anchored": job(0.45, teacher_general + student_offset, {"student": "base", "reference": "teacher"}),
+        "anchored_ref_x": job(0.5, other_teacher_general, {"student": "base", "reference": "teacher_x"}),
+    }
+
+
+def test_teacher_tracking_pairs_each_student_with_its_own_teacher():
+    seeds = [(0.50, 0.55, 0.01), (0.46, 0.58, 0.03), (0.52, 0.54, -0.01)]
+    tracking = teacher_tracking([_tracking_seed(*s) for s in seeds])
+    by_method = {r["method"]: r for r in tracking["methods"]}
+    assert sorted(by_method) == ["anchored", "anchored_ref_x"]
+    assert by_method["anchored_ref_x"]["teacher"] == "teacher_x"
+    # anchored minus its teacher: the offsets 0.01, 0.03, -0.01 (mean 0.01, sd 0.02, t(0.975, 2) = 4.303).
+    half = 4.303 * 0.02 / math.sqrt(3)
+    assert by_method["anchored"]["general_minus_teacher"] == pytest.approx({"mean": 0.01, "ci_low": 0.01 - half, "ci_high": 0.01 + half, "n": 3})
+    assert by_method["anchored"]["target_minus_teacher"]["mean"] == pytest.approx(-0.05)
+    assert by_method["anchored_ref_x"]["general_minus_teacher"] == pytest.approx({"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 3})
+    # Pooled: the six (teacher, student) pairs, method by method, Pearson r written out.
+    xs = [0.50, 0.46, 0.52, 0.55, 0.58, 0.54]
+    ys = [0.51, 0.49, 0.51, 0.55, 0.58, 0.54]
+    mx, my = sum(xs) / 6, sum(ys) / 6
+    r = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / math.sqrt(sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys))
+    pooled = tracking["anchored_general_vs_teacher_general"]
+    assert pooled["n"] == 6 and pooled["r"] == pytest.approx(r)
+    assert pooled["teacher_general"] == pytest.approx(xs) and pooled["student_general"] == pytest.approx(ys)

@@ -214,3 +214,39 @@ def test_anchored_with_a_kl_term_to_the_base_matches_the_formula(fused_output):
         assert _relative_error(leaf.grad, grad) <= TOLERANCE
     kl_reference = ((log_pr.exp() * (log_pr - log_p)).sum(-1) * loss_mask).sum()
     assert _relative_error(sums[SUM_NAMES.index("kl_reference")].double(), kl_reference) <= 1e-6
+
+
+@pytest.mark.parametrize("objective", ["sft", "anchored"])
+def test_replay_microbatch_loss_matches_the_formula(objective):
+    """A replay microbatch: for anchored (snapshot) KL(p_snapshot || p_theta), for sft (rehearsal)
+    the CE on the replay responses; its sums go to the replay metrics, none to the gold ones."""
+    from anchored_megatron.training.forward_step import REPLAY_KEY, _loss_func
+    from anchored_megatron.training.objectives import iteration_loss
+
+    student, snapshot, labels, loss_mask = _inputs()
+    anchor = AnchorConfig(objective=objective, alpha=0.3, temperature=1.5) if objective == "anchored" else AnchorConfig(objective="sft")
+    teacher = torch.randn_like(student)  # never read: a replay microbatch has no teacher
+    leaf = student.clone().requires_grad_(True)
+    frozen = [teacher, snapshot] if objective == "anchored" else []
+    batch = {"labels": labels, "loss_mask": loss_mask, REPLAY_KEY: True}
+    loss_sum, tokens, report = _loss_func(batch, frozen, iteration_loss(anchor, 0), VOCAB, None, leaf)
+    loss_sum.backward()
+
+    log_p = _log_softmax(student[..., :VOCAB])
+    if objective == "anchored":  # temperature 1 and alpha 0 whatever the gold loss uses; d/dz = p - p_snapshot
+        log_s = _log_softmax(snapshot[..., :VOCAB])
+        per_token = (log_s.exp() * (log_s - log_p)).sum(-1)
+        grad = log_p.exp() - log_s.exp()
+    else:  # CE; d/dz = p - onehot
+        onehot = torch.nn.functional.one_hot(labels, VOCAB).double()
+        per_token = -(onehot * log_p).sum(-1)
+        grad = log_p.exp() - onehot
+    expected_grad = torch.zeros_like(student)
+    expected_grad[..., :VOCAB] = grad * loss_mask.unsqueeze(-1)
+    expected_loss = (per_token * loss_mask).sum()
+    assert _relative_error(loss_sum.detach(), expected_loss) <= TOLERANCE
+    assert _relative_error(leaf.grad, expected_grad) <= TOLERANCE
+    assert tokens.item() == loss_mask.sum().item()
+    assert torch.count_nonzero(report["sums"]) == 0
+    assert report["replay_sums"][0].item() == pytest.approx(expected_loss.item(), rel=1e-6)
+    assert report["replay_sums"][1].item() == loss_mask.sum().item()
