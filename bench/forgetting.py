@@ -159,8 +159,8 @@ def tracking_table(tracking: dict) -> str:
               for r in tracking["methods"]]
     pooled = tracking["anchored_general_vs_teacher_general"]
     r = "—" if pooled["r"] is None else f"{pooled['r']:.2f}"
-    lines += ["", f"Anchored-family students' final general accuracy against their own teacher's, pooled over methods and "
-              f"seeds: Pearson r = {r} over {pooled['n']} (teacher, student) pairs."]
+    lines += ["", f"Anchored students' final general accuracy against their own teacher's, pooled over seeds and the anchored "
+              f"methods whose loss has no term toward the base or general data: Pearson r = {r} over {pooled['n']} (teacher, student) pairs."]
     return "\n".join(lines) + "\n"
 
 

@@ -32,6 +32,10 @@ FRACTIONS = {0.75: "0.75x", 0.9: "0.9x", 1.0: "1.0x"}  # of the teacher's target
 COMPARED_WITH = ("sft", "sft_kl", "distill", "sft_replay")
 SFT_GAIN_FRACTION = 0.9
 NOT_METHODS = ("base", "teacher_sftkl", "teacher_early")  # jobs that are inputs of methods, not methods
+# Anchored variants whose loss also pulls toward something other than the teacher (the base, general
+# data): left out of the pooled teacher-tracking correlation, which asks whether the teacher alone
+# sets where the student ends.
+NOT_TEACHER_ONLY = ("anchored_base_kl", "anchored_replay")
 
 # Two-sided 95% Student t critical values t_{0.975, df} for df = 1..30 (standard tables); the
 # normal quantile 1.96 beyond.
@@ -152,9 +156,9 @@ def teacher_tracking(runs: list[dict]) -> dict:
     """Does a student end where its own teacher is? For every method trained toward a teacher
     (its ``depends["reference"]`` is a ``teacher*`` job: the teacher, or one made another way),
     per seed its final general and target accuracy minus its teacher's, as paired 95%
-    t-intervals; and, pooled over the anchored-family methods and seeds, the correlation of the
-    student's final general accuracy with its teacher's (the teachers differ by seed and by how
-    they were made, which is what spreads them). A method that only reaches its teacher shows
+    t-intervals; and, pooled over the teacher-only anchored methods (not NOT_TEACHER_ONLY) and
+    seeds, the correlation of the student's final general accuracy with its teacher's (the
+    teachers differ by seed and by how they were made, which is what spreads them). A method that only reaches its teacher shows
     differences near 0 whatever the teacher, and a correlation near 1."""
     methods = [m for m in methods_of(runs) if m in runs[0] and str(runs[0][m].get("depends", {}).get("reference", "")).startswith("teacher")]
     records, pooled = [], ([], [])
@@ -165,7 +169,7 @@ def teacher_tracking(runs: list[dict]) -> dict:
             final = results[m]["points"][-1]
             general_diffs.append(general_accuracy(final) - general_accuracy(teacher))
             target_diffs.append(final["accuracy"][TARGET] - teacher["accuracy"][TARGET])
-            if m.startswith("anchored"):
+            if m.startswith("anchored") and m not in NOT_TEACHER_ONLY:
                 pooled[0].append(general_accuracy(teacher))
                 pooled[1].append(general_accuracy(final))
         records.append({"method": m, "teacher": runs[0][m]["depends"]["reference"],

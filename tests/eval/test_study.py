@@ -84,6 +84,8 @@ def _tracking_seed(teacher_general, other_teacher_general, student_offset):
         "sft_kl": job(0.6, 0.4, {"student": "base", "reference": "base"}),
         "anchored": job(0.45, teacher_general + student_offset, {"student": "base", "reference": "teacher"}),
         "anchored_ref_x": job(0.5, other_teacher_general, {"student": "base", "reference": "teacher_x"}),
+        # Pulled toward general data too: tracked against its teacher, left out of the pooled correlation.
+        "anchored_replay": job(0.5, 0.7, {"student": "base", "reference": "teacher"}),
     }
 
 
@@ -91,7 +93,8 @@ def test_teacher_tracking_pairs_each_student_with_its_own_teacher():
     seeds = [(0.50, 0.55, 0.01), (0.46, 0.58, 0.03), (0.52, 0.54, -0.01)]
     tracking = teacher_tracking([_tracking_seed(*s) for s in seeds])
     by_method = {r["method"]: r for r in tracking["methods"]}
-    assert sorted(by_method) == ["anchored", "anchored_ref_x"]
+    assert sorted(by_method) == ["anchored", "anchored_ref_x", "anchored_replay"]
+    assert by_method["anchored_replay"]["general_minus_teacher"]["mean"] == pytest.approx(0.7 - (0.50 + 0.46 + 0.52) / 3)
     assert by_method["anchored_ref_x"]["teacher"] == "teacher_x"
     # anchored minus its teacher: the offsets 0.01, 0.03, -0.01 (mean 0.01, sd 0.02, t(0.975, 2) = 4.303).
     half = 4.303 * 0.02 / math.sqrt(3)
