@@ -107,6 +107,37 @@ def test_ranks_end_within_seconds_of_a_killed_launcher(tmp_path):
         launcher.wait()
 
 
+def start_the_checkpoint_writer_queue_and_get_killed(directory):
+    """As a rank the OOM killer ends mid-run: Megatron's async writer has started its Manager
+    server (through its own queue getter), then SIGKILL, so no cleanup of any kind runs."""
+    import signal
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from anchored_megatron.platform import mcore_compat
+
+    mcore_compat.apply()
+    getter = getattr(filesystem_async, "get_write_results_queue", None) or filesystem_async._get_write_results_queue
+    queue = getter()
+    with open(os.path.join(directory, "manager.pid"), "w") as fh:
+        fh.write(str(queue._manager._process.pid))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.distributed
+def test_the_checkpoint_writers_manager_server_ends_with_a_killed_rank(tmp_path):
+    with pytest.raises(RankFailure, match="rank 0: no result"):
+        run_on_ranks(start_the_checkpoint_writer_queue_and_get_killed, 1, str(tmp_path), threads=1, timeout=120)
+    server = int((tmp_path / "manager.pid").read_text())
+    deadline = time.monotonic() + 10
+    while _alive(server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = _alive(server)
+    if alive:
+        os.kill(server, 9)
+    assert not alive, "the Manager server outlived its killed rank"
+
+
 def reinitialize_and_count_threads(times):
     from anchored_megatron.config import ParallelConfig
     from anchored_megatron.platform import initialize

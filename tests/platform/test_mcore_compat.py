@@ -137,6 +137,7 @@ def test_each_workaround_is_applied_exactly_on_the_releases_that_need_it(compat_
     release = compat_run["version"]
     assert compat_run["applied"] == {
         "optimizer": True,  # torch Adam's shared `step`: every release to 0.19.2
+        "async_writer.dies_with_rank": True,  # Linux: every release's writer queue getter is replaced
         "checkpoint_format.writer_errors": release >= (0, 18),  # the threaded writer drops the errno
         "moe.te_general_gemm": release < (0, 17),
         "moe.cpu_split_sizes": True,
