@@ -158,8 +158,9 @@ def teacher_tracking(runs: list[dict]) -> dict:
     per seed its final general and target accuracy minus its teacher's, as paired 95%
     t-intervals; and, pooled over the teacher-only anchored methods (not NOT_TEACHER_ONLY) and
     seeds, the correlation of the student's final general accuracy with its teacher's (the
-    teachers differ by seed and by how they were made, which is what spreads them). A method that only reaches its teacher shows
-    differences near 0 whatever the teacher, and a correlation near 1."""
+    teachers differ by seed and by how they were made, which is what spreads them). A method
+    that only reaches its teacher shows differences near 0 whatever the teacher, and a
+    correlation near 1."""
     methods = [m for m in methods_of(runs) if m in runs[0] and str(runs[0][m].get("depends", {}).get("reference", "")).startswith("teacher")]
     records, pooled = [], ([], [])
     for m in methods:

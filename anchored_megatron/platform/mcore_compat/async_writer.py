@@ -38,7 +38,7 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _queue_getter(module, original):
+def _queue_getter(module, original, takes_mode: bool):
     def get_write_results_queue(mp_mode: str = "spawn"):
         # Linux sends the signal when the *thread* that started the server ends: only the main
         # thread lives as long as the rank.
@@ -46,7 +46,7 @@ def _queue_getter(module, original):
             manager = SyncManager(ctx=multiprocessing.get_context(mp_mode))
             manager.start(die_with_parent, (os.getpid(),))
             module._results_queue = manager.Queue()
-        return original(mp_mode) if original.__name__ == "get_write_results_queue" else original()
+        return original(mp_mode) if takes_mode else original()
 
     get_write_results_queue.anchored_megatron_patch = True
     return get_write_results_queue
@@ -63,6 +63,6 @@ def apply() -> bool:
         if original is None or not hasattr(module, "_results_queue"):
             continue
         if not getattr(original, "anchored_megatron_patch", False):
-            setattr(module, name, _queue_getter(module, original))
+            setattr(module, name, _queue_getter(module, original, takes_mode=name == "get_write_results_queue"))
         return True
     return False
