@@ -58,8 +58,8 @@ def make_checkpoints(base_dir, teacher_dir, model_dict):
 
 
 class _TimedRole:
-    """A frozen role that adds the wall time of each of its forwards to ``seconds[step]`` (the
-    trainer's step counter, read from the metrics it has logged so far). ``module`` lets the
+    """A frozen role that adds the wall time of each of its forwards to ``seconds[-1]``, the slot
+    of the step in progress (``_run`` opens a new one after every step). ``module`` lets the
     trainer's ``unwrap`` reach the model inside."""
 
     def __init__(self, role, seconds: list):
