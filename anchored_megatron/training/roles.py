@@ -62,6 +62,10 @@ def copy_weights(source_chunks, target_chunks) -> None:
             param.copy_(src[name])
 
 
+def _uses_transformer_engine(roles: list) -> bool:
+    return any(type(m).__module__.startswith("transformer_engine") for role in roles for m in role.modules())
+
+
 class RoleStack(torch.nn.Module):
     """One pipeline chunk of the student plus the same chunk of each frozen role.
 
@@ -76,6 +80,12 @@ class RoleStack(torch.nn.Module):
         self.frozen = list(frozen)
         self.config = unwrap(student).config
         self.frozen_outputs: list[torch.Tensor] = []
+        # inference_mode, not no_grad: the frozen outputs never enter autograd's saved tensors
+        # (the losses keep what backward needs themselves), and skipping version counting and
+        # view tracking made each frozen forward 0.87-0.90x as long on CPU (two interleaved pairs
+        # of runs at step_bench's model). Roles with Transformer Engine modules keep no_grad: TE's
+        # cached FP8 weights under inference_mode are untested here (no GPU).
+        self.frozen_grad_mode = torch.no_grad if _uses_transformer_engine(self.frozen) else torch.inference_mode
         self.fusion = fusion if self.is_last_stage else None
         if self.fusion is not None:
             for role in (student, *self.frozen):
@@ -115,11 +125,7 @@ class RoleStack(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         output = self.module(*args, **kwargs)
-        # inference_mode, not no_grad: the frozen outputs never enter autograd's saved tensors
-        # (the losses keep what backward needs themselves), and skipping version counting and
-        # view tracking made each frozen forward 0.87-0.90x as long on CPU (two interleaved pairs
-        # of runs at step_bench's model).
-        with torch.inference_mode():
+        with self.frozen_grad_mode():
             frozen_outputs = [role(*args, **kwargs) for role in self.frozen]
         if self.is_last_stage:
             self.frozen_outputs = frozen_outputs
