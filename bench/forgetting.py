@@ -126,17 +126,19 @@ def run_study(plan: dict, output_dir: str) -> dict:
     return by_regime
 
 
+def cell(interval: dict | None) -> str:
+    """A mean_interval as "+m [lo, hi] (n=k)", "+m (n=1)" or "—"."""
+    if interval is None or interval["mean"] is None:
+        return "—"
+    if interval["ci_low"] is None:
+        return f"{interval['mean']:+.3f} (n=1)"
+    return f"{interval['mean']:+.3f} [{interval['ci_low']:+.3f}, {interval['ci_high']:+.3f}] (n={interval['n']})"
+
+
 def paired_table(records: list[dict]) -> str:
     """General accuracy at 0.9x the teacher's target accuracy and the paired differences."""
     lines = ["| method | seeds reaching 0.9x | general at 0.9x | − SFT [95% CI] | − SFT+KL [95% CI] | − distill [95% CI] | − SFT+replay [95% CI] "
              "| degradation at 90% of SFT's gain |", "| --- " * 8 + "|"]
-
-    def cell(diff):
-        if diff is None or diff["mean"] is None:
-            return "—"
-        if diff["ci_low"] is None:
-            return f"{diff['mean']:+.3f} (n=1)"
-        return f"{diff['mean']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}] (n={diff['n']})"
 
     for r in records:
         diffs = r.get("paired_diff_at_0.9x", {})
@@ -149,11 +151,6 @@ def paired_table(records: list[dict]) -> str:
 
 def tracking_table(tracking: dict) -> str:
     """Each teacher-trained method's final accuracies minus its own teacher's, paired per seed."""
-    def cell(d):
-        if d["mean"] is None:
-            return "—"
-        return f"{d['mean']:+.3f}" + (f" [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" if d["ci_low"] is not None else "") + f" (n={d['n']})"
-
     lines = ["| method | its teacher | general − teacher's [95% CI] | target − teacher's [95% CI] |", "| --- " * 4 + "|"]
     lines += [f"| {r['method']} | {r['teacher']} | {cell(r['general_minus_teacher'])} | {cell(r['target_minus_teacher'])} |"
               for r in tracking["methods"]]

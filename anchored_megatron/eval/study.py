@@ -161,19 +161,21 @@ def teacher_tracking(runs: list[dict]) -> dict:
     teachers differ by seed and by how they were made, which is what spreads them). A method
     that only reaches its teacher shows differences near 0 whatever the teacher, and a
     correlation near 1."""
-    methods = [m for m in methods_of(runs) if m in runs[0] and str(runs[0][m].get("depends", {}).get("reference", "")).startswith("teacher")]
+    teachers = {m: runs[0][m].get("depends", {}).get("reference", "") for m in methods_of(runs) if m in runs[0]}
     records, pooled = [], ([], [])
-    for m in methods:
+    for m, teacher_job in teachers.items():
+        if not teacher_job.startswith("teacher"):
+            continue
         general_diffs, target_diffs = [], []
         for results in runs:
-            teacher = results[results[m]["depends"]["reference"]]["points"][-1]
+            teacher = results[teacher_job]["points"][-1]
             final = results[m]["points"][-1]
             general_diffs.append(general_accuracy(final) - general_accuracy(teacher))
             target_diffs.append(final["accuracy"][TARGET] - teacher["accuracy"][TARGET])
             if m.startswith("anchored") and m not in NOT_TEACHER_ONLY:
                 pooled[0].append(general_accuracy(teacher))
                 pooled[1].append(general_accuracy(final))
-        records.append({"method": m, "teacher": runs[0][m]["depends"]["reference"],
+        records.append({"method": m, "teacher": teacher_job,
                         "general_minus_teacher": mean_interval(general_diffs), "target_minus_teacher": mean_interval(target_diffs)})
     return {"methods": records, "anchored_general_vs_teacher_general": {"r": _pearson(*pooled), "n": len(pooled[0]),
                                                                         "teacher_general": pooled[0], "student_general": pooled[1]}}

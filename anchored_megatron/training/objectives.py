@@ -63,12 +63,9 @@ class IterationLoss:
 
     def replay_terms(self) -> "IterationLoss":
         """A replay microbatch's settings: KL(p_snapshot || p_theta) at temperature 1 (alpha = 0)
-        with a snapshot; without one (sft, the only other objective validation lets replay) the
-        plain CE on the replay responses."""
-        if not self.use_snapshot:
-            return IterationLoss(alpha=1.0, ce_weight=1.0, scale=1.0, interpolation="logit", divergence="forward_kl",
-                                 jsd_beta=self.jsd_beta, temperature=1.0, use_snapshot=False, has_reference=False)
-        return self._plain_kl(alpha=0.0, use_snapshot=True)
+        with a snapshot; without one (sft, the only other objective validation lets replay) sft's
+        own terms, the plain CE on the replay responses."""
+        return self._plain_kl(alpha=0.0, use_snapshot=True) if self.use_snapshot else self
 
     def loss_kwargs(self) -> dict:
         return dict(
