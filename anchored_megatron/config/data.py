@@ -11,6 +11,7 @@ from anchored_megatron.config.errors import ConfigError
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
 BAD_RECORD_POLICIES = ("error", "skip")
+SHUFFLES = ("global", "per_rank")
 
 
 @dataclass
@@ -39,6 +40,10 @@ class DataConfig:
     # objective sft: rehearsal, the CE on the replay responses (the same data without the trust region).
     replay_paths: list[str] = field(default_factory=list)
     replay_fraction: float = 0.0
+    # global: every epoch a new permutation of all sequences, split over the data-parallel ranks;
+    # per_rank: each rank keeps one fixed shard and reorders it every epoch (train.frozen_hidden_cache
+    # needs it with more than one data-parallel rank: a rank must meet its sequences again).
+    shuffle: str = "global"
 
     def validate(self, prefix: str = "data", check_files: bool = True) -> None:
         """Values always; the files only with ``check_files`` (a plan may be made before the
@@ -79,6 +84,8 @@ class DataConfig:
         if self.on_bad_record not in BAD_RECORD_POLICIES:
             raise ConfigError(f"{prefix}.on_bad_record: must be 'error' or 'skip', got {self.on_bad_record!r}")
         self._validate_replay(prefix, check_files)
+        if self.shuffle not in SHUFFLES:
+            raise ConfigError(f"{prefix}.shuffle: must be one of {', '.join(SHUFFLES)}, got {self.shuffle!r}")
         if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir):
             raise ConfigError(f"{prefix}.cache_dir: must be a directory path or null, got {self.cache_dir!r}")
 

@@ -181,6 +181,10 @@ class TrainConfig:
     allow_reference_change: bool = False  # resume with a reference.checkpoint other than the one trained against
     tensorboard: bool = True
     progress_bar: bool = True
+    # Keep the frozen roles' final hidden states in host memory, per sequence, and reuse them
+    # instead of running those roles again: the reference's for the whole run, the snapshot's
+    # until it is refreshed. Exact; needs model.fused_output_loss. Costs host memory (logged at start).
+    frozen_hidden_cache: bool = False
 
     def validate(self, prefix: str = "train") -> None:
         for name in ("micro_batch_size", "global_batch_size", "log_interval", "keep_checkpoints", "max_nonfinite_in_a_row"):
@@ -189,6 +193,7 @@ class TrainConfig:
         require(isinstance(self.save_interval, int) and self.save_interval >= 0, f"{prefix}.save_interval", f"must be an integer >= 0, got {self.save_interval!r}")
         if self.max_steps is not None:
             require(isinstance(self.max_steps, int) and self.max_steps >= 1, f"{prefix}.max_steps", f"must be an integer >= 1 or null, got {self.max_steps!r}")
+        require(isinstance(self.frozen_hidden_cache, bool), f"{prefix}.frozen_hidden_cache", f"must be true or false, got {self.frozen_hidden_cache!r}")
 
     def num_microbatches(self, data_parallel_size: int, prefix: str = "train") -> int:
         per_step = self.micro_batch_size * data_parallel_size

@@ -58,6 +58,7 @@ def validate_run(cfg, world_size: int, check_files: bool = True) -> None:
     _check_pipeline_schedule(cfg)
     _check_moe_training(cfg)
     _check_fsdp(cfg)
+    _check_frozen_hidden_cache(cfg, cfg.parallel.data_parallel_size(world_size))
     _check_checkpoints(cfg, check_files)
     if check_files:
         _check_tokenizers(cfg)
@@ -201,6 +202,22 @@ def _check_fsdp(cfg) -> None:
                 "the forward); set model.fused_output_loss=false or parallel.fsdp=false"
             )
     cfg.model = dataclasses.replace(cfg.model, fused_output_loss=False)
+
+
+def _check_frozen_hidden_cache(cfg, data_parallel_size: int) -> None:
+    if not cfg.train.frozen_hidden_cache:
+        return
+    if not cfg.anchor.frozen_roles:
+        raise ConfigError(f"train.frozen_hidden_cache: anchor.objective={cfg.anchor.objective} has no frozen role whose outputs "
+                          "could be cached; remove it")
+    if not cfg.model.fused_output_loss:
+        why = " (parallel.fsdp=true turns the fusion off)" if cfg.parallel.fsdp else ""
+        raise ConfigError("train.frozen_hidden_cache: caches the final hidden states that the fused output loss consumes; "
+                          f"it needs model.fused_output_loss=true{why}")
+    if data_parallel_size > 1 and cfg.data.shuffle != "per_rank":
+        raise ConfigError(
+            f"train.frozen_hidden_cache: with {data_parallel_size} data-parallel ranks and data.shuffle={cfg.data.shuffle} a rank "
+            "meets a sequence again only by chance, so the cache would rarely be read; set data.shuffle=per_rank")
 
 
 def _inside(path: str, directory: str) -> bool:

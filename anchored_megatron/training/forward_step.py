@@ -13,6 +13,7 @@ from functools import partial
 import torch
 
 from anchored_megatron.anchor import fused_output_anchored_loss, vocab_parallel_anchored_loss
+from anchored_megatron.training.frozen_cache import PLAN_KEY
 from anchored_megatron.training.objectives import IterationLoss
 from anchored_megatron.training.roles import FusedOutput, RoleStack
 
@@ -121,8 +122,10 @@ def make_forward_step(loss_provider, vocab_size: int):
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
         stack = model if isinstance(model, RoleStack) else None
+        if stack is not None:
+            stack.next_plan = batch.get(PLAN_KEY)
+        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
         frozen = stack.take_frozen_outputs() if stack is not None else []
         fused = stack.fused_output() if stack is not None else None
         return output, partial(_loss_func, batch, frozen, loss_provider(), vocab_size, fused)

@@ -6,9 +6,10 @@
 
 Every role is built with the same TP/PP layout, so on a pipeline stage all roles hold the
 same layers. ``RoleStack`` is what Megatron's schedule sees as "the model": its forward runs
-the student with autograd and the frozen roles under ``no_grad``; between stages the roles'
-hidden states travel concatenated along the hidden dimension in ONE P2P tensor
-(``adjust_tensor_shapes`` widens the schedule's shapes to match).
+the student with autograd and the frozen roles without (``frozen_grad_mode``); between stages the
+roles' hidden states travel concatenated along the hidden dimension in ONE P2P tensor
+(``adjust_tensor_shapes`` widens the schedule's shapes to match). With ``train.frozen_hidden_cache``
+a frozen role whose outputs for the microbatch are cached does not run (``frozen_cache.py``).
 
 With the fused output loss (``model.fused_output_loss``) every role's last stage returns its final
 hidden states instead of vocabulary logits; the loss applies the output weights chunk by chunk
@@ -74,7 +75,7 @@ class RoleStack(torch.nn.Module):
     held in a plain list so DDP, the optimizer and checkpoints never see them.
     """
 
-    def __init__(self, student, frozen: list, fusion: OutputFusion | None = None):
+    def __init__(self, student, frozen: list, fusion: OutputFusion | None = None, cache=None):
         super().__init__()
         self.module = student
         self.frozen = list(frozen)
@@ -87,6 +88,8 @@ class RoleStack(torch.nn.Module):
         # cached FP8 weights under inference_mode are untested here (no GPU).
         self.frozen_grad_mode = torch.no_grad if _uses_transformer_engine(self.frozen) else torch.inference_mode
         self.fusion = fusion if self.is_last_stage else None
+        self.cache = cache  # a FrozenHiddenCache (train.frozen_hidden_cache), else None
+        self.next_plan = None  # the FrozenPlan of the next forward, set by the forward step
         if self.fusion is not None:
             for role in (student, *self.frozen):
                 return_hidden_states(unwrap(role))
@@ -125,8 +128,11 @@ class RoleStack(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         output = self.module(*args, **kwargs)
+        plan, self.next_plan = self.next_plan, None
         with self.frozen_grad_mode():
-            frozen_outputs = [role(*args, **kwargs) for role in self.frozen]
+            frozen_outputs = [None if plan is not None and plan.cached[i] else role(*args, **kwargs) for i, role in enumerate(self.frozen)]
+        if plan is not None:
+            frozen_outputs = self.cache.exchange(plan, frozen_outputs, output)
         if self.is_last_stage:
             self.frozen_outputs = frozen_outputs
             return output

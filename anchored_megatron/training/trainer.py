@@ -23,6 +23,7 @@ from anchored_megatron.training import checkpoint as ckpt
 from anchored_megatron.training import moe_metrics, sharding
 from anchored_megatron.training.checkpoint_dirs import resolve_checkpoint_dir
 from anchored_megatron.training.forward_step import REPLAY_KEY, REPLAY_SUM_NAMES, SUM_NAMES, make_forward_step
+from anchored_megatron.training.frozen_cache import PLAN_KEY
 from anchored_megatron.training.metrics_log import MetricsLog
 from anchored_megatron.training.objectives import iteration_loss
 from anchored_megatron.training.optim import check_resumed_schedule, load_scheduler_state
@@ -89,7 +90,7 @@ class Trainer:
         )
         gold_microbatches = cfg.train.num_microbatches(self.runtime.data_parallel_size)
         placement = dict(dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.runtime.data_parallel_size,
-                         micro_batch_size=cfg.train.micro_batch_size)
+                         micro_batch_size=cfg.train.micro_batch_size, shuffle=cfg.data.shuffle)
         self.sampler = EpochSampler(len(self.dataset), seed=cfg.seed, num_microbatches=gold_microbatches, **placement)
         self.replay_dataset = self.replay_sampler = None
         replay_microbatches = 0
@@ -144,12 +145,31 @@ class Trainer:
             roles[name] = self._frozen_role(build_model_chunks(reference_model(cfg) if name == "reference" else cfg.model, cfg.parallel))
         self.reference, self.snapshot, self.base = (roles.get(name) for name in ("reference", "snapshot", "base"))
         frozen = list(roles.values())
-        self.stacks = [RoleStack(self.wrapped[i], [roles[i] for roles in frozen], output_fusion(cfg.model)) for i in range(len(self.wrapped))]
+        self.frozen_names = list(roles)
+        self.frozen_cache = self._build_frozen_cache(len(frozen)) if cfg.train.frozen_hidden_cache else None
+        self.stacks = [RoleStack(self.wrapped[i], [roles[i] for roles in frozen], output_fusion(cfg.model), self.frozen_cache)
+                       for i in range(len(self.wrapped))]
         self.num_roles = 1 + len(frozen)
         steps = self.steps_per_iteration if cfg.anchor.reset_optimizer_per_iteration else self.total_steps
         self.optimizer, self.scheduler = build_optimizer(self.wrapped, cfg.optim, config.params_dtype, steps)
         if self.optimizer.config.fp16:
             config.grad_scale_func = self.optimizer.scale_loss
+
+    def _build_frozen_cache(self, num_roles: int):
+        """The cache, after checking that what it will hold fits in this host's memory."""
+        from megatron.core import parallel_state
+
+        from anchored_megatron.training import frozen_cache
+
+        cfg = self.cfg
+        dp = self.runtime.data_parallel_size
+        sequences = -(-len(self.dataset) // dp) + (0 if self.replay_dataset is None else -(-len(self.replay_dataset) // dp))
+        held = frozen_cache.estimated_bytes(sequences, cfg.model.seq_length, cfg.model.hidden_size, num_roles,
+                                            cfg.parallel.tp, cfg.parallel.sequence_parallel)
+        size = frozen_cache.check_host_memory(sequences, held, frozen_cache.last_stage_ranks_per_host(cfg.parallel.pp),
+                                              frozen_cache.available_host_bytes())
+        self.frozen_cache_note = f"train.frozen_hidden_cache: keeping {', '.join(self.frozen_names)}'s final hidden states in host memory, {size}"
+        return frozen_cache.FrozenHiddenCache(num_roles, stores_tensors=parallel_state.is_pipeline_last_stage())
 
     def _frozen_role(self, chunks) -> list:
         freeze(chunks)
@@ -329,6 +349,8 @@ class Trainer:
         events = [f"alpha {iteration_loss(anchor, iteration).alpha:g}"] if anchor.objective == "anchored" else []
         if self.snapshot is not None:
             self._copy_student_to(self.snapshot)
+            if self.frozen_cache is not None:
+                self.frozen_cache.clear(self.frozen_names.index("snapshot"))
             with self._whole_weights(self.snapshot):
                 ckpt.save_checkpoint(self.snapshot_root, iteration, self.snapshot)
             events.append("snapshot refreshed from the student")
@@ -351,12 +373,17 @@ class Trainer:
         sources = [(self.dataset, self.sampler, False)]
         if self.replay_sampler is not None:
             sources.append((self.replay_dataset, self.replay_sampler, True))
+        keys = []  # per microbatch, its sequences' cache keys: (source, index)
         for dataset, sampler, replay in sources:
             for indices in sampler.next_step():
                 batch = {k: v.to(device, non_blocking=True) for k, v in collate([dataset[i] for i in indices]).items()}
                 if replay:
                     batch[REPLAY_KEY] = True
                 batches.append(batch)
+                keys.append(tuple((replay, i) for i in indices))
+        if self.frozen_cache is not None:
+            for batch, plan in zip(batches, self.frozen_cache.plan_step(keys, device)):
+                batch[PLAN_KEY] = plan
         return batches
 
     def _train_step(self, forward_step) -> dict:
@@ -391,6 +418,10 @@ class Trainer:
             record[moe_metrics.METRIC] = moe_metrics.step_mean(aux_loss, cfg.model, self.runtime.data_parallel_size, self.num_microbatches)
         record.update(response_tokens=int(sums[-1].item()), grad_norm=float(grad_norm) if grad_norm is not None else None,
                       finite=finite, lr=lr)
+        if self.frozen_cache is not None:
+            # The share of this step's frozen-role forwards served from the cache.
+            plans = [batch[PLAN_KEY].cached for batch in microbatches]
+            record["frozen_cached"] = sum(map(sum, plans)) / (len(plans) * len(plans[0]))
         if self.replay_sampler is not None:
             record.update(replay_loss=(replay_sums[0] / max(replay_sums[1].item(), 1.0)).item(), replay_tokens=int(replay_sums[1].item()))
         return record
@@ -432,6 +463,8 @@ class Trainer:
             note = write_run_config(cfg.output_dir, cfg.to_dict())
             if note is not None:
                 self.log.message(note)
+        if self.frozen_cache is not None:
+            self.log.message(self.frozen_cache_note)
         progress = self._load_initial_weights()
         self.log.start(progress.step, self.stop_step)
         first_step, loop_started, saved = progress.step, time.perf_counter(), None

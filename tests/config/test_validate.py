@@ -293,3 +293,25 @@ def test_fsdp_refuses_a_moe_model(run):
 def test_fsdp_turns_the_default_fused_output_loss_off_in_the_resolved_config(run):
     assert validated(run["args"] + ["parallel.fsdp=true"], world_size=2).model.fused_output_loss is False
     assert validated(run["args"], world_size=2).model.fused_output_loss is True
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["anchor.objective=sft", "reference.checkpoint=null"], 1,
+     "train.frozen_hidden_cache: anchor.objective=sft has no frozen role whose outputs could be cached; remove it"),
+    (["model.fused_output_loss=false"], 1,
+     "train.frozen_hidden_cache: caches the final hidden states that the fused output loss consumes; it needs model.fused_output_loss=true"),
+    (["parallel.fsdp=true"], 2, "train.frozen_hidden_cache: caches the final hidden states that the fused output loss consumes; it needs "
+     "model.fused_output_loss=true (parallel.fsdp=true turns the fusion off)"),
+    ([], 2, "train.frozen_hidden_cache: with 2 data-parallel ranks and data.shuffle=global a rank meets a sequence again only by chance"),
+    (["data.shuffle=random"], 1, "data.shuffle: must be one of global, per_rank, got 'random'"),
+])
+def test_what_the_frozen_hidden_cache_cannot_do_is_refused_by_name(run, overrides, world, message):
+    args = [a for a in run["args"] if not (a.startswith("reference.checkpoint=") and "reference.checkpoint=null" in overrides)]
+    with pytest.raises(ConfigError) as info:
+        validated(args + ["train.frozen_hidden_cache=true"] + overrides, world_size=world)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_the_frozen_hidden_cache_with_per_rank_shards_is_accepted(run):
+    cfg = validated(run["args"] + ["train.frozen_hidden_cache=true", "data.shuffle=per_rank"], world_size=2)
+    assert cfg.train.frozen_hidden_cache and cfg.data.shuffle == "per_rank"

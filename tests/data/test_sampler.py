@@ -104,3 +104,55 @@ def test_state_from_another_dataset_is_refused():
 def test_too_few_samples_for_one_global_batch():
     with pytest.raises(ValueError, match="one global batch needs 24"):
         make(num_samples=20)
+
+
+def make_per_rank(dp_rank, dp_size=3, num_samples=103, seed=7, mbs=2, nmb=4):
+    return EpochSampler(num_samples, seed=seed, dp_rank=dp_rank, dp_size=dp_size, micro_batch_size=mbs, num_microbatches=nmb,
+                        shuffle="per_rank")
+
+
+def test_per_rank_shards_are_fixed_disjoint_and_reordered_every_epoch():
+    n, dp = 103, 3
+    samplers = [make_per_rank(r) for r in range(dp)]
+    epochs = [[[i for step in s for i in flat(step)] for _ in range(4)] for s in samplers]  # 4 epochs per rank
+    per_rank = 2 * 4
+    steps = n // (per_rank * dp)
+    assert all(s.steps_per_epoch == steps == make(n).steps_per_epoch for s in samplers)
+    shard_size = n // dp
+    shards = []
+    for rank_epochs in epochs:
+        assert all(len(e) == steps * per_rank for e in rank_epochs)
+        visited = set().union(*map(set, rank_epochs))
+        assert len(visited) <= shard_size  # a rank never leaves its shard
+        assert len({tuple(e) for e in rank_epochs}) == 4  # a new order every epoch
+        assert all(len(set(e)) == len(e) for e in rank_epochs)  # no repeats inside an epoch
+        shards.append(visited)
+    for a, b in itertools.combinations(shards, 2):
+        assert not a & b
+    # The shards are the slices of one seeded permutation (written out here).
+    everything = np.random.default_rng([7, 0x5EED, dp]).permutation(n)
+    for r, visited in enumerate(shards):
+        assert visited <= set(everything[r * shard_size:(r + 1) * shard_size].tolist())
+
+
+@pytest.mark.parametrize("stop_after", [0, 2, 4, 7])
+def test_per_rank_resume_continues_exact_order(stop_after):
+    reference = run_steps(make_per_rank(1), 10)
+    interrupted = make_per_rank(1)
+    run_steps(interrupted, stop_after)
+    resumed = make_per_rank(1)
+    resumed.load_state_dict(interrupted.state_dict())
+    assert run_steps(resumed, 10 - stop_after) == reference[stop_after:]
+
+
+def test_per_rank_resume_refuses_another_dp_size_mid_epoch_and_another_mode():
+    sampler = make_per_rank(0, dp_size=3)
+    sampler.next_step()
+    with pytest.raises(ValueError, match="mid-epoch with data.shuffle=per_rank on 3 data-parallel ranks; this run has 2"):
+        make_per_rank(0, dp_size=2).load_state_dict(sampler.state_dict())
+    with pytest.raises(ValueError, match="data.shuffle=per_rank, this run has global"):
+        make().load_state_dict(sampler.state_dict())
+    list(sampler)  # to the epoch boundary: the new shards start a fresh epoch
+    resized = make_per_rank(0, dp_size=2)
+    resized.load_state_dict(sampler.state_dict())
+    assert resized.epoch == 1 and resized.offset == 0
