@@ -69,3 +69,23 @@ def run_config(tiny_run, output_dir, **overrides):
         "train": {"micro_batch_size": 1, "global_batch_size": 4, "progress_bar": False, "tensorboard": False},
     }
     return merge_overrides(data, [f"{k.replace('__', '.')}={json.dumps(v)}" for k, v in overrides.items()])
+
+
+def read_metrics(output_dir):
+    """Every step's record of a run's metrics.jsonl."""
+    import os
+
+    with open(os.path.join(output_dir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def as_bytes(results) -> bytes:
+    """Bytes, not tensors, back from a rank: tensors through the result queue each need a
+    shared-memory handle, which can vanish with the rank process before the parent picks it up."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(results, buffer)
+    return buffer.getvalue()

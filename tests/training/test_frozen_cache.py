@@ -10,14 +10,12 @@ weights last changed", written here from the samplers' orders.
 """
 
 import io
-import json
-import os
 
 import pytest
 import torch
 
 from anchored_megatron.data import EpochSampler
-from tests.training.conftest import run_config
+from tests.training.conftest import as_bytes, read_metrics, run_config
 
 T, K = 2, 3
 ROLES = ("reference", "snapshot", "base")  # the trainer's order of frozen roles for this objective
@@ -42,14 +40,8 @@ def trained_rank(cases: dict):
         held = None if cache is None else {role: cache.nbytes_of(i) for i, role in enumerate(ROLES)}
         results[name] = {"weights": weights, "sequences": (len(trainer.dataset), replay), "held_bytes": held,
                          "last_stage": trainer.stacks[0].is_last_stage}
-    buffer = io.BytesIO()
-    torch.save(results, buffer)
-    return buffer.getvalue()
+    return as_bytes(results)
 
-
-def _metrics(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
 
 
 def expected_cached_shares(sequences, replay_sequences, dp, shuffle, seed, gold_mb, replay_mb, steps, steps_per_iteration):
@@ -98,7 +90,7 @@ def _compare(tiny_run, tmp_path, ranks, world, dp, shuffle, replay, **layout):
         cfg["anchor"] = anchor
         runs[cached] = (out, cfg)
     per_rank = [torch.load(io.BytesIO(blob)) for blob in ranks(trained_rank, world, {str(c): cfg for c, (_, cfg) in runs.items()}, timeout=1800)]
-    with_cache, without = _metrics(runs[True][0]), _metrics(runs[False][0])
+    with_cache, without = read_metrics(runs[True][0]), read_metrics(runs[False][0])
     assert len(with_cache) == len(without) > 0
     for a, b in zip(with_cache, without):
         for key in ("loss", "kl_step", "kl_reference", "entropy", "grad_norm", "replay_loss"):

@@ -9,13 +9,11 @@ tests/integrations); here the fused path must reproduce it.
 """
 
 import io
-import json
-import os
 
 import pytest
 import torch
 
-from tests.training.conftest import run_config
+from tests.training.conftest import as_bytes, read_metrics, run_config
 
 STEPS = 3
 CHUNK_TOKENS = 24  # 64-token microbatches in three chunks, the last one short
@@ -56,16 +54,8 @@ def trained_rank(cases: dict):
         trainer.run()
         weights = {canonical_name(c, n): p.detach().clone() for c in trainer.student for n, p in unwrap(c).named_parameters()}
         results[name] = {"grads": grads, "weights": weights}
-    # Bytes, not tensors: tensors through the result queue each need a shared-memory handle,
-    # which can vanish with the rank process before the parent picks it up.
-    buffer = io.BytesIO()
-    torch.save(results, buffer)
-    return buffer.getvalue()
+    return as_bytes(results)
 
-
-def _losses(output_dir):
-    with open(os.path.join(output_dir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
 
 
 def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -99,7 +89,7 @@ def _compare_layout(tiny_run, tmp_path, ranks, world, cases: dict, tolerance: fl
                 ranks(trained_rank, world, {f"{case}|{fused}": cfg for (case, fused), (_, cfg) in runs.items()}, timeout=1800)]
     failures = []
     for case in cases:
-        fused_losses, unfused_losses = _losses(runs[(case, True)][0]), _losses(runs[(case, False)][0])
+        fused_losses, unfused_losses = read_metrics(runs[(case, True)][0]), read_metrics(runs[(case, False)][0])
         assert len(fused_losses) == len(unfused_losses) == STEPS, case
         for a, b in zip(fused_losses, unfused_losses):
             for key in ("loss", "kl_step", "kl_reference", "entropy", "grad_norm"):
@@ -162,7 +152,7 @@ def test_cli_run_logs_the_same_losses_fused_and_unfused(tiny_run, tmp_path, rank
     for fused in ("true", "false"):
         out = tmp_path / fused
         assert ranks(cli_rank, 2, str(config), [f"output_dir={out}", f"model.fused_output_loss={fused}"], timeout=900) == [0, 0]
-        logged[fused] = _losses(out)
+        logged[fused] = read_metrics(out)
     assert len(logged["true"]) == len(logged["false"]) == 4
     for a, b in zip(logged["true"], logged["false"]):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(b["loss"])), (a["step"], a["loss"], b["loss"])
