@@ -16,10 +16,12 @@ MEGATRON_CORE_NEWEST := 0.19.2
 # What `make test` runs in the second venv: what touches the parts of Megatron-Core that differ
 # between releases. The platform layer (distributed parity, optimizer and checkpoints, MoE, FSDP,
 # the compatibility layer, the CPU shim, safe loading), the GPU-path selection, the distributed
-# loss grid, the trainer end to end, checkpoint integrity and the fused output layer at TP=2.
-# The whole suite twice does not fit CI's 30 minutes on 2 cores; `SECOND_TESTS=tests` runs it all.
+# loss grid, the trainer end to end, checkpoint integrity, the fused output layer at TP=2 and the
+# frozen-role cache through a pipeline. The whole suite twice does not fit CI's 30 minutes on 2
+# cores; `SECOND_TESTS=tests` runs it all.
 SECOND_TESTS ?= tests/platform tests/gpu tests/anchor/test_loss_distributed.py tests/training/test_trainer.py \
-	tests/training/test_checkpoint_integrity.py tests/training/test_fused_output.py::test_fused_matches_unfused_tp2_every_objective
+	tests/training/test_checkpoint_integrity.py tests/training/test_fused_output.py::test_fused_matches_unfused_tp2_every_objective \
+	tests/training/test_frozen_cache.py::test_cache_trains_like_no_cache_pp2_with_replay
 
 PY_BELOW_312 := $(shell $(PYTHON) -c 'import sys; print(1 if sys.version_info < (3, 12) else "")')
 # pip's choice in .venv is the oldest release on 3.11 and the newest on 3.12+: the other end goes second.

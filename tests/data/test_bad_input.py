@@ -164,7 +164,9 @@ def test_yaml_section_maps_onto_config(tmp_path, sp_dir):
     cfg = build_config(DataConfig, {"paths": [good], "tokenizer": sp_dir, "packing": False}, "data")
     cfg.validate()
     assert cfg.packing is False and cfg.on_bad_record == "error"
-    with pytest.raises(ConfigError, match=r"^data\.shuffle: unknown option"):
+    with pytest.raises(ConfigError, match=r"^data\.shufle: unknown option"):
+        build_config(DataConfig, {"shufle": "per_rank"}, "data")
+    with pytest.raises(ConfigError, match=r"^data\.shuffle: expected a string, got True"):
         build_config(DataConfig, {"shuffle": True}, "data")
 
 
