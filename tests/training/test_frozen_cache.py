@@ -15,14 +15,15 @@ import pytest
 import torch
 
 from anchored_megatron.data import EpochSampler
-from tests.training.conftest import as_bytes, read_metrics, run_config
+from tests.training.conftest import MODEL, as_bytes, read_metrics, run_config
 
 T, K = 2, 3
 ROLES = ("reference", "snapshot", "base")  # the trainer's order of frozen roles for this objective
 
 
 def trained_rank(cases: dict):
-    """Train each case; return {case: {"weights": {name: tensor}, "sequences": (gold, replay)}}."""
+    """Train each case; return {case: {"weights": {name: tensor}, "sequences": (gold, replay),
+    "held_bytes": {role: bytes cached at the end} or None, "last_stage": bool}} of this rank."""
     from anchored_megatron.config import RunConfig, build
     from anchored_megatron.models.layout import canonical_name
     from anchored_megatron.training.roles import unwrap
@@ -41,7 +42,6 @@ def trained_rank(cases: dict):
         results[name] = {"weights": weights, "sequences": (len(trainer.dataset), replay), "held_bytes": held,
                          "last_stage": trainer.stacks[0].is_last_stage}
     return as_bytes(results)
-
 
 
 def expected_cached_shares(sequences, replay_sequences, dp, shuffle, seed, gold_mb, replay_mb, steps, steps_per_iteration):
@@ -104,14 +104,12 @@ def _compare(tiny_run, tmp_path, ranks, world, dp, shuffle, replay, **layout):
     gold_mb = 4 // dp
     steps_per_iteration = (sequences // 4) * K
     expected, held = expected_cached_shares(sequences, replay_sequences, dp, shuffle, 3, gold_mb, 1 if replay else 0,
-                                      len(with_cache), steps_per_iteration)
+                                            len(with_cache), steps_per_iteration)
     assert [round(r["frozen_cached"], 6) for r in with_cache] == [round(e, 6) for e in expected]
     assert "frozen_cached" not in without[0]
     # The cache must have been read at all: later epochs reuse what the first one computed.
     assert max(expected) > 0.5
     # What the last stage holds: fp32 [seq, hidden] per sequence a role has met since its weights last changed.
-    from tests.training.conftest import MODEL
-
     tp = layout.get("parallel__tp", 1)
     for rank, result in enumerate(per_rank):
         dp_rank = rank // tp % dp  # Megatron orders ranks tp first, then dp

@@ -57,7 +57,6 @@ def trained_rank(cases: dict):
     return as_bytes(results)
 
 
-
 def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|."""
     scale = expected.double().abs().max().clamp(min=1e-12)
