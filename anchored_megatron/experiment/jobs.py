@@ -50,6 +50,11 @@ class JobSpec:
     eval_every_epochs: int = 0  # 0: evaluate the final checkpoint only
     entropy: bool = False  # report the model's per-token entropy on its own responses
     merge: dict | None = None  # no training: {"base": job, "finetuned": job, "ratio": r} merged in weight space
+    # A re-run of another job's first epochs, stopped after stop_after_epochs, with a checkpoint
+    # evaluated every epoch: {"name": job, "output_dir": its directory}. Its points are folded into
+    # that job's curve (runner.fold_prefix_jobs), where the regular checkpoints come too late.
+    prefix_of: dict | None = None
+    stop_after_epochs: int = 0
     key: str = ""
 
 
@@ -88,6 +93,11 @@ class ExperimentConfig:
     reset_optimizer_per_iteration: bool = False
     methods: tuple[str, ...] = METHODS
     eval_every_epochs: int = 1
+    # The first early_eval_epochs epochs of each of early_eval_methods also evaluated, one point per
+    # epoch, by a prefix job (JobSpec.prefix_of): for methods that pass the matched-target levels
+    # before their first regular checkpoint, where a chord from the base would stand in for their path.
+    early_eval_epochs: int = 0
+    early_eval_methods: tuple[str, ...] = ()
     tag: str = ""  # appended to the teacher's and methods' directories (e.g. one per learning rate; the base is shared)
     micro_batch_size: int = 16
     progress_bar: bool = True
@@ -101,6 +111,13 @@ class ExperimentConfig:
         for name in ("base_epochs", "teacher_epochs", "outer_iterations", "epochs_per_iteration", "eval_every_epochs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.early_eval_epochs, int) or not 0 <= self.early_eval_epochs < self.eval_every_epochs:
+            raise ValueError(f"early_eval_epochs must be an integer in [0, eval_every_epochs={self.eval_every_epochs}), got {self.early_eval_epochs!r}")
+        not_trained = [m for m in self.early_eval_methods if m not in self.methods or m.startswith(WISE_FT_PREFIX)]
+        if not_trained:
+            raise ValueError(f"early_eval_methods: {not_trained} are not trained methods of this plan (methods: {', '.join(self.methods)})")
+        if bool(self.early_eval_epochs) != bool(self.early_eval_methods):
+            raise ValueError("early_eval_epochs and early_eval_methods are set together (one of them is empty)")
         for name in ("base_global_batch", "finetune_global_batch"):
             if getattr(self, name) % self.micro_batch_size:
                 raise ValueError(f"{name}={getattr(self, name)} is not a multiple of micro_batch_size={self.micro_batch_size}")
@@ -210,6 +227,11 @@ def plan(cfg: ExperimentConfig, paths: dict, vocab_size: int) -> list[JobSpec]:
             continue
         run_cfg, depends = method_runs[name]
         jobs.append(JobSpec(name, run_cfg, depends, eval_every_epochs=cfg.eval_every_epochs))
+        if name in cfg.early_eval_methods:
+            prefix = f"{name}_first{cfg.early_eval_epochs}"
+            jobs.append(JobSpec(prefix, dict(copy.deepcopy(run_cfg), output_dir=os.path.join(root, prefix + cfg.tag)), depends,
+                                eval_every_epochs=1, prefix_of={"name": name, "output_dir": run_cfg["output_dir"]},
+                                stop_after_epochs=cfg.early_eval_epochs))
     _assign_keys(jobs, paths)
     return jobs
 
@@ -241,6 +263,9 @@ def _assign_keys(jobs: list[JobSpec], paths: dict) -> None:
         run["data"].pop("cache_dir")
         for role, source in job.depends.items():
             run[role]["checkpoint"] = keys[source]
-        blob = json.dumps({"run": run, "eval_every_epochs": job.eval_every_epochs, "entropy": job.entropy}, sort_keys=True)
+        spec = {"run": run, "eval_every_epochs": job.eval_every_epochs, "entropy": job.entropy}
+        if job.prefix_of is not None:  # only then, so that the keys of the jobs cached before prefix jobs stay valid
+            spec.update(prefix_of=keys[job.prefix_of["name"]], stop_after_epochs=job.stop_after_epochs)
+        blob = json.dumps(spec, sort_keys=True)
         job.key = hashlib.sha256(blob.encode()).hexdigest()[:16]
         keys[job.name] = job.key

@@ -104,6 +104,10 @@ def _train_job(job: JobSpec, rank: int) -> dict:
         shutil.rmtree(out)
     _barrier()
     cfg = _run_config(job)
+    if job.prefix_of is not None:
+        # The same run (same schedule: max_steps only stops it), up to the end of its epoch N.
+        full = _read_json(os.path.join(job.prefix_of["output_dir"], JOB_FILE))
+        cfg.train.max_steps = full["steps_per_epoch"] * job.stop_after_epochs
     trainer = Trainer(cfg)
     trainer.setup()
     steps_per_epoch = trainer.sampler.steps_per_epoch
@@ -254,7 +258,39 @@ def run_jobs(jobs: list[JobSpec], paths: dict, eval_cfg: dict, tp: int, timeout:
         results.update(launch(merges))
     # Each result names the jobs it was trained from (its reference teacher, for the study's
     # teacher-tracking statistics).
-    return {j.name: {**results[j.name], "depends": dict(j.depends)} for j in jobs}
+    results = {j.name: {**results[j.name], "depends": dict(j.depends)} for j in jobs}
+    return fold_prefix_jobs(jobs, results)
+
+
+def _losses(output_dir: str) -> dict[int, float]:
+    """step -> loss from a run's metrics.jsonl (a resumed run's repeated steps: the last record)."""
+    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as fh:
+        records = [json.loads(line) for line in fh if line.strip()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def fold_prefix_jobs(jobs: list[JobSpec], results: dict) -> dict:
+    """Each prefix job's points moved into the curve of the job it re-ran the first epochs of
+    (that job's entry gains ``early_points_from``; the prefix job's entry is dropped), after checking
+    that it is that run: its per-step losses equal the full run's first ones (relative 1e-6)."""
+    folded = dict(results)
+    for job in jobs:
+        if job.prefix_of is None:
+            continue
+        name, full_dir = job.prefix_of["name"], job.prefix_of["output_dir"]
+        early, full = _losses(job.run["output_dir"]), _losses(full_dir)
+        if not early or any(step not in full for step in early):
+            raise RuntimeError(f"{job.run['output_dir']}: its steps {min(early, default=None)}-{max(early, default=None)} "
+                               f"are not all among the steps of {full_dir}")
+        for step, loss in sorted(early.items()):
+            if abs(loss - full[step]) > 1e-6 * max(abs(full[step]), 1e-12):
+                raise RuntimeError(f"{job.run['output_dir']} is not the start of {full_dir}: "
+                                   f"the loss at step {step} is {loss!r} there, {full[step]!r} here")
+        prefix = folded.pop(job.name)
+        first = min(p["epoch"] for p in folded[name]["points"])
+        points = [p for p in prefix["points"] if p["epoch"] < first] + folded[name]["points"]
+        folded[name] = {**folded[name], "points": points, "early_points_from": job.name}
+    return folded
 
 
 def run_experiment(cfg: ExperimentConfig, *, max_new_tokens: int = 64, eval_batch_size: int = 512, timeout: float = 7200.0) -> dict:

@@ -98,6 +98,68 @@ def test_demo_writes_a_consistent_table_and_plot_and_reuses_jobs(tmp_path):
     assert not os.path.exists(tmp_path / "stages")
     assert stamps == {n: os.path.getmtime(os.path.join(tmp_path, "jobs", n, "job.json")) for n in names}
 
+    # Early points from a prefix job: SFT with a checkpoint every 2 epochs, its epoch 1 evaluated by
+    # a re-run stopped there. Both points must be the ones of the run above that kept a checkpoint
+    # every epoch; the other jobs' keys are unchanged by the option (nothing else retrained).
+    every_epoch = [point("sft", 0), point("sft", 1)]
+    early = dict(sizes, methods=("sft",), eval_every_epochs=2, early_eval_epochs=1, early_eval_methods=("sft",))
+    folded = run_demo(str(tmp_path), early, progress_bar=False)["results"]
+    assert "sft_first1" not in folded and folded["sft"]["early_points_from"] == "sft_first1"
+    assert [p["epoch"] for p in folded["sft"]["points"]] == [1.0, 2.0]
+    assert [p["accuracy"] for p in folded["sft"]["points"]] == [p["accuracy"] for p in every_epoch]
+    assert {n: os.path.getmtime(os.path.join(tmp_path, "jobs", n, "job.json")) for n in ("base", "teacher")} == \
+        {n: stamps[n] for n in ("base", "teacher")}
+    from anchored_megatron.experiment.jobs import ExperimentConfig
+    from anchored_megatron.experiment.runner import prepare_jobs
+
+    def keys(plan_sizes):
+        return {j.name: j.key for j in prepare_jobs(ExperimentConfig(output_dir=str(tmp_path), progress_bar=False, **plan_sizes))[0]}
+
+    plain, with_prefix = keys(dict(early, early_eval_epochs=0, early_eval_methods=())), keys(early)
+    assert set(with_prefix) - set(plain) == {"sft_first1"} and all(with_prefix[n] == k for n, k in plain.items())
+
+
+def _metrics(directory, losses):
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "metrics.jsonl"), "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps({"step": i + 1, "loss": loss}) + "\n" for i, loss in enumerate(losses))
+
+
+def test_a_prefix_job_is_folded_only_when_its_losses_are_the_full_runs(tmp_path):
+    from anchored_megatron.experiment.jobs import JobSpec
+    from anchored_megatron.experiment.runner import fold_prefix_jobs
+
+    full_dir, prefix_dir = str(tmp_path / "sft"), str(tmp_path / "sft_first2")
+    jobs = [JobSpec("sft", {"output_dir": full_dir}),
+            JobSpec("sft_first2", {"output_dir": prefix_dir}, prefix_of={"name": "sft", "output_dir": full_dir}, stop_after_epochs=2)]
+    point = lambda epoch: {"epoch": epoch, "accuracy": {"target": epoch / 10}}  # noqa: E731
+    results = {"sft": {"points": [point(3.0), point(6.0)]}, "sft_first2": {"points": [point(1.0), point(2.0)]}}
+    _metrics(full_dir, [0.9, 0.7, 0.5, 0.4, 0.3, 0.2])
+    _metrics(prefix_dir, [0.9, 0.7])
+    folded = fold_prefix_jobs(jobs, results)
+    assert list(folded) == ["sft"] and [p["epoch"] for p in folded["sft"]["points"]] == [1.0, 2.0, 3.0, 6.0]
+    assert folded["sft"]["early_points_from"] == "sft_first2" and len(results["sft"]["points"]) == 2  # the input untouched
+    _metrics(prefix_dir, [0.9, 0.7 + 1e-4])
+    with pytest.raises(RuntimeError, match="loss at step 2"):
+        fold_prefix_jobs(jobs, results)
+    _metrics(prefix_dir, [0.9, 0.7, 0.5, 0.4, 0.3, 0.2, 0.1])
+    with pytest.raises(RuntimeError, match="are not all among the steps"):
+        fold_prefix_jobs(jobs, results)
+
+
+def test_early_evaluation_options_are_checked_by_name(tmp_path):
+    from anchored_megatron.experiment.jobs import ExperimentConfig
+
+    def refused(**kw):
+        with pytest.raises(ValueError) as info:
+            ExperimentConfig(output_dir=str(tmp_path), methods=("sft", "anchored", "wise_ft_r0.5"), eval_every_epochs=5, **kw).validate()
+        return str(info.value)
+
+    assert "early_eval_epochs must be an integer in [0, eval_every_epochs=5)" in refused(early_eval_epochs=5, early_eval_methods=("sft",))
+    assert "early_eval_methods: ['distill', 'wise_ft_r0.5'] are not trained methods" in refused(early_eval_epochs=2, early_eval_methods=("distill", "wise_ft_r0.5"))
+    assert "set together" in refused(early_eval_epochs=2)
+    assert "set together" in refused(early_eval_methods=("sft",))
+
 
 def test_experiment_target_step_range_reaches_every_data_set(tmp_path):
     from anchored_megatron.data.synthetic import finetune_records, pretrain_records
