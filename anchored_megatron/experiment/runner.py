@@ -115,7 +115,8 @@ def _train_job(job: JobSpec, rank: int) -> dict:
         # Keep a checkpoint every eval interval: set after setup, once steps/epoch is known.
         trainer.cfg.train.save_interval = steps_per_epoch * job.eval_every_epochs
     if rank == 0:
-        print(f"[{job.name}] {trainer.total_steps} steps ({steps_per_epoch}/epoch), objective {cfg.anchor.objective}", file=sys.stderr, flush=True)
+        stop = f"the first {trainer.stop_step} of " if trainer.stop_step < trainer.total_steps else ""
+        print(f"[{job.name}] {stop}{trainer.total_steps} steps ({steps_per_epoch}/epoch), objective {cfg.anchor.objective}", file=sys.stderr, flush=True)
     os.makedirs(out, exist_ok=True)
     started = time.perf_counter()
     # The trainer copies its lines into out/train.log itself; the demo's console shows jobs only.
