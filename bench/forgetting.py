@@ -17,7 +17,7 @@ against the full run: the matched-target levels are passed within those epochs);
 bench/results/forgetting_summary.json (Pareto frontiers, paired differences with 95% t-intervals)
 and one Pareto plot per regime. Hours on 2 cores: run it in the background; it resumes job by job.
 ``--study --large``: the same on a model of about 8x the parameters (hidden 256, 4 layers),
-regime C seeds 0-1, for SFT, SFT+KL, distillation, anchored, the two anchored variants that cleared the
+regime C seeds 0-1, for SFT, SFT+KL, distillation, anchored, the two anchored variants closest to the
 study's goal on the small model (the replay trust region, the SFT+KL teacher) and the replay variant's
 control (SFT with the same replay data); its own
 output directory and bench/results/forgetting_summary_large.json.
