@@ -38,7 +38,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from anchored_megatron.eval.report import markdown_tables, plot_tradeoff  # noqa: E402
-from anchored_megatron.experiment.jobs import STUDY_METHODS, ExperimentConfig  # noqa: E402
+from anchored_megatron.experiment.jobs import STUDY_METHODS, WISE_FT_PREFIX, ExperimentConfig  # noqa: E402
 from anchored_megatron.experiment.runner import run_experiment  # noqa: E402
 
 FULL = dict(  # REDUCED's model, data and base (so cached bases are reused), the plan's eval size and T x K
@@ -47,11 +47,18 @@ FULL = dict(  # REDUCED's model, data and base (so cached bases are reused), the
                teacher_epochs=3, finetune_global_batch=16, outer_iterations=5, epochs_per_iteration=5, eval_every_epochs=5),
     regime_c_seeds=(0, 1, 2), learning_rates=(3e-4, 1e-3), control_regimes=("A", "B"), control_lr=3e-4,
 )
+
+
+def trained(methods) -> tuple[str, ...]:
+    """The methods that train (not the WiSE-FT merges)."""
+    return tuple(m for m in methods if not m.startswith(WISE_FT_PREFIX))
+
+
 # Most methods pass 0.9x the teacher's target accuracy within their first epochs, before the first
 # regular checkpoint (epoch 5), so the first 4 epochs of every trained method are also evaluated one
 # by one (a prefix re-run each, checked step by step to be the same run): without those points a
 # chord from the base to epoch 5 stood in for the path at matched target, lower for the fast methods.
-TRAINED_STUDY_METHODS = tuple(m for m in STUDY_METHODS if not m.startswith("wise_ft_r"))
+TRAINED_STUDY_METHODS = trained(STUDY_METHODS)
 STUDY = dict(  # FULL's model, data, base and budget; every method; the seeds the statistics need
     sizes=dict(FULL["sizes"], methods=STUDY_METHODS, early_eval_epochs=4, early_eval_methods=TRAINED_STUDY_METHODS), groups=(("C", tuple(range(5))), ("A", tuple(range(3)))), lr=3e-4,
 )
@@ -171,8 +178,8 @@ def tracking_table(tracking: dict) -> str:
 
 
 def early_eval_who(sizes: dict) -> str:
-    trained = [m for m in sizes["methods"] if not m.startswith("wise_ft_r")]
-    return "every trained method" if set(sizes["early_eval_methods"]) == set(trained) else ", ".join(sizes["early_eval_methods"])
+    every = set(sizes["early_eval_methods"]) == set(trained(sizes["methods"]))
+    return "every trained method" if every else ", ".join(sizes["early_eval_methods"])
 
 
 def render_study(plan: dict, by_regime: dict, results_path: str, suffix: str = "") -> str:

@@ -264,8 +264,10 @@ def run_jobs(jobs: list[JobSpec], paths: dict, eval_cfg: dict, tp: int, timeout:
 
 
 def _losses(output_dir: str) -> dict[int, float]:
-    """step -> loss from a run's metrics.jsonl (a resumed run's repeated steps: the last record)."""
-    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as fh:
+    """step -> loss from a run's metrics.jsonl (one record per step: a resumed run truncates it)."""
+    from anchored_megatron.training.metrics_log import METRICS_FILE
+
+    with open(os.path.join(output_dir, METRICS_FILE), encoding="utf-8") as fh:
         records = [json.loads(line) for line in fh if line.strip()]
     return {r["step"]: r["loss"] for r in records}
 
