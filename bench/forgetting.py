@@ -20,7 +20,9 @@ and one Pareto plot per regime. Hours on 2 cores: run it in the background; it r
 regime C seeds 0-1, for SFT, SFT+KL, distillation, anchored, the two anchored variants closest to the
 study's goal on the small model (the replay trust region, the SFT+KL teacher) and the replay variant's
 control (SFT with the same replay data); its own
-output directory and bench/results/forgetting_summary_large.json.
+output directory and bench/results/forgetting_summary_large.json, with the small model's figures on the
+same seeds and methods beside it (read from ``--small-output-dir``, the small study's cache; what is
+missing there is trained).
 
 Prints the tables; writes them (+ plots) to --results and the printed output to
 bench/results/forgetting.txt.
@@ -182,9 +184,42 @@ def early_eval_who(sizes: dict) -> str:
     return "every trained method" if every else ", ".join(sizes["early_eval_methods"])
 
 
-def render_study(plan: dict, by_regime: dict, results_path: str, suffix: str = "") -> str:
+def size_comparison(by_size: dict) -> list[dict]:
+    """{size: (runs, records)} of the same seeds -> per size and method: the base's general
+    accuracy, final gain and degradation, degradation as a fraction of SFT's, general accuracy at
+    0.9x the teacher's target and its paired difference from SFT."""
+    from anchored_megatron.eval.report import general_accuracy
+
+    rows = []
+    for size, (runs, records) in by_size.items():
+        base_general = sum(general_accuracy(r["base"]["points"][-1]) for r in runs) / len(runs)
+        sft = next(r for r in records if r["method"] == "sft")
+        for r in records:
+            if r["method"] in LARGE_METHODS:
+                rows.append({"method": r["method"], "size": size, "seeds": r["seeds"], "base_general": base_general,
+                             "gain": r["gain"], "degradation": r["degradation"],
+                             "degradation_over_sft": r["degradation"] / sft["degradation"] if sft["degradation"] else None,
+                             "general_at_0.9x": r["general_at_0.9x"],
+                             "minus_sft_at_0.9x": r.get("paired_diff_at_0.9x", {}).get("sft")})
+    return rows
+
+
+def size_table(rows: list[dict]) -> str:
+    lines = ["| method | model | base general | final gain | final degradation | degradation / SFT's | general at 0.9x | − SFT at 0.9x [95% CI] |",
+             "| --- " * 8 + "|"]
+    for method in LARGE_METHODS:
+        for r in (r for r in rows if r["method"] == method):
+            ratio = "—" if r["degradation_over_sft"] is None else f"{r['degradation_over_sft']:.2f}"
+            general = "—" if r["general_at_0.9x"] is None else f"{r['general_at_0.9x']:.3f}"
+            lines.append(f"| {method} | {r['size']} | {r['base_general']:.3f} | {r['gain']:.3f} | {100 * r['degradation']:.1f}% | {ratio} | "
+                         f"{general} | {cell(r['minus_sft_at_0.9x'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_study(plan: dict, by_regime: dict, results_path: str, suffix: str = "", small_by_regime: dict | None = None) -> str:
     """Tables, the paired-difference table, one Pareto plot per regime, and
-    bench/results/forgetting_summary.json; returns the text."""
+    bench/results/forgetting_summary.json; returns the text. With ``small_by_regime`` (the small
+    model's runs on the same seeds and methods) also the two sizes side by side."""
     from anchored_megatron.eval.study import plot_frontiers, summarize_regime, teacher_tracking
 
     plot_dir = os.path.join(os.path.dirname(results_path) or ".", "results")
@@ -199,7 +234,7 @@ def render_study(plan: dict, by_regime: dict, results_path: str, suffix: str = "
         f"epochs for every method; teacher {s['teacher_epochs']} epochs. Eval: {s['eval_per_skill']} held-out items per task, greedy, "
         f"every {s['eval_every_epochs']} epochs" + (f", and each of the first {s['early_eval_epochs']} for {early_eval_who(s)}"
                                                     if s.get("early_eval_epochs") else "") + f". Methods: {', '.join(s['methods'])}.", ""]
-    summary, tracking = [], {}
+    summary, tracking, size_rows = [], {}, {}
     for regime, runs in by_regime.items():
         records = summarize_regime(runs, regime, list(seeds[regime]))
         summary += records
@@ -211,10 +246,17 @@ def render_study(plan: dict, by_regime: dict, results_path: str, suffix: str = "
                      "Where each student ends against its own teacher (final checkpoints, paired per seed):", "",
                      tracking_table(tracking[regime]),
                      f"![Pareto frontiers, {title}]({os.path.relpath(plot, os.path.dirname(results_path) or '.')})", ""]
+        if small_by_regime is not None:
+            small = small_by_regime[regime]
+            rows = size_comparison({"small": (small, summarize_regime(small, regime, list(seeds[regime]))), "large": (runs, records)})
+            size_rows[regime] = rows
+            sections += [f"The small model (hidden {STUDY['sizes']['hidden_size']} x {STUDY['sizes']['num_layers']}) and this one on the same "
+                         f"seeds {list(seeds[regime])}, regime {regime} (degradation: mean over seeds of the final checkpoint's relative loss "
+                         "of general accuracy; its ratio to SFT's is a ratio of those means):", "", size_table(rows)]
     os.makedirs(os.path.join("bench", "results"), exist_ok=True)
     with open(os.path.join("bench", "results", f"forgetting_summary{suffix}.json"), "w", encoding="utf-8") as fh:
         json.dump({"date": datetime.date.today().isoformat(), "lr": plan["lr"], "groups": {k: list(v) for k, v in seeds.items()},
-                   "records": summary, "teacher_tracking": tracking}, fh, indent=1)
+                   "records": summary, "teacher_tracking": tracking, **({"size_comparison": size_rows} if size_rows else {})}, fh, indent=1)
         fh.write("\n")
     return "\n".join(sections)
 
@@ -226,6 +268,8 @@ def main(argv=None) -> int:
     parser.add_argument("--groups", help="with --study: REGIME:FIRST-LAST seeds, comma-separated (default C:0-4,A:0-2)")
     parser.add_argument("--large", action="store_true", help="with --study: the larger model's plan")
     parser.add_argument("--output-dir", default=os.path.join("runs", "forgetting"))
+    parser.add_argument("--small-output-dir", default=os.path.join("runs", "forgetting_study"),
+                        help="with --study --large: the small study's output directory, for the same seeds side by side")
     parser.add_argument("--results", default=os.path.join("docs", "results_forgetting_tables.md"),
                         help="markdown file for the tables (docs/results.md holds the analysis and links here)")
     parser.add_argument("--seeds", help="override the regime-C seeds, e.g. 0,1,2 (a subset of the plan; said in the output)")
@@ -240,8 +284,12 @@ def main(argv=None) -> int:
         default_dir = os.path.join("runs", "forgetting_study" + suffix)
         output_dir = args.output_dir if args.output_dir != parser.get_default("output_dir") else default_dir
         by_regime = run_study(plan, output_dir)
+        small_by_regime = None
+        if args.large:  # the small model on the same seeds and methods: cached by the full study, else trained here
+            small_plan = dict(STUDY, groups=plan["groups"], sizes=dict(STUDY["sizes"], methods=LARGE_METHODS, early_eval_methods=LARGE_METHODS))
+            small_by_regime = run_study(small_plan, args.small_output_dir)
         results = args.results if args.results != parser.get_default("results") else os.path.join("docs", f"results_forgetting_study{suffix}_tables.md")
-        text = render_study(plan, by_regime, results, suffix)
+        text = render_study(plan, by_regime, results, suffix, small_by_regime)
         stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
         print(text)
         with open(results, "w", encoding="utf-8") as fh:
