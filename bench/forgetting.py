@@ -286,7 +286,8 @@ def main(argv=None) -> int:
         by_regime = run_study(plan, output_dir)
         small_by_regime = None
         if args.large:  # the small model on the same seeds and methods: cached by the full study, else trained here
-            small_plan = dict(STUDY, groups=plan["groups"], sizes=dict(STUDY["sizes"], methods=LARGE_METHODS, early_eval_methods=LARGE_METHODS))
+            picked = {k: plan["sizes"][k] for k in ("methods", "early_eval_methods")}
+            small_plan = dict(STUDY, groups=plan["groups"], sizes=dict(STUDY["sizes"], **picked))
             small_by_regime = run_study(small_plan, args.small_output_dir)
         results = args.results if args.results != parser.get_default("results") else os.path.join("docs", f"results_forgetting_study{suffix}_tables.md")
         text = render_study(plan, by_regime, results, suffix, small_by_regime)
