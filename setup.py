@@ -40,7 +40,7 @@ setup(
             "anchored-sft=anchored_megatron.cli:train_main",
             "anchored-convert=anchored_megatron.convert.cli:main",
             "anchored-train-tokenizer=anchored_megatron.data.train_tokenizer:main",
-            "anchored-checkpoint=anchored_megatron.training.checkpoint_cli:main",
+            "anchored-checkpoint=anchored_megatron.checkpoint.cli:main",
             "anchored-merge=anchored_megatron.convert.merge:main",
         ],
     },

@@ -10,14 +10,14 @@ import sys
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors about the user's input or files (config, data, tokenizer, checkpoints) whose message
     names the option, file or line and says what to do: printed as is, never as a traceback."""
+    from anchored_megatron.checkpoint import CheckpointError
     from anchored_megatron.config import ConfigError
     from anchored_megatron.data.records import DataError
     from anchored_megatron.data.tokenizer import TokenizerError
-    from anchored_megatron.platform.mcore_compat.checkpoint_format import CheckpointFormatError
     from anchored_megatron.platform.run_lock import OutputDirInUse
-    from anchored_megatron.training.checkpoint import CheckpointError
+    from anchored_megatron.platform.shared_storage import SharedStorageError
 
-    return ConfigError, DataError, TokenizerError, CheckpointError, CheckpointFormatError, OutputDirInUse
+    return ConfigError, DataError, TokenizerError, CheckpointError, OutputDirInUse, SharedStorageError
 
 
 def _report(prog: str, kind: str, exc: BaseException) -> int:
@@ -52,6 +52,7 @@ def train_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from anchored_megatron.config import ConfigError, load_run_config
+    from anchored_megatron.platform.collective_timeout import CollectiveTimeout
 
     try:
         cfg = load_run_config(args.config, args.overrides)
@@ -67,4 +68,7 @@ def train_main(argv: list[str] | None = None) -> int:
         return _report("anchored-sft", "config error", exc)
     except _user_errors() as exc:
         return _report("anchored-sft", "error", exc)
+    except CollectiveTimeout as exc:  # said by every rank that waited: the rank that stopped may be rank 0
+        print(f"anchored-sft: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0

@@ -44,11 +44,11 @@ def _hashlib_rate(paths: list[str], name: str) -> float:
 
 def measure(size_name: str, repeats: int, work_dir: str) -> dict:
     """One size, in a one-rank process group: every timing of the table."""
+    from anchored_megatron.checkpoint import manifest
+    from anchored_megatron.checkpoint import trainer_io as ckpt
     from anchored_megatron.config import ModelConfig, OptimConfig, ParallelConfig
     from anchored_megatron.models.builder import build_model_chunks
     from anchored_megatron.platform import initialize
-    from anchored_megatron.training import checkpoint as ckpt
-    from anchored_megatron.training import manifest
     from anchored_megatron.training.optim import build_optimizer, wrap_ddp
 
     initialize(ParallelConfig(), seed=0)
@@ -68,7 +68,7 @@ def measure(size_name: str, repeats: int, work_dir: str) -> dict:
         path = ckpt.save_checkpoint(root, repeat, wrapped, optimizer, {"step": repeat})
         rows["save_s"].append(time.perf_counter() - started)
         started = time.perf_counter()
-        ckpt._write_manifest(path)
+        ckpt.write_manifest(path)
         rows["manifest_s"].append(time.perf_counter() - started)
         for checksums, key in ((True, "load_checksums_s"), (False, "load_sizes_s")):
             started = time.perf_counter()

@@ -29,7 +29,9 @@ def write_random_llama(out_dir: str, layers: int, dtype_name: str) -> int:
     import torch
     from safetensors.torch import save_file
 
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    from anchored_megatron.models.dtypes import DTYPES
+
+    dtype = DTYPES[dtype_name]
     h, f, heads, groups, vocab = (SHAPE[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size"))
     kv = groups * h // heads
     gen = torch.Generator().manual_seed(0)

@@ -40,6 +40,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from anchored_megatron.eval.report import markdown_tables, plot_tradeoff  # noqa: E402
+from anchored_megatron.eval.study_tables import render_study  # noqa: E402
 from anchored_megatron.experiment.jobs import STUDY_METHODS, WISE_FT_PREFIX, ExperimentConfig  # noqa: E402
 from anchored_megatron.experiment.runner import run_experiment  # noqa: E402
 
@@ -144,121 +145,42 @@ def run_study(plan: dict, output_dir: str) -> dict:
     return by_regime
 
 
-def cell(interval: dict | None) -> str:
-    """A mean_interval as "+m [lo, hi] (n=k)", "+m (n=1)" or "—"."""
-    if interval is None or interval["mean"] is None:
-        return "—"
-    if interval["ci_low"] is None:
-        return f"{interval['mean']:+.3f} (n=1)"
-    return f"{interval['mean']:+.3f} [{interval['ci_low']:+.3f}, {interval['ci_high']:+.3f}] (n={interval['n']})"
-
-
-def paired_table(records: list[dict]) -> str:
-    """General accuracy at 0.9x the teacher's target accuracy and the paired differences."""
-    lines = ["| method | seeds reaching 0.9x | general at 0.9x | − SFT [95% CI] | − SFT+KL [95% CI] | − distill [95% CI] | − SFT+replay [95% CI] "
-             "| degradation at 90% of SFT's gain |", "| --- " * 8 + "|"]
-
-    for r in records:
-        diffs = r.get("paired_diff_at_0.9x", {})
-        general = "—" if r["general_at_0.9x"] is None else f"{r['general_at_0.9x']:.3f}"
-        degradation = "—" if r["degradation_at_0.9_sft_gain"] is None else f"{100 * r['degradation_at_0.9_sft_gain']:.1f}% ({r['reached_0.9_sft_gain']}/{len(r['seeds'])})"
-        lines.append(f"| {r['method']} | {r['reached_0.9x']}/{len(r['seeds'])} | {general} | {cell(diffs.get('sft'))} | "
-                     f"{cell(diffs.get('sft_kl'))} | {cell(diffs.get('distill'))} | {cell(diffs.get('sft_replay'))} | {degradation} |")
-    return "\n".join(lines) + "\n"
-
-
-def tracking_table(tracking: dict) -> str:
-    """Each teacher-trained method's final accuracies minus its own teacher's, paired per seed."""
-    lines = ["| method | its teacher | general − teacher's [95% CI] | target − teacher's [95% CI] |", "| --- " * 4 + "|"]
-    lines += [f"| {r['method']} | {r['teacher']} | {cell(r['general_minus_teacher'])} | {cell(r['target_minus_teacher'])} |"
-              for r in tracking["methods"]]
-    pooled = tracking["anchored_general_vs_teacher_general"]
-    r = "—" if pooled["r"] is None else f"{pooled['r']:.2f}"
-    lines += ["", f"Anchored students' final general accuracy against their own teacher's, pooled over seeds and the anchored "
-              f"methods whose loss has no term toward the base or general data: Pearson r = {r} over {pooled['n']} (teacher, student) pairs."]
-    return "\n".join(lines) + "\n"
-
-
 def early_eval_who(sizes: dict) -> str:
     every = set(sizes["early_eval_methods"]) == set(trained(sizes["methods"]))
     return "every trained method" if every else ", ".join(sizes["early_eval_methods"])
 
 
-def size_comparison(by_size: dict) -> list[dict]:
-    """{size: (runs, records)} of the same seeds -> per size and method: the base's general
-    accuracy, final gain and degradation, degradation as a fraction of SFT's, general accuracy at
-    0.9x the teacher's target and its paired difference from SFT."""
-    from anchored_megatron.eval.report import general_accuracy
-
-    rows = []
-    for size, (runs, records) in by_size.items():
-        base_general = sum(general_accuracy(r["base"]["points"][-1]) for r in runs) / len(runs)
-        sft = next(r for r in records if r["method"] == "sft")
-        for r in records:
-            if r["method"] in LARGE_METHODS:
-                rows.append({"method": r["method"], "size": size, "seeds": r["seeds"], "base_general": base_general,
-                             "gain": r["gain"], "degradation": r["degradation"],
-                             "degradation_over_sft": r["degradation"] / sft["degradation"] if sft["degradation"] else None,
-                             "general_at_0.9x": r["general_at_0.9x"],
-                             "minus_sft_at_0.9x": r.get("paired_diff_at_0.9x", {}).get("sft")})
-    return rows
-
-
-def size_table(rows: list[dict]) -> str:
-    lines = ["| method | model | base general | final gain | final degradation | degradation / SFT's | general at 0.9x | − SFT at 0.9x [95% CI] |",
-             "| --- " * 8 + "|"]
-    for method in LARGE_METHODS:
-        for r in (r for r in rows if r["method"] == method):
-            ratio = "—" if r["degradation_over_sft"] is None else f"{r['degradation_over_sft']:.2f}"
-            general = "—" if r["general_at_0.9x"] is None else f"{r['general_at_0.9x']:.3f}"
-            lines.append(f"| {method} | {r['size']} | {r['base_general']:.3f} | {r['gain']:.3f} | {100 * r['degradation']:.1f}% | {ratio} | "
-                         f"{general} | {cell(r['minus_sft_at_0.9x'])} |")
-    return "\n".join(lines) + "\n"
-
-
-def render_study(plan: dict, by_regime: dict, results_path: str, suffix: str = "", small_by_regime: dict | None = None) -> str:
-    """Tables, the paired-difference table, one Pareto plot per regime, and
-    bench/results/forgetting_summary.json; returns the text. With ``small_by_regime`` (the small
-    model's runs on the same seeds and methods) also the two sizes side by side."""
-    from anchored_megatron.eval.study import plot_frontiers, summarize_regime, teacher_tracking
-
-    plot_dir = os.path.join(os.path.dirname(results_path) or ".", "results")
-    os.makedirs(plot_dir, exist_ok=True)
-    seeds = dict(plan["groups"])
+def study_settings_text(plan: dict) -> str:
     s = plan["sizes"]
-    sections = [
+    seeds = dict(plan["groups"])
+    return (
         f"Settings: the method study. Regimes and seeds: {'; '.join(f'{r} {list(v)}' for r, v in seeds.items())}; fine-tuning lr {plan['lr']:g}. "
         f"Model: Llama-shaped, hidden {s['hidden_size']}, {s['num_layers']} layers, ffn {s['ffn_hidden_size']}, char vocabulary, TP=2. "
         f"Base: {s['pretrain_per_skill']} examples per skill, {s['base_epochs']} epochs. Fine-tuning: {s['finetune_examples']} target "
         f"examples, global batch {s['finetune_global_batch']}, constant lr, T x K = {s['outer_iterations']} x {s['epochs_per_iteration']} "
         f"epochs for every method; teacher {s['teacher_epochs']} epochs. Eval: {s['eval_per_skill']} held-out items per task, greedy, "
         f"every {s['eval_every_epochs']} epochs" + (f", and each of the first {s['early_eval_epochs']} for {early_eval_who(s)}"
-                                                    if s.get("early_eval_epochs") else "") + f". Methods: {', '.join(s['methods'])}.", ""]
-    summary, tracking, size_rows = [], {}, {}
-    for regime, runs in by_regime.items():
-        records = summarize_regime(runs, regime, list(seeds[regime]))
-        summary += records
-        tracking[regime] = teacher_tracking(runs)
-        title = f"regime {regime}, lr {plan['lr']:g}, {len(runs)} seed(s)"
-        plot = plot_frontiers(runs, os.path.join(plot_dir, f"forgetting_study{suffix}_{regime}.png"), f"Pareto frontiers, {title}")
-        sections += [markdown_tables(runs, title), "General accuracy at 0.9x the teacher's target accuracy, paired across seeds "
-                     "(method − other, same base and teacher per seed; 95% Student t-interval):", "", paired_table(records),
-                     "Where each student ends against its own teacher (final checkpoints, paired per seed):", "",
-                     tracking_table(tracking[regime]),
-                     f"![Pareto frontiers, {title}]({os.path.relpath(plot, os.path.dirname(results_path) or '.')})", ""]
-        if small_by_regime is not None:
-            small = small_by_regime[regime]
-            rows = size_comparison({"small": (small, summarize_regime(small, regime, list(seeds[regime]))), "large": (runs, records)})
-            size_rows[regime] = rows
-            sections += [f"The small model (hidden {STUDY['sizes']['hidden_size']} x {STUDY['sizes']['num_layers']}) and this one on the same "
-                         f"seeds {list(seeds[regime])}, regime {regime} (degradation: mean over seeds of the final checkpoint's relative loss "
-                         "of general accuracy; its ratio to SFT's is a ratio of those means):", "", size_table(rows)]
+                                                    if s.get("early_eval_epochs") else "") + f". Methods: {', '.join(s['methods'])}."
+    )
+
+
+def write_study(plan: dict, by_regime: dict, results: str, suffix: str, small_by_regime: dict | None = None) -> str:
+    """Render the study (eval.study_tables) into ``results`` and bench/results/forgetting_study{suffix}.txt,
+    its summary into bench/results/forgetting_summary{suffix}.json; returns the text. With
+    ``small_by_regime``, the small model (STUDY's sizes) on the same seeds beside it."""
+    small_model = f"hidden {STUDY['sizes']['hidden_size']} x {STUDY['sizes']['num_layers']}"
+    text, summary = render_study(by_regime, dict(plan["groups"]), plan["lr"], results, study_settings_text(plan), plot_suffix=suffix,
+                                 small_by_regime=small_by_regime, small_model=small_model, size_methods=plan["sizes"]["methods"])
     os.makedirs(os.path.join("bench", "results"), exist_ok=True)
     with open(os.path.join("bench", "results", f"forgetting_summary{suffix}.json"), "w", encoding="utf-8") as fh:
-        json.dump({"date": datetime.date.today().isoformat(), "lr": plan["lr"], "groups": {k: list(v) for k, v in seeds.items()},
-                   "records": summary, "teacher_tracking": tracking, **({"size_comparison": size_rows} if size_rows else {})}, fh, indent=1)
+        json.dump({"date": datetime.date.today().isoformat(), **summary}, fh, indent=1)
         fh.write("\n")
-    return "\n".join(sections)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    with open(results, "w", encoding="utf-8") as fh:
+        fh.write(f"# Forgetting study tables ({stamp})\n\nWritten by bench/forgetting.py --study.\n\n{text}\n")
+    with open(os.path.join("bench", "results", f"forgetting_study{suffix}.txt"), "w", encoding="utf-8") as fh:
+        fh.write(f"{stamp}\n{text}\n")
+    return text
 
 
 def main(argv=None) -> int:
@@ -290,13 +212,7 @@ def main(argv=None) -> int:
             small_plan = dict(STUDY, groups=plan["groups"], sizes=dict(STUDY["sizes"], **picked))
             small_by_regime = run_study(small_plan, args.small_output_dir)
         results = args.results if args.results != parser.get_default("results") else os.path.join("docs", f"results_forgetting_study{suffix}_tables.md")
-        text = render_study(plan, by_regime, results, suffix, small_by_regime)
-        stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-        print(text)
-        with open(results, "w", encoding="utf-8") as fh:
-            fh.write(f"# Forgetting study tables ({stamp})\n\nWritten by bench/forgetting.py --study.\n\n{text}\n")
-        with open(os.path.join("bench", "results", f"forgetting_study{suffix}.txt"), "w", encoding="utf-8") as fh:
-            fh.write(f"{stamp}\n{text}\n")
+        print(write_study(plan, by_regime, results, suffix, small_by_regime))
         return 0
     plan = dict(REDUCED if args.reduced else FULL)
     if args.seeds is not None:

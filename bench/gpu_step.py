@@ -199,6 +199,7 @@ def _synthetic_batches(cfg, num_microbatches: int, device) -> list[dict]:
 
 def _time_steps(cfg, shape: dict) -> dict:
     from anchored_megatron.platform import initialize, shutdown
+    from anchored_megatron.platform.collective_timeout import Watch
     from anchored_megatron.training.forward_step import make_forward_step
     from anchored_megatron.training.objectives import iteration_loss
     from anchored_megatron.training.roles import copy_weights
@@ -206,6 +207,7 @@ def _time_steps(cfg, shape: dict) -> dict:
 
     trainer = Trainer.__new__(Trainer)  # the real trainer, minus its data pipeline and checkpoints
     trainer.cfg = cfg
+    trainer.watch = Watch("train.collective_timeout_minutes", cfg.train.collective_timeout_minutes)
     trainer.runtime = initialize(cfg.parallel, seed=cfg.seed)
     device = trainer.runtime.device
     total = shape["warmup"] + shape["steps"]

@@ -46,7 +46,7 @@ def make_checkpoints(base_dir, teacher_dir, model_dict):
     import torch
 
     from anchored_megatron.config import ModelConfig, ParallelConfig
-    from anchored_megatron.convert import save_megatron_weights
+    from anchored_megatron.checkpoint.weights import save_megatron_weights
     from anchored_megatron.models.builder import build_model_chunks
     from anchored_megatron.platform import initialize
 

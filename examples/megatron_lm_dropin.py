@@ -9,7 +9,7 @@ Run from a Megatron-LM checkout, with Megatron-LM's usual arguments plus three o
 Megatron-LM's ``train_step`` passes ``adjust_tensor_shapes_fn`` to ``forward_backward_func`` only
 for ModelOpt distillation; with pipeline parallelism, make that argument
 ``ANCHORED.adjust_tensor_shapes_fn()`` (one line in megatron/training/training.py).
-The frozen reference is read with ``anchored_megatron.convert.load_megatron_weights``
+The frozen reference is read with ``anchored_megatron.checkpoint.weights.load_megatron_weights``
 (an ``anchored-convert`` output); the snapshot is refreshed every
 ``--anchor-steps-per-iteration`` steps. See docs/scale-out.md.
 """

@@ -30,13 +30,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from anchored_megatron.anchor import fused_passes
+from anchored_megatron.anchor import chunks, fused_passes
 from anchored_megatron.anchor.loss import (
     METRIC_NAMES, build_spec, check_chunk_tokens, check_label_range, resolve_group, shard_layout,
 )
 from anchored_megatron.anchor.token_loss import compute_dtype, token_loss
 from anchored_megatron.anchor.vocab_passes import LossSpec, ShardLayout, Workspace, chunk_rows
-from anchored_megatron.planning import loss_chunks
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ def _add_weight_grad(grad_weight: torch.Tensor, scaled: torch.Tensor, rows: torc
     if scaled.dtype == grad_weight.dtype:
         grad_weight.addmm_(scaled.t(), rows)
         return
-    block = loss_chunks.weight_grad_block_rows(rows.shape[1], rows.element_size())
+    block = chunks.weight_grad_block_rows(rows.shape[1], rows.element_size())
     for start in range(0, grad_weight.shape[0], block):
         stop = min(start + block, grad_weight.shape[0])
         grad_weight[start:stop].add_(torch.mm(scaled[:, start:stop].t(), rows))
@@ -246,7 +245,7 @@ def fused_output_anchored_loss(
     Returns the scalar loss (fp32, fp64 for fp64 weights) with gradients for ``student_hidden``
     and ``student_weight``, and with ``return_metrics`` a dict of ``loss_mask``-weighted sums
     over tokens of the metrics (no grad). ``chunk_tokens``: tokens per chunk (None: from
-    ``planning.loss_chunks``' memory budget). ``label_prob_weight``: each token's CE (``ce_weight``
+    ``anchor/chunks.py``' memory budget). ``label_prob_weight``: each token's CE (``ce_weight``
     must be 1) is further weighted by the probability of its label, held constant (Dynamic
     Fine-Tuning's ``-sg(p_theta(y)) log p_theta(y)``); the weights exist only chunk by chunk, which
     is why this is an option here rather than the caller's ``loss_mask``.
@@ -284,7 +283,7 @@ def fused_output_anchored_loss(
     if chunk_tokens is None:
         roles = 1 + (reference_hidden is not None) + (anchor_hidden is not None)
         compute_bytes = torch.empty((), dtype=compute_dtype(student_weight, reference_weight, anchor_weight)).element_size()
-        chunk_tokens = loss_chunks.auto_chunk_tokens(local_vocab, roles, student_weight.element_size(), fused, compute_bytes)
+        chunk_tokens = chunks.auto_chunk_tokens(local_vocab, roles, student_weight.element_size(), fused, compute_bytes)
     if loss_mask is None:
         loss_mask = torch.ones(gathered, dtype=torch.float32, device=student_hidden.device)
     call = _Call(spec=spec, layout=layout, loss_scale=float(loss_scale), chunk_tokens=int(chunk_tokens), fused=fused,

@@ -1,6 +1,8 @@
 """Run configuration: dataclasses for every option, the YAML + ``key=value`` loader, model
-presets, and the one validation. Torch-free, so it loads in a fraction of a second and a run
-can be planned (``anchored-sft --dry-run``) on any machine."""
+presets, and the one validation of the values (``validate.validate_run``; the checks that read
+files are ``planning.preflight``). Torch-free and a leaf (it imports no other package of ours),
+so it loads in a fraction of a second and a run can be planned (``anchored-sft --dry-run``) on
+any machine."""
 
 from anchored_megatron.config.data import DataConfig
 from anchored_megatron.config.errors import ConfigError

@@ -45,11 +45,12 @@ class DataConfig:
     # needs it with more than one data-parallel rank: a rank must meet its sequences again).
     shuffle: str = "global"
 
-    def validate(self, prefix: str = "data", check_files: bool = True) -> None:
-        """Values always; the files only with ``check_files`` (a plan may be made before the
-        data is staged, so then paths and tokenizer may also be left out)."""
-        if check_files or self.paths:
-            if not isinstance(self.paths, (list, tuple)) or not self.paths:
+    def validate(self, prefix: str = "data") -> None:
+        """The values, reading no file. ``paths`` and ``tokenizer`` may be left out (a plan may be
+        made before the data is staged); that they are given and exist is checked before a run by
+        ``data.files.check_data_files``."""
+        if self.paths:
+            if not isinstance(self.paths, (list, tuple)):
                 raise ConfigError(f"{prefix}.paths: must be a non-empty list of local files, got {self.paths!r}")
             for i, path in enumerate(self.paths):
                 key = f"{prefix}.paths[{i}]"
@@ -57,8 +58,6 @@ class DataConfig:
                     raise ConfigError(f"{key}: must be a file path, got {path!r}")
                 if not path.endswith(SUPPORTED_SUFFIXES):
                     raise ConfigError(f"{key}: {path}: unsupported file type (expected one of {', '.join(SUPPORTED_SUFFIXES)})")
-                if check_files and not os.path.isfile(path):
-                    raise ConfigError(f"{key}: {path}: file not found")
         if self.weights is not None:
             if not isinstance(self.weights, (list, tuple)) or len(self.weights) != len(self.paths):
                 raise ConfigError(
@@ -68,36 +67,26 @@ class DataConfig:
                 ok = isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight) and weight > 0
                 if not ok:
                     raise ConfigError(f"{prefix}.weights[{i}]: must be a finite number > 0, got {weight!r}")
-        if check_files:
-            self._check_tokenizer_file(prefix)
         if self.chat_template is not None:
             if not isinstance(self.chat_template, str) or not self.chat_template:
                 raise ConfigError(f"{prefix}.chat_template: must be 'default', a Jinja template or a file path, got {self.chat_template!r}")
-            is_file_path = self.chat_template != "default" and not looks_like_jinja(self.chat_template)
-            if check_files and is_file_path and not os.path.isfile(self.chat_template):
-                raise ConfigError(
-                    f"{prefix}.chat_template: {self.chat_template!r} is neither 'default', a Jinja template, nor an existing file"
-                )
         for name in ("packing", "truncate"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{prefix}.{name}: must be true or false, got {getattr(self, name)!r}")
         if self.on_bad_record not in BAD_RECORD_POLICIES:
             raise ConfigError(f"{prefix}.on_bad_record: must be 'error' or 'skip', got {self.on_bad_record!r}")
-        self._validate_replay(prefix, check_files)
+        self._validate_replay(prefix)
         if self.shuffle not in SHUFFLES:
             raise ConfigError(f"{prefix}.shuffle: must be one of {', '.join(SHUFFLES)}, got {self.shuffle!r}")
         if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir):
             raise ConfigError(f"{prefix}.cache_dir: must be a directory path or null, got {self.cache_dir!r}")
 
-    def _validate_replay(self, prefix: str, check_files: bool) -> None:
+    def _validate_replay(self, prefix: str) -> None:
         if not isinstance(self.replay_paths, (list, tuple)):
             raise ConfigError(f"{prefix}.replay_paths: must be a list of local files, got {self.replay_paths!r}")
         for i, path in enumerate(self.replay_paths):
-            key = f"{prefix}.replay_paths[{i}]"
             if not isinstance(path, str) or not path.endswith(SUPPORTED_SUFFIXES):
-                raise ConfigError(f"{key}: must be a {', '.join(SUPPORTED_SUFFIXES)} file path, got {path!r}")
-            if check_files and not os.path.isfile(path):
-                raise ConfigError(f"{key}: {path}: file not found")
+                raise ConfigError(f"{prefix}.replay_paths[{i}]: must be a {', '.join(SUPPORTED_SUFFIXES)} file path, got {path!r}")
         fraction = self.replay_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
             raise ConfigError(f"{prefix}.replay_fraction: must be a number in [0, 1), got {fraction!r}")
@@ -115,16 +104,6 @@ class DataConfig:
                 f"data.replay_fraction: {self.replay_fraction} of each step's sequences is {exact:.3g} microbatches next to the "
                 f"{gold_microbatches} gold ones per data-parallel rank; it must be a whole number: e.g. {valid}")
         return count
-
-    def _check_tokenizer_file(self, prefix: str) -> None:
-        if not isinstance(self.tokenizer, str) or not self.tokenizer:
-            raise ConfigError(f"{prefix}.tokenizer: required: a sentencepiece .model file or an HF tokenizer directory")
-        if not os.path.exists(self.tokenizer):
-            raise ConfigError(f"{prefix}.tokenizer: {self.tokenizer}: not found")
-        if os.path.isdir(self.tokenizer) and not any(
-            os.path.isfile(os.path.join(self.tokenizer, name)) for name in ("tokenizer.json", "tokenizer.model")
-        ):
-            raise ConfigError(f"{prefix}.tokenizer: {self.tokenizer}: directory has neither tokenizer.json nor tokenizer.model")
 
     def resolved_cache_dir(self) -> str:
         if self.cache_dir:

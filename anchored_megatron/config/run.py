@@ -27,11 +27,12 @@ class RunConfig:
     # rest, and an option the objective does not use is refused only when it was set.
     explicit_keys: frozenset = field(default_factory=frozenset, repr=False, compare=False, metadata={"internal": True})
 
-    def validate(self, world_size: int, check_files: bool = True) -> None:
-        """See ``validate.validate_run``: the one validation of a run."""
+    def validate(self, world_size: int) -> None:
+        """The values only (``validate.validate_run``); before a run, ``planning.preflight.prepare_run``
+        also completes the config and checks the files."""
         from anchored_megatron.config.validate import validate_run
 
-        validate_run(self, world_size, check_files=check_files)
+        validate_run(self, world_size)
 
     def to_dict(self) -> dict:
         """Every option as plain data (what ``config.yaml`` next to a run holds)."""

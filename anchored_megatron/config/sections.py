@@ -6,6 +6,7 @@ world size or the files on disk live in ``validate.py``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from anchored_megatron.config.errors import require
@@ -185,6 +186,10 @@ class TrainConfig:
     # instead of running those roles again: the reference's for the whole run, the snapshot's
     # until it is refreshed. Exact; needs model.fused_output_loss. Costs host memory (logged at start).
     frozen_hidden_cache: bool = False
+    # How long a rank waits in a collective for the others (Megatron-LM's --distributed-timeout-minutes):
+    # a rank that stops answering ends the run after this long. It also bounds start-up waits, such as
+    # the other ranks waiting while global rank 0 tokenizes the data.
+    collective_timeout_minutes: float = 30.0
 
     def validate(self, prefix: str = "train") -> None:
         for name in ("micro_batch_size", "global_batch_size", "log_interval", "keep_checkpoints", "max_nonfinite_in_a_row"):
@@ -194,6 +199,9 @@ class TrainConfig:
         if self.max_steps is not None:
             require(isinstance(self.max_steps, int) and self.max_steps >= 1, f"{prefix}.max_steps", f"must be an integer >= 1 or null, got {self.max_steps!r}")
         require(isinstance(self.frozen_hidden_cache, bool), f"{prefix}.frozen_hidden_cache", f"must be true or false, got {self.frozen_hidden_cache!r}")
+        timeout = self.collective_timeout_minutes
+        require(isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and math.isfinite(timeout) and timeout > 0,
+                f"{prefix}.collective_timeout_minutes", f"must be a number of minutes > 0, got {timeout!r}")
 
     def num_microbatches(self, data_parallel_size: int, prefix: str = "train") -> int:
         per_step = self.micro_batch_size * data_parallel_size

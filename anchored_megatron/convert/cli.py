@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from anchored_megatron.platform import warnings_filter
 
     warnings_filter.install()
+    from anchored_megatron.checkpoint import CheckpointError
     from anchored_megatron.config import ConfigError
 
     try:
@@ -126,10 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             model = hf_to_megatron(args.hf, args.out, args.dtype, args.transformer_impl, target, not args.no_progress)
             print(f"wrote {args.out} ({model.num_layers} layers, vocab {model.vocab_size}, {args.dtype})")
         elif args.command == "megatron-to-hf":
-            from anchored_megatron.convert.megatron_io import checkpoint_dir, kept_hf_config_file
+            from anchored_megatron.checkpoint.dirs import resolve_checkpoint_dir
+            from anchored_megatron.checkpoint.model_config import kept_hf_config_file
             from anchored_megatron.convert.megatron_to_hf import megatron_to_hf
 
-            ckpt = checkpoint_dir(args.ckpt, args.iteration)
+            ckpt = resolve_checkpoint_dir(args.ckpt, "--ckpt", args.iteration)
             files = megatron_to_hf(ckpt, args.out, args.dtype, args.hf_config, args.tokenizer, args.family,
                                    args.max_shard_size, not args.no_progress)
             print(f"wrote {args.out} from {ckpt}: {', '.join(files)}")
@@ -137,15 +139,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"config.json: built from {ckpt}/model_config.yaml (no HF config is kept with it; --hf-config gives one)")
         else:
             from anchored_megatron.config import ParallelConfig
+            from anchored_megatron.checkpoint.dirs import resolve_checkpoint_dir
+            from anchored_megatron.checkpoint.model_config import load_model_config
             from anchored_megatron.convert.compare import run_compare
-            from anchored_megatron.convert.megatron_io import checkpoint_dir, load_model_config
 
-            ckpt = checkpoint_dir(args.ckpt, args.iteration)
+            ckpt = resolve_checkpoint_dir(args.ckpt, "--ckpt", args.iteration)
             tokens = _tokens(args, load_model_config(ckpt).vocab_size)
             result = run_compare(args.hf, ckpt, ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep), tokens)
             if result is not None:
                 print(result.summary())
-    except (ConvertError, ConfigError) as exc:
+    except (ConvertError, ConfigError, CheckpointError) as exc:
         print(f"anchored-convert: error: {exc}", file=sys.stderr)
         return 2
     return 0

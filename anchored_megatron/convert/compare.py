@@ -113,10 +113,12 @@ def _compare(hf_dir: str, ckpt_dir: str, parallel: ParallelConfig, tokens: torch
 
     from megatron.core import parallel_state
 
-    from anchored_megatron.convert.megatron_io import checkpoint_dir, load_megatron_weights, load_model_config
+    from anchored_megatron.checkpoint.dirs import resolve_checkpoint_dir
+    from anchored_megatron.checkpoint.model_config import load_model_config
+    from anchored_megatron.checkpoint.weights import load_megatron_weights
     from anchored_megatron.models.builder import build_model_chunks
 
-    ckpt_dir = checkpoint_dir(ckpt_dir)
+    ckpt_dir = resolve_checkpoint_dir(ckpt_dir, "--ckpt")
     # A checkpoint trained in FP8 is compared at the requested dtype without FP8.
     model = dataclasses.replace(load_model_config(ckpt_dir), params_dtype=dtype, fp8=None, fp8_bf16_first_last_layers=0)
     model.validate(parallel)
@@ -127,6 +129,6 @@ def _compare(hf_dir: str, ckpt_dir: str, parallel: ParallelConfig, tokens: torch
                  and parallel_state.get_data_parallel_rank() == 0)
     if not reporting:
         return None
-    from anchored_megatron.models.builder import _DTYPES
+    from anchored_megatron.models.dtypes import DTYPES
 
-    return compare_logits(hf_logits(hf_dir, tokens, _DTYPES[dtype]), logits)
+    return compare_logits(hf_logits(hf_dir, tokens, DTYPES[dtype]), logits)

@@ -11,18 +11,16 @@ import os
 
 import torch
 
+from anchored_megatron.checkpoint.weights import save_weights_state, single_process_group
 from anchored_megatron.config import ConfigError, ModelConfig, ParallelConfig
+from anchored_megatron.convert.dist_entries import entry_name, extra_state_objects, sharded_tensor
 from anchored_megatron.convert.errors import ConvertError
 from anchored_megatron.convert.family import Family, to_model_config
 from anchored_megatron.convert.hf_io import HFReader, read_config
 from anchored_megatron.convert.mapping import hf_shapes, rules
-from anchored_megatron.convert.megatron_io import (
-    DTYPES, entry_name, extra_state_objects, sharded_tensor, single_process_group, write_model_config,
-)
 from anchored_megatron.convert.progress import progress_bar
 from anchored_megatron.convert.registry import family_for_hf_config
-from anchored_megatron.training import manifest
-from anchored_megatron.training.checkpoint import MANIFEST_MARKER, write_manifest
+from anchored_megatron.models.dtypes import DTYPES
 
 EXPORT_DTYPES = ("bf16", "fp32")
 
@@ -78,8 +76,6 @@ def hf_to_megatron(
     show_progress: bool = True,
 ) -> ModelConfig:
     """Convert; returns the ModelConfig written next to the checkpoint."""
-    from megatron.core import dist_checkpointing
-
     torch_dtype = check_dtype(dtype)
     check_empty_output(out_dir)
     model, family, reader = plan(hf_dir, dtype, transformer_impl, target)
@@ -92,10 +88,7 @@ def hf_to_megatron(
     reader.close()
     for layer in range(model.num_layers):
         entries.update(extra_state_objects(layer, model))
-    entries[MANIFEST_MARKER] = manifest.FORMAT
     os.makedirs(out_dir, exist_ok=True)
     with single_process_group():
-        dist_checkpointing.save(entries, out_dir)
-        write_model_config(out_dir, model, hf_config_file=os.path.join(hf_dir, "config.json"))
-        write_manifest(out_dir)
+        save_weights_state(entries, out_dir, model, hf_config_file=os.path.join(hf_dir, "config.json"))
     return model

@@ -14,15 +14,16 @@ import os
 
 import torch
 
+from anchored_megatron.checkpoint.dirs import resolve_checkpoint_dir
+from anchored_megatron.checkpoint.model_config import HF_CONFIG_NAME, load_hf_config, load_model_config
+from anchored_megatron.checkpoint.weights import single_process_group
 from anchored_megatron.config import ModelConfig
+from anchored_megatron.convert.dist_entries import load_entries, stored_shapes
 from anchored_megatron.convert.errors import ConvertError
 from anchored_megatron.convert.family import HF_DTYPE_NAMES, Family, to_hf_config, to_model_config
 from anchored_megatron.convert.hf_io import HFShardWriter, copy_tokenizer, read_json
 from anchored_megatron.convert.hf_to_megatron import check_dtype, check_empty_output
 from anchored_megatron.convert.mapping import is_vocab_key, megatron_shapes, rules
-from anchored_megatron.convert.megatron_io import (
-    HF_CONFIG_NAME, checkpoint_dir, load_entries, load_hf_config, load_model_config, single_process_group, stored_shapes,
-)
 from anchored_megatron.convert.progress import progress_bar
 from anchored_megatron.convert.registry import family_for_hf_config, family_for_model_config
 
@@ -105,7 +106,7 @@ def megatron_to_hf(
     or the one saved at step ``iteration``).
     """
     torch_dtype = check_dtype(dtype)
-    ckpt_dir = checkpoint_dir(ckpt_dir, iteration)
+    ckpt_dir = resolve_checkpoint_dir(ckpt_dir, "--ckpt", iteration)
     check_empty_output(out_dir)
     model = load_model_config(ckpt_dir)
     hf_config, family = _export_config(ckpt_dir, model, dtype, hf_config_source, family_name, tokenizer_dir)

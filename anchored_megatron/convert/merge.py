@@ -20,14 +20,15 @@ import sys
 
 import torch
 
-from anchored_megatron.config import ModelConfig
+from anchored_megatron.checkpoint.dirs import resolve_checkpoint_dir
+from anchored_megatron.checkpoint.errors import CheckpointError
+from anchored_megatron.checkpoint.model_config import kept_hf_config_file, load_model_config
+from anchored_megatron.checkpoint.weights import save_weights_state, single_process_group
+from anchored_megatron.config import ConfigError, ModelConfig
+from anchored_megatron.convert.dist_entries import entry_name, extra_state_objects, load_entries, sharded_tensor, stored_shapes
 from anchored_megatron.convert.errors import ConvertError
 from anchored_megatron.convert.hf_to_megatron import check_empty_output, owned
 from anchored_megatron.convert.mapping import is_vocab_key, rules
-from anchored_megatron.convert.megatron_io import (
-    checkpoint_dir, entry_name, extra_state_objects, kept_hf_config_file, load_entries, load_model_config, sharded_tensor,
-    single_process_group, stored_shapes, write_model_config,
-)
 from anchored_megatron.convert.megatron_to_hf import ARCH_FIELDS, check_shapes, stored_dtype
 from anchored_megatron.convert.progress import progress_bar
 
@@ -49,15 +50,11 @@ def merge_checkpoints(base: str, finetuned: str, out_dir: str, ratio: float, sho
     """Write the interpolation of ``base`` and ``finetuned`` (checkpoint directories or trainer
     output_dirs: their newest checkpoint, or the one at ``*_iteration``) to ``out_dir``;
     returns the ModelConfig written next to it."""
-    from megatron.core import dist_checkpointing
-
-    from anchored_megatron.training import manifest
-    from anchored_megatron.training.checkpoint import MANIFEST_MARKER, write_manifest
-
     ratio = check_ratio(ratio)
-    base_dir, finetuned_dir = checkpoint_dir(base, base_iteration), checkpoint_dir(finetuned, finetuned_iteration)
+    base_dir = resolve_checkpoint_dir(base, "--base", base_iteration)
+    finetuned_dir = resolve_checkpoint_dir(finetuned, "--finetuned", finetuned_iteration)
     check_empty_output(out_dir)
-    base_model, model = load_model_config(base_dir), load_model_config(finetuned_dir)
+    base_model, model = load_model_config(base_dir, "--base"), load_model_config(finetuned_dir, "--finetuned")
     _check_same_architecture(base_dir, base_model, finetuned_dir, model)
     all_rules = rules(model)
     groups = [[r for r in all_rules if r.layer is None]] + [[r for r in all_rules if r.layer == i] for i in range(model.num_layers)]
@@ -79,11 +76,8 @@ def merge_checkpoints(base: str, finetuned: str, out_dir: str, ratio: float, sho
                 entries[entry_name(rule)] = sharded_tensor(rule, owned(merged.to(out_dtype)), model.num_layers)
         for layer in range(model.num_layers):
             entries.update(extra_state_objects(layer, model))
-        entries[MANIFEST_MARKER] = manifest.FORMAT
         os.makedirs(out_dir, exist_ok=True)
-        dist_checkpointing.save(entries, out_dir)
-        write_model_config(out_dir, model, hf_config_file=kept_hf_config_file(finetuned_dir))
-        write_manifest(out_dir)
+        save_weights_state(entries, out_dir, model, hf_config_file=kept_hf_config_file(finetuned_dir))
     return model
 
 
@@ -103,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = merge_checkpoints(args.base, args.finetuned, args.out, args.ratio, show_progress=not args.no_progress,
                                   base_iteration=args.base_iteration, finetuned_iteration=args.finetuned_iteration)
-    except ConvertError as exc:
+    except (ConvertError, ConfigError, CheckpointError) as exc:
         print(f"anchored-merge: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {args.out}: {model.num_layers} layers, {args.ratio:g} of the way from {args.base} to {args.finetuned}")

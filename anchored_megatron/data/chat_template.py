@@ -36,7 +36,7 @@ def resolve(option: str | None, tokenizer_template: str | None) -> str:
         return tokenizer_template or DEFAULT
     if option == DEFAULT or looks_like_jinja(option):
         return option
-    with open(option, encoding="utf-8") as fh:  # DataConfig.validate checked that it exists
+    with open(option, encoding="utf-8") as fh:  # planning.preflight checked that it exists
         return fh.read()
 
 

@@ -19,6 +19,7 @@ from anchored_megatron.data import cache, chat_template
 from anchored_megatron.config import DataConfig
 from anchored_megatron.data.packing import materialize, one_per_sequence, pack_best_fit
 from anchored_megatron.data.preprocess import tokenize_files
+from anchored_megatron.data.files import check_data_files
 from anchored_megatron.data.records import DataError
 
 IGNORE_INDEX = -100
@@ -176,7 +177,7 @@ def build_sft_dataset(
     block in ``barrier()`` (without one they poll the cache directory). A build error
     on rank 0 is raised on every rank, with the same message.
     """
-    cfg.validate()
+    check_data_files(cfg)
     if not isinstance(seq_length, int) or seq_length < 2:
         raise ValueError(f"seq_length must be an integer >= 2, got {seq_length!r}")
     template = chat_template.resolve(cfg.chat_template, tokenizer.chat_template)

@@ -2,9 +2,10 @@
 
 Definitions (see docs/results.md): ``general`` = mean accuracy over the general skills;
 ``gain`` = target accuracy - the base's; ``degradation`` = (base general - general) / base
-general, overall and per skill. Early-stopped SFT = the earliest SFT checkpoint whose
-target accuracy reaches 95% of the best SFT checkpoint's (selected on the evaluation set
-itself, which flatters it slightly).
+general, overall and per skill. Early-stopped SFT (method id ``sft_early``, the id the study's
+records use too) = the earliest SFT checkpoint whose target accuracy reaches 95% of the best SFT
+checkpoint's (selected on the evaluation set itself, which flatters it slightly): ``sft_early_index``,
+the one place the rule is written.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ import statistics
 
 from anchored_megatron.eval.scoring import TARGET
 
+# Early-stopped SFT: a method made from the SFT run's curve, not a job of its own.
+SFT_EARLY = "sft_early"
+SFT_EARLY_FRACTION = 0.95  # of the best SFT checkpoint's target accuracy
+
 LABELS = {
-    "sft": "SFT", "early_sft": "early-stopped SFT", "sft_kl": "SFT+KL(base)", "distill": "distill (α=1)",
+    "sft": "SFT", SFT_EARLY: "early-stopped SFT", "sft_kl": "SFT+KL(base)", "distill": "distill (α=1)",
     "anchored": "anchored (snapshot)", "anchored_live": "anchored (live)", "anchored_a3": "anchored α=0.3, K=2",
     "teacher": "teacher (short SFT)", "dft": "DFT", "asft": "ASFT (DFT+KL(base))", "taid": "TAID",
     "anchored_ref_sftkl": "anchored, teacher by SFT+KL", "anchored_ref_early": "anchored, 1-epoch teacher",
@@ -25,10 +30,17 @@ LABELS = {
     "wise_ft_r0.25": "WiSE-FT r=0.25", "wise_ft_r0.5": "WiSE-FT r=0.5", "wise_ft_r0.75": "WiSE-FT r=0.75",
 }
 # Table order; a method shows when the runs have it.
-TABLE_METHODS = ("teacher", "teacher_sftkl", "teacher_early", "sft", "early_sft", "sft_kl", "distill", "dft", "asft", "taid", "wise_ft_r0.25", "wise_ft_r0.5",
+TABLE_METHODS = ("teacher", "teacher_sftkl", "teacher_early", "sft", SFT_EARLY, "sft_kl", "distill", "dft", "asft", "taid", "wise_ft_r0.25", "wise_ft_r0.5",
                  "wise_ft_r0.75", "anchored", "anchored_live", "anchored_a3", "anchored_ref_sftkl", "anchored_ref_early",
                  "anchored_base_kl", "anchored_reset", "anchored_ramp", "anchored_replay")
-CURVE_METHODS = tuple(m for m in TABLE_METHODS if not m.startswith("teacher") and m != "early_sft")
+CURVE_METHODS = tuple(m for m in TABLE_METHODS if not m.startswith("teacher") and m != SFT_EARLY)
+
+
+def sft_early_index(sft_points: list[dict]) -> int:
+    """Index in the SFT run's points of early-stopped SFT's checkpoint: the earliest whose target
+    accuracy reaches SFT_EARLY_FRACTION of the best one's."""
+    best = max(p["accuracy"][TARGET] for p in sft_points)
+    return next(i for i, p in enumerate(sft_points) if p["accuracy"][TARGET] >= SFT_EARLY_FRACTION * best)
 
 
 def general_accuracy(point: dict) -> float:
@@ -53,8 +65,7 @@ def final_points(results: dict) -> dict[str, dict]:
         finals[m] = results[m]["points"][-1]
     if "sft" in results and results["sft"]["points"]:
         pts = results["sft"]["points"]
-        best = max(p["accuracy"][TARGET] for p in pts)
-        finals["early_sft"] = next(p for p in pts if p["accuracy"][TARGET] >= 0.95 * best)
+        finals[SFT_EARLY] = pts[sft_early_index(pts)]
     return finals
 
 

@@ -15,8 +15,8 @@ from it:
   reaches the base's target accuracy plus 0.9 x the final SFT checkpoint's gain;
 - teacher tracking: how far each method trained toward a teacher ends from its own teacher.
 
-Method ids: the experiment's job names, plus ``sft_early`` (the SFT curve up to the earliest
-checkpoint at 95% of its best target accuracy) and ``teacher`` (base -> teacher).
+Method ids: the experiment's job names, plus ``sft_early`` (the SFT curve up to early-stopped SFT's
+checkpoint, chosen by ``report.sft_early_index``) and ``teacher`` (base -> teacher).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from anchored_megatron.eval.report import curve, general_accuracy, general_at_target
+from anchored_megatron.eval.report import SFT_EARLY, curve, general_accuracy, general_at_target, sft_early_index
 from anchored_megatron.eval.scoring import TARGET
 
 FRACTIONS = {0.75: "0.75x", 0.9: "0.9x", 1.0: "1.0x"}  # of the teacher's target accuracy, and their key suffixes
@@ -74,11 +74,9 @@ def method_curve(results: dict, method: str) -> list[tuple[float, float, float]]
     """(epoch, target, general) from the base along the method's checkpoints."""
     if method == "teacher":
         return curve(results, "teacher")[:1] + curve(results, "teacher")[-1:]
-    if method == "sft_early":
-        points = curve(results, "sft")
-        best = max(p[1] for p in points[1:])
-        stop = next(i for i, p in enumerate(points) if i > 0 and p[1] >= 0.95 * best)
-        return points[: stop + 1]
+    if method == SFT_EARLY:
+        # The base, then the SFT checkpoints up to and including the selected one.
+        return curve(results, "sft")[: 2 + sft_early_index(results["sft"]["points"])]
     return curve(results, method)
 
 
@@ -86,7 +84,7 @@ def methods_of(runs: list[dict]) -> list[str]:
     """Methods present in every seed's results, in the experiment's order (+ sft_early, teacher)."""
     names = [m for m in runs[0] if m not in NOT_METHODS and all(m in r for r in runs)]
     if "sft" in names:
-        names.insert(names.index("sft") + 1, "sft_early")
+        names.insert(names.index("sft") + 1, SFT_EARLY)
     return names
 
 

@@ -27,7 +27,7 @@ import copy
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from anchored_megatron.data.synthetic import CHAT_TEMPLATE
 
@@ -40,6 +40,11 @@ TAID_T = (0.4, 1.0)  # TAID's published t_start, t_end
 ALPHA_RAMP = (0.2, 0.8)  # anchored_ramp: alpha from 0.2 at the first outer iteration to 0.8 at the last
 REPLAY_FRACTION = 0.5  # anchored_replay: as many replay sequences as gold ones in every step
 JOBS_DIR = "jobs"  # under ExperimentConfig.output_dir, one directory per job
+BASE, TEACHER = "base", "teacher"
+# Teachers made another way, trained only when a chosen method is anchored toward them.
+OTHER_TEACHERS = ("teacher_sftkl", "teacher_early")
+# The anchor options a TrainedJob may set; those left None stay out of its run config.
+_ANCHOR_OPTIONS = ("alpha", "alpha_end", "alpha_schedule", "source", "reset_optimizer_per_iteration", "kl_weight", "base_kl_weight")
 
 
 @dataclass
@@ -130,106 +135,135 @@ class ExperimentConfig:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class TrainedJob:
+    """What sets one trained job of the plan apart from the others; everything else in its run
+    config is shared (``_run_dict``). Anchor options left None are not written (AnchorConfig's
+    defaults apply): the run configs, and so the cache keys, stay those of the jobs cached before."""
+
+    name: str
+    objective: str
+    outer_iterations: int
+    epochs_per_iteration: int
+    reference: str | None = None  # the job whose final checkpoint is the reference model
+    replay: bool = False  # also train on the replay records (REPLAY_FRACTION of every step)
+    alpha: float | None = None
+    alpha_end: float | None = None
+    alpha_schedule: str | None = None
+    source: str | None = None
+    reset_optimizer_per_iteration: bool | None = None
+    kl_weight: float | None = None
+    base_kl_weight: float | None = None
+
+    @property
+    def depends(self) -> dict:
+        """RunConfig role -> the job whose output it loads: the base starts from random init,
+        every other job from the base."""
+        if self.name == BASE:
+            return {}
+        return {"student": BASE, **({"reference": self.reference} if self.reference else {})}
+
+    def anchor(self) -> dict:
+        options = {name: getattr(self, name) for name in _ANCHOR_OPTIONS if getattr(self, name) is not None}
+        return {"objective": self.objective, "outer_iterations": self.outer_iterations,
+                "epochs_per_iteration": self.epochs_per_iteration, **options}
+
+
+def trained_jobs(cfg: ExperimentConfig) -> dict[str, TrainedJob]:
+    """Every trained job a plan can hold, by name: the base, the teachers, the methods."""
+    T, K = cfg.outer_iterations, cfg.epochs_per_iteration
+    budget = T * K
+
+    def one_run(name, objective, **options):  # methods without outer iterations: one run of the budget
+        return TrainedJob(name, objective, 1, budget, **options)
+
+    anchored = TrainedJob("anchored", "anchored", T, K, reference=TEACHER, alpha=cfg.alpha, source="snapshot",
+                          reset_optimizer_per_iteration=cfg.reset_optimizer_per_iteration)
+    jobs = [
+        TrainedJob(BASE, "sft", 1, cfg.base_epochs),
+        TrainedJob(TEACHER, "sft", 1, cfg.teacher_epochs),
+        TrainedJob("teacher_sftkl", "sft_kl", 1, cfg.teacher_epochs, reference=BASE, kl_weight=cfg.kl_weight),
+        TrainedJob("teacher_early", "sft", 1, 1),
+        one_run("sft", "sft"),
+        one_run("sft_kl", "sft_kl", reference=BASE, kl_weight=cfg.kl_weight),
+        one_run("distill", "distill", reference=TEACHER),
+        anchored,
+        replace(anchored, name="anchored_live", source="live"),
+        # (alpha, T, K) = (0.3, 10, 2) at the paper's scale; here T is scaled so T x K = the budget.
+        replace(anchored, name="anchored_a3", outer_iterations=max(1, budget // 2), epochs_per_iteration=2 if budget >= 2 else 1, alpha=0.3),
+        replace(anchored, name="anchored_base_kl", base_kl_weight=cfg.kl_weight),
+        replace(anchored, name="anchored_reset", reset_optimizer_per_iteration=True),
+        replace(anchored, name="anchored_ramp", alpha=ALPHA_RAMP[0], alpha_schedule="linear", alpha_end=ALPHA_RAMP[1]),
+        replace(anchored, name="anchored_replay", replay=True),
+        replace(anchored, name="anchored_ref_sftkl", reference="teacher_sftkl"),
+        replace(anchored, name="anchored_ref_early", reference="teacher_early"),
+        one_run("sft_replay", "sft", replay=True),
+        one_run("dft", "dft"),
+        one_run("asft", "asft", reference=BASE, kl_weight=cfg.kl_weight),
+        one_run("taid", "taid", reference=TEACHER, alpha=TAID_T[0], alpha_end=TAID_T[1]),
+    ]
+    return {job.name: job for job in jobs}
+
+
+def _job_dir(cfg: ExperimentConfig, name: str) -> str:
+    # The base is shared by every tag (learning rate) of an experiment.
+    return os.path.join(cfg.output_dir, JOBS_DIR, name if name == BASE else name + cfg.tag)
+
+
 def _model(cfg: ExperimentConfig, vocab_size: int) -> dict:
     return dict(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, ffn_hidden_size=cfg.ffn_hidden_size,
                 num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
                 vocab_size=vocab_size, seq_length=cfg.seq_length)
 
 
+def _run_dict(cfg: ExperimentConfig, paths: dict, vocab_size: int, job: TrainedJob) -> dict:
+    """The job's RunConfig as a dict: the base pretrains on the general mixture (cosine lr), every
+    other job fine-tunes the base on the target (constant lr)."""
+    pretraining = job.name == BASE
+    lr = cfg.base_lr if pretraining else cfg.finetune_lr
+    replay_data = {"replay_paths": [paths["replay"]], "replay_fraction": REPLAY_FRACTION} if job.replay else {}
+    return {
+        "output_dir": _job_dir(cfg, job.name),
+        "seed": cfg.seed,
+        "parallel": {"tp": cfg.tp},
+        "model": _model(cfg, vocab_size),
+        "student": {"checkpoint": None if pretraining else _job_dir(cfg, BASE)},
+        "reference": {"checkpoint": _job_dir(cfg, job.reference) if job.reference else None},
+        "data": {"paths": [paths["pretrain" if pretraining else "finetune"]], "tokenizer": paths["tokenizer"],
+                 "chat_template": CHAT_TEMPLATE, "cache_dir": paths["cache"], **replay_data},
+        "anchor": job.anchor(),
+        "optim": {"lr": lr, "min_lr": lr / 10 if pretraining else 0.0, "warmup_fraction": 0.05,
+                  "lr_schedule": "cosine" if pretraining else "constant", "clip_grad": 1.0},
+        "train": {"micro_batch_size": cfg.micro_batch_size, "global_batch_size": cfg.base_global_batch if pretraining else cfg.finetune_global_batch,
+                  "progress_bar": cfg.progress_bar, "tensorboard": False, "keep_checkpoints": 1000, "log_interval": 1000000},
+    }
+
+
 def plan(cfg: ExperimentConfig, paths: dict, vocab_size: int) -> list[JobSpec]:
     """The jobs in run order. ``paths``: tokenizer, pretrain, finetune, cache (from prepare_data)."""
     cfg.validate()
-    root = os.path.join(cfg.output_dir, JOBS_DIR)
-
-    def run(name, data_path, objective, epochs_t, epochs_k, lr, batch, student, reference=None, replay=False, **anchor):
-        replay_data = {"replay_paths": [paths["replay"]], "replay_fraction": REPLAY_FRACTION} if replay else {}
-        return {
-            "output_dir": os.path.join(root, name if name == "base" else name + cfg.tag),
-            "seed": cfg.seed,
-            "parallel": {"tp": cfg.tp},
-            "model": _model(cfg, vocab_size),
-            "student": {"checkpoint": student},
-            "reference": {"checkpoint": reference},
-            "data": {"paths": [data_path], "tokenizer": paths["tokenizer"], "chat_template": CHAT_TEMPLATE, "cache_dir": paths["cache"],
-                     **replay_data},
-            "anchor": {"objective": objective, "outer_iterations": epochs_t, "epochs_per_iteration": epochs_k, **anchor},
-            "optim": {"lr": lr, "min_lr": lr / 10 if name == "base" else 0.0, "warmup_fraction": 0.05,
-                      "lr_schedule": "cosine" if name == "base" else "constant", "clip_grad": 1.0},
-            "train": {"micro_batch_size": cfg.micro_batch_size, "global_batch_size": batch, "progress_bar": cfg.progress_bar,
-                      "tensorboard": False, "keep_checkpoints": 1000, "log_interval": 1000000},
-        }
-
-    base_dir = os.path.join(root, "base")
-    teacher_dir = os.path.join(root, "teacher" + cfg.tag)
-    ft = dict(data_path=paths["finetune"], lr=cfg.finetune_lr, batch=cfg.finetune_global_batch, student=base_dir)
-    T, K = cfg.outer_iterations, cfg.epochs_per_iteration
-    budget = T * K
-    jobs = [
-        JobSpec("base", run("base", paths["pretrain"], "sft", 1, cfg.base_epochs, cfg.base_lr, cfg.base_global_batch, None), entropy=True),
-        JobSpec("teacher", run("teacher", objective="sft", epochs_t=1, epochs_k=cfg.teacher_epochs, **ft), depends={"student": "base"}),
-    ]
-    # Teachers made differently, for the anchored variants that use them.
-    other_teachers = {
-        "anchored_ref_sftkl": JobSpec("teacher_sftkl", run("teacher_sftkl", objective="sft_kl", epochs_t=1, epochs_k=cfg.teacher_epochs,
-                                                           reference=base_dir, kl_weight=cfg.kl_weight, **ft),
-                                      depends={"student": "base", "reference": "base"}),
-        "anchored_ref_early": JobSpec("teacher_early", run("teacher_early", objective="sft", epochs_t=1, epochs_k=1, **ft),
-                                      depends={"student": "base"}),
-    }
-    jobs += [teacher for method, teacher in other_teachers.items() if method in cfg.methods]
-    reset = cfg.reset_optimizer_per_iteration
-    method_runs = {
-        "sft": (run("sft", objective="sft", epochs_t=1, epochs_k=budget, **ft), {"student": "base"}),
-        "sft_kl": (run("sft_kl", objective="sft_kl", epochs_t=1, epochs_k=budget, reference=base_dir, kl_weight=cfg.kl_weight, **ft),
-                   {"student": "base", "reference": "base"}),
-        "distill": (run("distill", objective="distill", epochs_t=1, epochs_k=budget, reference=teacher_dir, **ft),
-                    {"student": "base", "reference": "teacher"}),
-        "anchored": (run("anchored", objective="anchored", epochs_t=T, epochs_k=K, reference=teacher_dir, alpha=cfg.alpha,
-                         source="snapshot", reset_optimizer_per_iteration=reset, **ft), {"student": "base", "reference": "teacher"}),
-        "anchored_live": (run("anchored_live", objective="anchored", epochs_t=T, epochs_k=K, reference=teacher_dir, alpha=cfg.alpha,
-                              source="live", reset_optimizer_per_iteration=reset, **ft), {"student": "base", "reference": "teacher"}),
-        # (alpha, T, K) = (0.3, 10, 2) at the paper's scale; here T is scaled so T x K = the budget.
-        "anchored_a3": (run("anchored_a3", objective="anchored", epochs_t=max(1, budget // 2), epochs_k=2 if budget >= 2 else 1,
-                            reference=teacher_dir, alpha=0.3, source="snapshot", reset_optimizer_per_iteration=reset, **ft),
-                        {"student": "base", "reference": "teacher"}),
-        "anchored_base_kl": (run("anchored_base_kl", objective="anchored", epochs_t=T, epochs_k=K, reference=teacher_dir, alpha=cfg.alpha,
-                                 source="snapshot", base_kl_weight=cfg.kl_weight, reset_optimizer_per_iteration=reset, **ft),
-                             {"student": "base", "reference": "teacher"}),
-        "anchored_reset": (run("anchored_reset", objective="anchored", epochs_t=T, epochs_k=K, reference=teacher_dir, alpha=cfg.alpha,
-                               source="snapshot", reset_optimizer_per_iteration=True, **ft), {"student": "base", "reference": "teacher"}),
-        "anchored_ramp": (run("anchored_ramp", objective="anchored", epochs_t=T, epochs_k=K, reference=teacher_dir, alpha=ALPHA_RAMP[0],
-                              alpha_schedule="linear", alpha_end=ALPHA_RAMP[1], source="snapshot", reset_optimizer_per_iteration=reset, **ft),
-                          {"student": "base", "reference": "teacher"}),
-        "anchored_replay": (run("anchored_replay", objective="anchored", epochs_t=T, epochs_k=K, reference=teacher_dir, alpha=cfg.alpha,
-                                source="snapshot", replay=True, reset_optimizer_per_iteration=reset, **ft),
-                            {"student": "base", "reference": "teacher"}),
-        "sft_replay": (run("sft_replay", objective="sft", epochs_t=1, epochs_k=budget, replay=True, **ft), {"student": "base"}),
-        "dft": (run("dft", objective="dft", epochs_t=1, epochs_k=budget, **ft), {"student": "base"}),
-        "asft": (run("asft", objective="asft", epochs_t=1, epochs_k=budget, reference=base_dir, kl_weight=cfg.kl_weight, **ft),
-                 {"student": "base", "reference": "base"}),
-        "taid": (run("taid", objective="taid", epochs_t=1, epochs_k=budget, reference=teacher_dir, alpha=TAID_T[0], alpha_end=TAID_T[1], **ft),
-                 {"student": "base", "reference": "teacher"}),
-    }
-    for teacher_method, teacher in other_teachers.items():
-        method_runs[teacher_method] = (
-            run(teacher_method, objective="anchored", epochs_t=T, epochs_k=K, reference=teacher.run["output_dir"], alpha=cfg.alpha,
-                source="snapshot", reset_optimizer_per_iteration=reset, **ft),
-            {"student": "base", "reference": teacher.name})
+    specs = trained_jobs(cfg)
+    methods = [m for m in cfg.methods if not m.startswith(WISE_FT_PREFIX)]
+    referenced = {specs[m].reference for m in methods}
+    teachers = [TEACHER] + [t for t in OTHER_TEACHERS if t in referenced]
+    jobs = [JobSpec(BASE, _run_dict(cfg, paths, vocab_size, specs[BASE]), entropy=True)]
+    jobs += [JobSpec(t, _run_dict(cfg, paths, vocab_size, specs[t]), specs[t].depends) for t in teachers]
     for name in cfg.methods:
         if name.startswith(WISE_FT_PREFIX):
-            if "sft" not in {j.name for j in jobs}:
+            sft = next((j for j in jobs if j.name == "sft"), None)
+            if sft is None:
                 raise ValueError(f"methods: {name} merges the base with the final sft checkpoint: list sft before it")
             # Evaluated like the SFT run (same model and layout); its one checkpoint is the merge.
-            merged = dict(copy.deepcopy(method_runs["sft"][0]), output_dir=os.path.join(root, name + cfg.tag))
+            merged = dict(copy.deepcopy(sft.run), output_dir=_job_dir(cfg, name))
             ratio = float(name[len(WISE_FT_PREFIX):])
-            jobs.append(JobSpec(name, merged, {"student": "base"}, merge={"base": "base", "finetuned": "sft", "ratio": ratio,
-                                                                          "base_dir": base_dir, "finetuned_dir": method_runs["sft"][0]["output_dir"]}))
+            jobs.append(JobSpec(name, merged, {"student": BASE}, merge={"base": BASE, "finetuned": "sft", "ratio": ratio,
+                                                                        "base_dir": _job_dir(cfg, BASE), "finetuned_dir": sft.run["output_dir"]}))
             continue
-        run_cfg, depends = method_runs[name]
+        run_cfg, depends = _run_dict(cfg, paths, vocab_size, specs[name]), specs[name].depends
         jobs.append(JobSpec(name, run_cfg, depends, eval_every_epochs=cfg.eval_every_epochs))
         if name in cfg.early_eval_methods:
             prefix = f"{name}_first{cfg.early_eval_epochs}"
-            jobs.append(JobSpec(prefix, dict(copy.deepcopy(run_cfg), output_dir=os.path.join(root, prefix + cfg.tag)), depends,
+            jobs.append(JobSpec(prefix, dict(copy.deepcopy(run_cfg), output_dir=_job_dir(cfg, prefix)), depends,
                                 eval_every_epochs=1, prefix_of={"name": name, "output_dir": run_cfg["output_dir"]},
                                 stop_after_epochs=cfg.early_eval_epochs))
     _assign_keys(jobs, paths)

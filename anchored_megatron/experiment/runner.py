@@ -131,11 +131,11 @@ def _train_job(job: JobSpec, rank: int) -> dict:
 
 
 def _evaluate_job(job: JobSpec, record: dict, prompts: dict, tokenizer, rank: int, eval_cfg: dict) -> dict:
-    from anchored_megatron.convert import load_megatron_weights
+    from anchored_megatron.checkpoint.dirs import RUN_CHECKPOINTS, checkpoint_name, iterations
+    from anchored_megatron.checkpoint.weights import load_megatron_weights
     from anchored_megatron.eval import evaluate_chunks
     from anchored_megatron.models.builder import build_model_chunks
     from anchored_megatron.platform import initialize
-    from anchored_megatron.training.checkpoint_dirs import RUN_CHECKPOINTS, checkpoint_name, iterations
 
     out = job.run["output_dir"]
     cached = _read_json(os.path.join(out, EVAL_FILE))
@@ -219,8 +219,8 @@ def prepare_jobs(cfg: ExperimentConfig, *, max_new_tokens: int = 64, eval_batch_
 def merge_job(job: JobSpec) -> dict:
     """Make (or reuse) a merge job's one checkpoint, in this process: at the final step of the
     run it merges toward, so that its evaluation reads like that run's last point."""
+    from anchored_megatron.checkpoint.dirs import RUN_CHECKPOINTS, checkpoint_name
     from anchored_megatron.convert.merge import merge_checkpoints
-    from anchored_megatron.training.checkpoint_dirs import RUN_CHECKPOINTS, checkpoint_name
 
     out = job.run["output_dir"]
     record = _read_json(os.path.join(out, JOB_FILE))

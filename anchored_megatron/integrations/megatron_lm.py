@@ -120,7 +120,7 @@ class AnchoredLearning:
         vocab_size: the tokenizer's real vocabulary; padded logit columns beyond it are masked.
         reference: where the frozen reference's weights come from, for objectives that use one:
             a checkpoint directory (``anchored-convert`` output or a trainer checkpoint, read
-            with ``convert.load_megatron_weights``) or ``fn(reference_chunk)`` that loads them
+            with ``checkpoint.weights.load_megatron_weights``) or ``fn(reference_chunk)`` that loads them
             into the chunk built for this rank. None leaves the reference as built (randomly
             initialised: for tests).
         base: with ``anchor.base_kl_weight`` > 0, where the frozen base's weights come from (as
@@ -220,7 +220,7 @@ class AnchoredLearning:
         if callable(source):
             source(chunk)
             return
-        from anchored_megatron.convert import load_megatron_weights
+        from anchored_megatron.checkpoint.weights import load_megatron_weights
 
         load_megatron_weights([chunk], source)
 

@@ -7,9 +7,8 @@ import torch.nn.functional as F
 
 from anchored_megatron.config import ModelConfig, ParallelConfig
 from anchored_megatron.models import te
+from anchored_megatron.models.dtypes import DTYPES
 from anchored_megatron.platform import accelerators
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig):
@@ -22,7 +21,7 @@ def transformer_config_kwargs(model: ModelConfig, parallel: ParallelConfig) -> d
     """The ``TransformerConfig`` fields for ``model`` on this machine. Refuses (ConfigError)
     FP8 / the TE spec where CUDA or Transformer Engine is missing (see models/te.py)."""
     te.check_environment(model, parallel)
-    dtype = _DTYPES[model.params_dtype]
+    dtype = DTYPES[model.params_dtype]
     vpp = parallel.vpp if (parallel.vpp or 1) > 1 else None
     return dict(
         num_layers=model.num_layers,

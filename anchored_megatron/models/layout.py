@@ -32,6 +32,16 @@ def unwrap(module):
     return module
 
 
+def megatron_fsdp(wrapped):
+    """The ``MegatronFSDP`` inside a student wrapper or a ``ShardedFrozenRole``."""
+    from megatron.core.distributed.fsdp.src.megatron_fsdp.megatron_fsdp import MegatronFSDP
+
+    module = wrapped
+    while not isinstance(module, MegatronFSDP):
+        module = module.module
+    return module
+
+
 def _is_gated_fc1(name: str) -> bool:
     return name.endswith("mlp.linear_fc1.weight") or name.endswith("mlp.linear_fc1.bias")
 

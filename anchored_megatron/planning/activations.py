@@ -36,7 +36,7 @@ a layer runs is at most one layer's worth, which the planner adds once as "trans
 from __future__ import annotations
 
 from anchored_megatron.config import ModelConfig, ParallelConfig
-from anchored_megatron.planning import loss_chunks
+from anchored_megatron.anchor import chunks as loss_chunks
 
 PARAM_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 

@@ -1,5 +1,5 @@
-"""``anchored-sft --dry-run``: validate a run config without any process group and print its
-parallel layout, parameters per rank and memory per rank."""
+"""``anchored-sft --dry-run``: prepare a run config as the trainer does (``preflight.prepare_run``),
+without any process group, and print its parallel layout, parameters per rank and memory per rank."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from anchored_megatron.config import ConfigError, RunConfig
 from anchored_megatron.planning.memory import GIB, MemoryPlan, plan_memory
 from anchored_megatron.planning.activations import all_to_all_bytes
 from anchored_megatron.planning.parameters import layer_expert_parameters, total_parameters
+from anchored_megatron.planning.preflight import prepare_run
 
 
 def resolve_world_size(cfg: RunConfig, world_size: int | None) -> tuple[int, str]:
@@ -32,11 +33,11 @@ def resolve_world_size(cfg: RunConfig, world_size: int | None) -> tuple[int, str
 
 
 def dry_run(cfg: RunConfig, world_size: int | None = None, check_files: bool = True) -> str:
-    """Validate ``cfg`` exactly as the trainer does (without creating process groups) and return
-    the plan as text. ``check_files=False`` plans before the data and checkpoints are staged:
+    """Complete and check ``cfg`` exactly as the trainer does (without creating process groups) and
+    return the plan as text. ``check_files=False`` plans before the data and checkpoints are staged:
     missing files are then not errors, but a student checkpoint that exists still sets the model."""
     world_size, source = resolve_world_size(cfg, world_size)
-    cfg.validate(world_size, check_files=check_files)
+    prepare_run(cfg, world_size, check_files=check_files)
     return format_plan(cfg, plan_memory(cfg, world_size), source)
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import time
+import uuid
 from dataclasses import dataclass
 
 import torch
 
 from anchored_megatron.config import ParallelConfig
-from anchored_megatron.platform import cpu_shim, mcore_compat, safe_load, warnings_filter
+from anchored_megatron.platform import cpu_shim, mcore_compat, warnings_filter
 
 
 @dataclass(frozen=True)
@@ -44,12 +46,13 @@ def initialize(
     (``cpu_shim``) maps Megatron-Core's CUDA placements, streams, events and RNG tracker to
     CPU. Either way the workarounds this Megatron-Core release needs are installed
     (``mcore_compat``: e.g. the distributed optimizer's checkpoint-load fixes for torch AdamW,
-    applied only when Megatron runs without apex and Transformer Engine), and checkpoint
-    metadata is unpickled through an allow-list instead of plain pickle (``safe_load``), and the
-    known third-party warnings are filtered (``warnings_filter``). An existing process group is
-    kept; Megatron's parallel state is rebuilt on every call. ``timeout_minutes`` is the process
-    group's timeout for collectives. Returns this process's RuntimeInfo (rank, device, backend,
-    data-parallel size); raises ConfigError when ``parallel`` does not fit WORLD_SIZE.
+    applied only when Megatron runs without apex and Transformer Engine), and the known
+    third-party warnings are filtered (``warnings_filter``); the checkpoint package installs its
+    restricted unpickling itself (``checkpoint.install``). An existing process group is kept;
+    Megatron's parallel state is rebuilt on every call. ``timeout_minutes`` is the timeout for
+    collectives, of the default process group and of Megatron's groups alike. Returns this
+    process's RuntimeInfo (rank, device, backend, data-parallel size); raises ConfigError when
+    ``parallel`` does not fit WORLD_SIZE.
     """
     # Some of Megatron's deprecation notices fire at import: filter before the first import.
     warnings_filter.install()
@@ -57,7 +60,6 @@ def initialize(
 
     shim_active = cpu_shim.install()
     mcore_compat.apply()
-    safe_load.install()
 
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
@@ -77,8 +79,17 @@ def initialize(
 
     if not torch.distributed.is_initialized():
         store = None
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         if world_size == 1 and not os.environ.get("MASTER_PORT"):
             store = torch.distributed.HashStore()
+        elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's agent keeps the workers' store for the whole job, and torch 2.13 reads it without a
+            # prefix (older releases prefixed TORCHELASTIC_RESTART_COUNT): after a restart, keys left by the
+            # dead attempt (gloo's peer addresses, NCCL's unique id) read as this attempt's, and
+            # init_process_group hangs or fails on either backend. The restart count cannot name an attempt:
+            # an agent that restarts healthy workers because another node failed does not count it, so nodes
+            # disagree. So this attempt's ranks meet on a prefix that its global rank 0 hands out.
+            store = _attempt_store(rank, world_size, timeout)
         else:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29500")
@@ -87,7 +98,7 @@ def initialize(
             store=store,
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=timeout,
         )
     if parallel_state.model_parallel_is_initialized():
         _destroy_subgroups()
@@ -97,6 +108,7 @@ def initialize(
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp if (parallel.vpp or 1) > 1 else None,
         expert_model_parallel_size=parallel.ep,
+        distributed_timeout_minutes=timeout_minutes,  # Megatron's groups get their own timeout, 30 min unless told
     )
     seed_everything(seed)
     return RuntimeInfo(
@@ -108,6 +120,35 @@ def initialize(
         cpu_shim_active=shim_active,
         data_parallel_size=parallel.data_parallel_size(world_size),
     )
+
+
+def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> torch.distributed.Store:
+    """The agent's store seen through a prefix that only this attempt's ranks share. Each rank
+    posts a fresh nonce; global rank 0 answers every nonce it finds with a fresh attempt id until
+    all ranks have taken one. A nonce left by a dead attempt gets an answer nobody reads, and an
+    answer to a fresh nonce can only come from this attempt's rank 0."""
+    agent = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                       is_master=False, timeout=timeout)
+    store = torch.distributed.PrefixStore("anchored_megatron/attempts/", agent)
+    if rank != 0:
+        nonce = uuid.uuid4().hex
+        store.set(f"hello/{rank}", nonce)
+        attempt = store.get(f"reply/{nonce}").decode()
+        store.add(f"{attempt}/joined", 1)
+        return torch.distributed.PrefixStore(f"{attempt}/", store)
+    attempt, answered = uuid.uuid4().hex, set()
+    deadline = time.monotonic() + timeout.total_seconds()
+    while store.add(f"{attempt}/joined", 0) < world_size - 1:
+        if time.monotonic() > deadline:
+            joined = store.add(f"{attempt}/joined", 0)
+            raise TimeoutError(f"torch.distributed start-up: {joined + 1} of {world_size} ranks joined within {timeout}")
+        for other in range(1, world_size):
+            nonce = store.get(f"hello/{other}")
+            if nonce not in answered:
+                store.set("reply/" + nonce.decode(), attempt)
+                answered.add(nonce)
+        time.sleep(0.05)
+    return torch.distributed.PrefixStore(f"{attempt}/", store)
 
 
 def _destroy_subgroups() -> None:

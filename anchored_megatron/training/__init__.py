@@ -1,1 +1,1 @@
-"""The trainer: forward step, pipeline schedule glue, optimizer, checkpoints, logging."""
+"""The trainer: forward step, pipeline schedule glue, optimizer, resume and save (through ``checkpoint``), logging."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from anchored_megatron.config import ConfigError
+from anchored_megatron.config import ConfigError, RunConfig
 
 PLAN_KEY = "frozen_plan"  # in a microbatch dict: its FrozenPlan
 
@@ -134,3 +134,15 @@ def available_host_bytes() -> int | None:
 def last_stage_ranks_per_host(pipeline_parallel_size: int) -> int:
     """Ranks of this host that hold a cache, assuming torchrun's LOCAL_WORLD_SIZE ranks spread evenly over the stages."""
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")) // pipeline_parallel_size)
+
+
+def for_run(cfg: RunConfig, role_names: list[str], dataset_lengths: list[int], data_parallel_size: int) -> tuple[FrozenHiddenCache, str]:
+    """The run's cache for the frozen roles ``role_names``, after checking that what it will hold
+    (each dataset's share of this rank) fits in this host's memory; and the line the run logs about it."""
+    from megatron.core import parallel_state
+
+    sequences = sum(-(-length // data_parallel_size) for length in dataset_lengths)
+    held = estimated_bytes(sequences, cfg.model.seq_length, cfg.model.hidden_size, len(role_names), cfg.parallel.tp, cfg.parallel.sequence_parallel)
+    size = check_host_memory(sequences, held, last_stage_ranks_per_host(cfg.parallel.pp), available_host_bytes())
+    note = f"train.frozen_hidden_cache: keeping {', '.join(role_names)}'s final hidden states in host memory, {size}"
+    return FrozenHiddenCache(len(role_names), stores_tensors=parallel_state.is_pipeline_last_stage()), note

@@ -1,4 +1,6 @@
-"""Megatron-FSDP (``parallel.fsdp``): every role's weights sharded over the data-parallel group.
+"""How the roles' weights are held across the data-parallel group: whole on every rank (Megatron
+DDP, ``Ddp``) or sharded (Megatron-FSDP, ``parallel.fsdp``, ``Fsdp``). The trainer picks one with
+``choose`` and calls it wherever the two differ; the rest of this module is Megatron-FSDP's side.
 
 - The student is wrapped with the ``optim_grads_params`` strategy: weights, gradients and Adam
   state are each held 1/DP per rank; one ``TransformerLayer`` (an FSDP unit) at a time is
@@ -21,6 +23,12 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+from anchored_megatron.checkpoint.fsdp_optimizer import FsdpOptimizerState
+from anchored_megatron.config import RunConfig
+from anchored_megatron.models.layout import megatron_fsdp
+from anchored_megatron.training.optim import wrap_ddp
+from anchored_megatron.training.roles import copy_weights, freeze
 
 STRATEGY = "optim_grads_params"
 
@@ -71,16 +79,6 @@ class ShardedFrozenRole(torch.nn.Module):
 
 def shard_frozen(chunks) -> list:
     return [ShardedFrozenRole(chunk) for chunk in chunks]
-
-
-def megatron_fsdp(wrapped):
-    """The ``MegatronFSDP`` inside a student wrapper or a ``ShardedFrozenRole``."""
-    from megatron.core.distributed.fsdp.src.megatron_fsdp.megatron_fsdp import MegatronFSDP
-
-    module = wrapped
-    while not isinstance(module, MegatronFSDP):
-        module = module.module
-    return module
 
 
 def release_gathered(wrapped) -> None:
@@ -177,3 +175,82 @@ def resident_parameter_bytes(chunks) -> int:
                 total += storage.nbytes()
     return total
 
+
+# ---- the two ways, behind one interface ---------------------------------------------------------
+class Ddp:
+    """Megatron DDP: every rank holds the whole weights of its TP/PP slice; the frozen roles are
+    plain modules, and the optimizer (distributed or not) is checkpointed as it is."""
+
+    def __init__(self, distributed_optimizer: bool):
+        self.distributed_optimizer = distributed_optimizer
+        self.student = None
+
+    def wrap(self, student: list) -> list:
+        """The trainable chunks, wrapped; remembered for ``copy_student_to``."""
+        self.student = student
+        return wrap_ddp(student, self.distributed_optimizer)
+
+    def frozen(self, chunks: list) -> list:
+        """A frozen role's chunks, frozen and ready to run."""
+        freeze(chunks)
+        return chunks
+
+    def copy_student_to(self, role: list) -> None:
+        copy_weights(self.student, role)
+
+    def checkpointed_optimizer(self, optimizer):
+        """The optimizer as checkpoints see it."""
+        return optimizer
+
+    def whole_weights(self, chunks: list, write: bool = False):
+        """A block in which ``chunks`` hold whole tensors for checkpoint I/O: they always do."""
+        return contextlib.nullcontext()
+
+    def after_student_load(self, optimizer) -> None:
+        """After the student's weights were loaded from a weights-only checkpoint: the optimizer
+        copied the model's parameters into its main params at construction; refresh them."""
+        optimizer.reload_model_params()
+
+    def after_resume(self, checkpointed_optimizer) -> None:
+        """After ``checkpointed_optimizer`` was loaded from a trainer checkpoint: nothing left to do."""
+
+
+class Fsdp:
+    """Megatron-FSDP: the student and every frozen role sharded over the data-parallel group
+    (see the module's docstring); checkpoints still hold whole tensors in the DDP format."""
+
+    def __init__(self):
+        self.wrapped = None
+
+    def wrap(self, student: list) -> list:
+        self.wrapped = wrap_fsdp(student)
+        return self.wrapped
+
+    def frozen(self, chunks: list) -> list:
+        freeze(chunks)
+        return shard_frozen(chunks)
+
+    def copy_student_to(self, role: list) -> None:
+        """Shard by shard, no gather (student and role share one buffer layout)."""
+        copy_shards(self.wrapped, role)
+
+    def checkpointed_optimizer(self, optimizer):
+        """The optimizer's shards in the format DDP runs write (``FsdpOptimizerState``)."""
+        return FsdpOptimizerState(optimizer, self.wrapped)
+
+    def whole_weights(self, chunks: list, write: bool = False):
+        return gathered_weights(chunks, write)
+
+    def after_student_load(self, optimizer) -> None:
+        """Nothing: ``whole_weights(write=True)`` wrote the loaded weights into the main-weight
+        shards already (and Megatron-FSDP has no model-to-main copy: a no-op up to 0.18,
+        NotImplementedError from 0.19)."""
+
+    def after_resume(self, checkpointed_optimizer) -> None:
+        """Once the gathered weights are released: the fp32 main weights as saved."""
+        checkpointed_optimizer.finish_load()
+
+
+def choose(cfg: RunConfig) -> Ddp | Fsdp:
+    """The run's way of holding weights, chosen once."""
+    return Fsdp() if cfg.parallel.fsdp else Ddp(cfg.optim.distributed_optimizer)

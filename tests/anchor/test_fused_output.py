@@ -10,7 +10,7 @@ import torch
 
 from anchored_megatron.anchor.fused_output import fused_output_anchored_loss
 from anchored_megatron.anchor.vocab_passes import Workspace
-from anchored_megatron.planning import loss_chunks
+from anchored_megatron.anchor import chunks as loss_chunks
 from tests.live_bytes import LiveBytes
 from tests.anchor.reference import reference_loss, relative_error
 

@@ -5,6 +5,7 @@ import re
 import pytest
 
 from anchored_megatron.config import ConfigError, ModelConfig, ParallelConfig, load_run_config
+from anchored_megatron.planning.preflight import prepare_run
 
 MOE = dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32)
 
@@ -45,7 +46,7 @@ def _run(tmp_path, *overrides):
 def test_training_a_moe_model_under_tensor_parallelism_needs_sequence_parallelism(tmp_path):
     cfg = _run(tmp_path, "parallel.tp=2", "train.global_batch_size=2")
     with pytest.raises(ConfigError, match=re.escape("parallel.tp: training a MoE model at tp=2 needs parallel.sequence_parallel=true")):
-        cfg.validate(2, check_files=False)
+        prepare_run(cfg, 2, check_files=False)
 
 
 def test_grouped_gemm_is_refused_without_cuda_and_without_its_package(monkeypatch):

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from anchored_megatron.config import ConfigError, ModelConfig, load_run_config
+from anchored_megatron.planning.preflight import prepare_run
 from tests.conftest import write_word_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,7 +49,7 @@ def run(tmp_path):
 
 def validated(args, world_size=1, check_files=True):
     cfg = load_run_config(None, args)
-    cfg.validate(world_size, check_files=check_files)
+    prepare_run(cfg, world_size, check_files=check_files)
     return cfg
 
 
@@ -151,7 +152,7 @@ def test_a_resolved_config_written_back_as_input_is_accepted(run):
     args = [a for a in run["args"] if not a.startswith("reference.")]
     first = validated(args + ["anchor.objective=sft"])
     again = load_run_config(None, [f"{section}={json.dumps(value)}" for section, value in first.to_dict().items()])
-    again.validate(1)
+    prepare_run(again, 1)
     assert again.to_dict() == first.to_dict()
 
 
@@ -315,3 +316,15 @@ def test_what_the_frozen_hidden_cache_cannot_do_is_refused_by_name(run, override
 def test_the_frozen_hidden_cache_with_per_rank_shards_is_accepted(run):
     cfg = validated(run["args"] + ["train.frozen_hidden_cache=true", "data.shuffle=per_rank"], world_size=2)
     assert cfg.train.frozen_hidden_cache and cfg.data.shuffle == "per_rank"
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "train.collective_timeout_minutes: must be a number of minutes > 0, got 0.0"),
+    ("-1", "train.collective_timeout_minutes: must be a number of minutes > 0, got -1.0"),
+    ("inf", "train.collective_timeout_minutes: expected a number, got 'inf'"),
+])
+def test_a_collective_timeout_that_is_not_a_positive_number_of_minutes_is_refused_by_name(run, value, message):
+    with pytest.raises(ConfigError) as info:
+        validated(run["args"] + [f"train.collective_timeout_minutes={value}"])
+    assert str(info.value).startswith(message)
+    assert validated(run["args"] + ["train.collective_timeout_minutes=0.25"]).train.collective_timeout_minutes == 0.25

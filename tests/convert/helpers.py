@@ -57,8 +57,9 @@ def rank_logits(cases: list[tuple[str, str]], layouts: list[tuple], tokens: torc
     """
     from megatron.core import parallel_state
 
+    from anchored_megatron.checkpoint.model_config import load_model_config
+    from anchored_megatron.checkpoint.weights import load_megatron_weights, save_megatron_weights
     from anchored_megatron.config import ParallelConfig
-    from anchored_megatron.convert import load_megatron_weights, load_model_config, save_megatron_weights
     from anchored_megatron.convert.compare import megatron_logits
     from anchored_megatron.models.builder import build_model_chunks
     from anchored_megatron.platform import initialize
@@ -87,7 +88,7 @@ def _save_with_optimizer_key(chunks, ckpt_dir: str, model) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    from anchored_megatron.convert.megatron_io import write_model_config
+    from anchored_megatron.checkpoint.model_config import write_model_config
 
     if torch.distributed.get_rank() == 0:
         os.makedirs(ckpt_dir, exist_ok=True)

@@ -86,7 +86,7 @@ def test_written_checkpoint_has_the_keys_and_shapes_megatron_saves(converted, tm
     """The converter's hand-built checkpoint vs one a real TP=1/PP=1 GPTModel saves."""
     from megatron.core import dist_checkpointing
 
-    from anchored_megatron.convert.megatron_io import single_process_group
+    from anchored_megatron.checkpoint.weights import single_process_group
 
     _, dirs = converted
     trainer_dir = os.path.dirname(dirs["qwen2_tied_bias"][1])

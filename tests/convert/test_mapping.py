@@ -48,7 +48,7 @@ def test_every_local_spec_parameter_is_covered_with_its_sharded_key():
     """Each parameter of a real local-spec model (TP=1, PP=1) is named by exactly one rule,
     and Megatron's own sharded_state_dict gives it the rule's checkpoint key."""
     from anchored_megatron.config import ParallelConfig
-    from anchored_megatron.convert.megatron_io import single_process_group
+    from anchored_megatron.checkpoint.weights import single_process_group
     from anchored_megatron.models.builder import build_model_chunks
 
     model = ModelConfig(num_layers=2, qkv_bias=True, qk_layernorm=True, vocab_size=100)

@@ -104,7 +104,7 @@ def test_rope_scaling_only_with_megatrons_fixed_llama3_factors():
 
 
 def test_explicit_head_dim_becomes_kv_channels(tmp_path):
-    from anchored_megatron.convert import load_model_config
+    from anchored_megatron.checkpoint.model_config import load_model_config
 
     src = make_hf_model("qwen3", str(tmp_path / "qwen3"), num_hidden_layers=1, head_dim=16)
     hf_to_megatron(src, str(tmp_path / "out"), "fp32", show_progress=False)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from anchored_megatron.convert import hf_to_megatron, load_model_config, megatron_to_hf
+from anchored_megatron.checkpoint.model_config import load_model_config
+from anchored_megatron.convert import hf_to_megatron, megatron_to_hf
 from anchored_megatron.convert.cli import main as cli_main
 from tests.convert.helpers import VOCAB, make_hf_model
 
@@ -135,7 +136,7 @@ def test_synthesised_config_takes_token_ids_from_the_tokenizer_or_leaves_them_un
 def test_a_converted_checkpoint_carries_a_manifest_that_catches_a_flipped_bit(tmp_path):
     import xxhash
 
-    from anchored_megatron.training.checkpoint import CheckpointError, verify_checkpoint
+    from anchored_megatron.checkpoint.trainer_io import CheckpointError, verify_checkpoint
 
     hf_dir = make_hf_model("qwen3", str(tmp_path / "hf"), num_hidden_layers=2)
     out = tmp_path / "mg"

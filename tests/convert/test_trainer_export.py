@@ -19,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from anchored_megatron.convert import hf_to_megatron, load_model_config, megatron_to_hf
+from anchored_megatron.checkpoint.model_config import load_model_config
+from anchored_megatron.convert import hf_to_megatron, megatron_to_hf
 from anchored_megatron.convert.cli import main as cli_main
 from tests.convert.helpers import make_hf_model
 

@@ -8,6 +8,7 @@ import pytest
 from anchored_megatron.config import ConfigError
 from anchored_megatron.config import build as build_config
 from anchored_megatron.data import DataConfig, DataError, build_sft_dataset, load_tokenizer
+from anchored_megatron.data.files import check_data_files
 from tests.data.conftest import prompt_records, write_json, write_parquet
 
 SEQ = 64
@@ -155,7 +156,7 @@ def test_config_errors_name_the_key(tmp_path, sp_dir, options, key):
     good = write_json(tmp_path / "d.json", prompt_records(2))
     values = {"paths": [good], "tokenizer": sp_dir, **options}
     with pytest.raises(ConfigError) as info:
-        DataConfig(**values).validate()
+        check_data_files(DataConfig(**values))
     assert str(info.value).startswith(key + ":"), str(info.value)
 
 

@@ -42,7 +42,7 @@ def _check_on_ranks(ckpt_dir):
     import torch
 
     from anchored_megatron.config import ModelConfig, ParallelConfig
-    from anchored_megatron.convert import load_megatron_weights, save_megatron_weights
+    from anchored_megatron.checkpoint.weights import load_megatron_weights, save_megatron_weights
     from anchored_megatron.eval.generate import greedy_generate
     from anchored_megatron.models.builder import build_model_chunks
     from anchored_megatron.platform import initialize

@@ -53,7 +53,7 @@ def test_unfused_logits_are_counted_at_their_real_dtype(ranks):
 
 @pytest.mark.distributed
 def test_fused_loss_memory_is_bounded_by_the_plan(ranks):
-    from anchored_megatron.planning import loss_chunks
+    from anchored_megatron.anchor import chunks as loss_chunks
 
     (result,) = ranks(loss_memory_rank, 1, True, env={"ANCHORED_FUSED_LOSS": "0"})
     # The plan counts the eager passes' widest scratch; this objective uses fewer buffers.

@@ -8,9 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from anchored_megatron import checkpoint
+from anchored_megatron.checkpoint import mcore_format
 from anchored_megatron.config import ModelConfig, OptimConfig, ParallelConfig
 from anchored_megatron.platform import mcore_compat
-from anchored_megatron.platform.mcore_compat import checkpoint_format, specs
+from anchored_megatron.platform.mcore_compat import specs
 
 MODEL = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2, vocab_size=128, seq_length=8)
 
@@ -53,19 +55,19 @@ def test_a_checkpoint_in_the_0_19_format_is_refused_before_0_19(tmp_path, monkey
         rf"^{re.escape(str(tmp_path))}: this checkpoint was written by megatron-core 0\.19 or newer .*no common\.pt.*"
         rf"megatron-core {re.escape('.'.join(map(str, release)))} cannot read\..*pip install 'megatron-core>=0\.19,<0\.20'"
     )
-    with pytest.raises(checkpoint_format.CheckpointFormatError, match=expected):
-        checkpoint_format.check_readable(str(tmp_path))
+    with pytest.raises(mcore_format.CheckpointFormatError, match=expected):
+        mcore_format.check_readable(str(tmp_path))
     # The older format names its common-state backend; without common.pt it is damaged, not new:
     # passed on to the loader (whose error names the missing file).
     (tmp_path / "metadata.json").write_text(
         '{"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}')
-    checkpoint_format.check_readable(str(tmp_path))
+    mcore_format.check_readable(str(tmp_path))
 
 
 def test_release_0_19_reads_both_formats(tmp_path, monkeypatch):
     (tmp_path / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
     monkeypatch.setattr(mcore_compat, "version", lambda: (0, 19, 2))
-    checkpoint_format.check_readable(str(tmp_path))
+    mcore_format.check_readable(str(tmp_path))
 
 
 # ---- one real run: notices, the workarounds applied, the format written ---------------------------
@@ -90,7 +92,7 @@ def compat_rank(ckpt_root):
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
         from anchored_megatron.models.builder import build_model_chunks
-        from anchored_megatron.training.checkpoint import load_checkpoint, save_checkpoint
+        from anchored_megatron.checkpoint.trainer_io import load_checkpoint, save_checkpoint
         from anchored_megatron.training.optim import build_optimizer, wrap_ddp
 
         wrapped = wrap_ddp(build_model_chunks(MODEL, ParallelConfig()), use_distributed_optimizer=True)
@@ -116,7 +118,7 @@ def compat_rank(ckpt_root):
 
     te_linear = getattr(mcore_fsdp_adapter, "TELinear", None)  # 0.16 - 0.17 only
     return {
-        "notices": notices, "applied": mcore_compat.apply(), "version": mcore_compat.version(), "files": sorted(os.listdir(path)),
+        "notices": notices, "applied": {**mcore_compat.apply(), **checkpoint.install()}, "version": mcore_compat.version(), "files": sorted(os.listdir(path)),
         # What the FSDP adapter asks of every module at TP > 1 (raises where TELinear is a MagicMock subclass).
         "linear_is_te_linear": te_linear is not None and isinstance(torch.nn.Linear(1, 1), te_linear),
     }
@@ -138,7 +140,7 @@ def test_each_workaround_is_applied_exactly_on_the_releases_that_need_it(compat_
     assert compat_run["applied"] == {
         "optimizer": True,  # torch Adam's shared `step`: every release to 0.19.2
         "async_writer.dies_with_rank": True,  # Linux: every release's writer queue getter is replaced
-        "checkpoint_format.writer_errors": release >= (0, 18),  # the threaded writer drops the errno
+        "mcore_format.writer_errors": release >= (0, 18),  # the threaded writer drops the errno
         "moe.te_general_gemm": release < (0, 17),
         "moe.cpu_split_sizes": True,
         "fsdp.te_linear_isinstance": release < (0, 18),
@@ -153,4 +155,4 @@ def test_the_fsdp_adapter_tells_a_torch_linear_from_a_te_linear_without_te(compa
 
 @pytest.mark.distributed
 def test_the_release_writes_the_checkpoint_format_the_refusal_assumes(compat_run):
-    assert ("common.pt" in compat_run["files"]) == (compat_run["version"] < checkpoint_format.EMBEDDED_COMMON_STATE)
+    assert ("common.pt" in compat_run["files"]) == (compat_run["version"] < mcore_format.EMBEDDED_COMMON_STATE)

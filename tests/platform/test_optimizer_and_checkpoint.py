@@ -148,7 +148,7 @@ def ddp_rank(num_steps):
 def save_rank(tp, ckpt_root, steps_before, steps_after):
     """Train, save after ``steps_before`` steps, keep training: the uninterrupted run."""
     from anchored_megatron.platform import initialize
-    from anchored_megatron.training.checkpoint import save_checkpoint
+    from anchored_megatron.checkpoint.trainer_io import save_checkpoint
 
     parallel = ParallelConfig(tp=tp)
     initialize(parallel, seed=1)
@@ -161,7 +161,7 @@ def save_rank(tp, ckpt_root, steps_before, steps_after):
 
 def resume_rank(tp, ckpt_root, steps_after):
     from anchored_megatron.platform import initialize
-    from anchored_megatron.training.checkpoint import latest_checkpoint, load_checkpoint
+    from anchored_megatron.checkpoint.trainer_io import latest_checkpoint, load_checkpoint
 
     parallel = ParallelConfig(tp=tp)
     initialize(parallel, seed=1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, TensorProperties, TensorStorageMetadata
 
-from anchored_megatron.platform.safe_load import UnsafeCheckpointError, restricted_load
+from anchored_megatron.checkpoint.safe_load import UnsafeCheckpointError, restricted_load
 
 
 def test_dcp_metadata_round_trips():
@@ -58,8 +58,8 @@ def _crafted_common_checkpoint(directory, marker):
 def test_crafted_common_state_is_refused_and_never_runs(tmp_path, monkeypatch, force_unsafe):
     from megatron.core import dist_checkpointing
 
-    from anchored_megatron.platform import safe_load
-    from anchored_megatron.training.checkpoint import CheckpointError, load_checkpoint
+    from anchored_megatron.checkpoint import safe_load
+    from anchored_megatron.checkpoint.trainer_io import CheckpointError, load_checkpoint
 
     marker = tmp_path / "created-by-unpickling"
     path = _crafted_common_checkpoint(tmp_path / "ckpt", marker)
@@ -83,10 +83,12 @@ def crafted_sharded_object_rank(directory, marker):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedObject
 
+    from anchored_megatron import checkpoint
     from anchored_megatron.config import ParallelConfig
     from anchored_megatron.platform import initialize
 
     initialize(ParallelConfig(), seed=0)
+    checkpoint.install()  # as a Megatron-LM loop does before Megatron's own loads
     os.makedirs(directory)
     dist_checkpointing.save({"extra": ShardedObject("extra", _CreatesFile(marker), (1,), (0,), replica_id=0)}, directory)
     try:

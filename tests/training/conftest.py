@@ -17,7 +17,7 @@ def _save_base_and_teacher(base_dir, teacher_dir):
     import torch
 
     from anchored_megatron.config import ParallelConfig
-    from anchored_megatron.convert import save_megatron_weights
+    from anchored_megatron.checkpoint.weights import save_megatron_weights
     from anchored_megatron.models.builder import build_model_chunks
     from anchored_megatron.platform import initialize
 

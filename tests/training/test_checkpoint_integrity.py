@@ -4,6 +4,7 @@ run was trained against is recorded, and another one is refused unless asked for
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -120,7 +121,7 @@ def test_deleted_rank_state_refuses_resume(tiny_run, trained, tmp_path, ranks):
 def test_damaged_checkpoint_is_named_with_the_repoint_command(trained, tmp_path, damage, problem):
     import re
 
-    from anchored_megatron.training.checkpoint import CheckpointError, verify_checkpoint
+    from anchored_megatron.checkpoint.trainer_io import CheckpointError, verify_checkpoint
 
     run = _copy_run(trained, tmp_path)
     damage(_checkpoint(run, 4))
@@ -133,7 +134,7 @@ def test_damaged_checkpoint_is_named_with_the_repoint_command(trained, tmp_path,
 
 @pytest.fixture
 def before_manifests_format(trained):
-    from anchored_megatron.platform.mcore_compat.checkpoint_format import reads_embedded_common_state
+    from anchored_megatron.checkpoint.mcore_format import reads_embedded_common_state
 
     if not (_checkpoint(trained, 4) / "common.pt").exists():
         assert reads_embedded_common_state()
@@ -152,7 +153,7 @@ def _as_written_before_manifests(checkpoint):
 def load_without_manifest_rank(cfg_dict, cases):
     """Load each checkpoint directory of ``cases`` (manifest removed) into a built trainer."""
     from anchored_megatron.config import RunConfig, build
-    from anchored_megatron.training import checkpoint as ckpt
+    from anchored_megatron.checkpoint import trainer_io as ckpt
     from anchored_megatron.training.trainer import Trainer
 
     trainer = Trainer(build(RunConfig, cfg_dict))
@@ -201,7 +202,7 @@ def test_checkpoint_without_manifest_loads_with_one_line_and_read_failures_are_n
 
 def _cli(*args):
     env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, "-m", "anchored_megatron.training.checkpoint_cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "anchored_megatron.checkpoint.cli", *map(str, args)],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
 
 
@@ -294,6 +295,11 @@ def disk_full_rank(cfg_dict, full_at_step):
         return save(self, p)
 
     trainer_module.Trainer._save = tracking_save
+    return train_error(cfg_dict)
+
+
+def train_error(cfg_dict) -> str | None:
+    """``train_rank``'s failure as "Type: message" (None when it trains to the end)."""
     try:
         train_rank(cfg_dict)
     except Exception as exc:  # noqa: BLE001 - the test reads the message
@@ -306,10 +312,12 @@ def test_a_full_disk_during_a_save_says_so_and_keeps_latest(tiny_run, tmp_path, 
     out = tmp_path / "run"
     error = ranks(disk_full_rank, 1, run_config(tiny_run, out, train__max_steps=4, train__save_interval=2), 4)[0]
     root = out / "checkpoints"
-    assert error == (
-        f"CheckpointError: saving checkpoint iter_0000004 into {root}: the disk is full (No space left on device). "
-        "'latest' still names the last complete checkpoint, iter_0000002: free space on that filesystem and relaunch "
-        "the same command to resume."
-    )
+    assert re.fullmatch(
+        re.escape(f"CheckpointError: saving checkpoint iter_0000004 into {root}: the disk is full (No space left on device; ")
+        + r"\d+\.\d MiB were free there when it failed\)\. "
+        + re.escape("'latest' still names the last complete checkpoint, iter_0000002: free space on that filesystem and relaunch "
+                    "the same command to resume."),
+        error,
+    ), error
     assert (root / "latest").read_text().strip() == "iter_0000002"
     assert sorted(os.listdir(root)) == ["iter_0000002", "latest"]  # the half-written save is gone

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from anchored_megatron.config import ConfigError
-from anchored_megatron.training.checkpoint_dirs import resolve_checkpoint_dir
+from anchored_megatron.checkpoint.dirs import resolve_checkpoint_dir
 
 
 @pytest.fixture

@@ -58,7 +58,7 @@ def probed_train_rank(cfg_dict):
 
 def crashing_save_rank(cfg_dict, crash_at_step):
     """Train; the save at ``crash_at_step`` dies after writing its files, before publishing them."""
-    from anchored_megatron.training import checkpoint
+    from anchored_megatron.checkpoint import trainer_io as checkpoint
 
     original = checkpoint.write_atomically
 
@@ -142,7 +142,7 @@ def test_snapshot_tracks_boundaries_and_reference_stays_frozen(tiny_run, tmp_pat
 @pytest.mark.distributed
 def test_kill_during_save_keeps_previous_checkpoint(tiny_run, single_process_run, tmp_path, ranks):
     from anchored_megatron.platform import RankFailure
-    from anchored_megatron.training.checkpoint import latest_checkpoint
+    from anchored_megatron.checkpoint.trainer_io import latest_checkpoint
 
     cfg = run_config(tiny_run, tmp_path, train__save_interval=2)
     with pytest.raises(RankFailure, match="exit code 17"):

@@ -13,14 +13,15 @@ function returns) and compares release numbers only where no cheap probe can tel
   prefetch-size cap; 0.16 - 0.17: ``TELinear`` is a MagicMock subclass; 0.16: grad hooks on
   frozen parameters; 0.19: releasing keeps the buckets outside the FSDP units gathered).
 - ``specs``: reading a layer spec (0.18+ builds the MLP entry as a ``functools.partial``).
-- ``checkpoint_format``: 0.19+ keeps the common state inside the torch_dist files; older releases
-  cannot read such a checkpoint. 0.18+ write in threads and drop a failed write's errno, which is
-  kept aside so that a full disk can still be told apart.
 - ``async_writer``: the async checkpoint writer's Manager server dies with its rank (every
   release: a killed rank leaves it running; its queue getter moved from ``_get_write_results_queue``
   to ``get_write_results_queue`` in 0.19).
 - ``deprecations``: the deprecation notices particular releases print (installed with the other
   warning filters by ``platform.warnings_filter``).
+
+The checkpoint format's differences (0.19+ keeps the common state inside the torch_dist files;
+0.18+ drop a failed write's errno) live with the checkpoint code, in ``checkpoint.mcore_format``,
+which the checkpoint loads and saves install themselves.
 
 ``apply()`` installs the runtime patches (idempotent);
 ``platform.initialize`` calls it.
@@ -65,13 +66,12 @@ def check_supported() -> None:
 
 def apply() -> dict[str, bool]:
     """Install every runtime workaround this Megatron-Core needs; returns {name: applied}."""
-    from anchored_megatron.platform.mcore_compat import async_writer, checkpoint_format, fsdp, moe, optimizer
+    from anchored_megatron.platform.mcore_compat import async_writer, fsdp, moe, optimizer
 
     check_supported()
     return {
         "optimizer": optimizer.apply(),
         "async_writer.dies_with_rank": async_writer.apply(),
-        "checkpoint_format.writer_errors": checkpoint_format.keep_writer_errors(),
         **{f"moe.{name}": applied for name, applied in moe.apply().items()},
         **{f"fsdp.{name}": applied for name, applied in fsdp.apply().items()},
     }

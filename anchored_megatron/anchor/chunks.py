@@ -3,8 +3,9 @@
 Each chunk holds [chunk, V_local] tensors only: every role's logits in the weights' dtype, the
 loss's gradient in the compute dtype (fp32), its copy in the weights' dtype for the two GEMMs
 when those differ, and the scratch of the loss passes. The automatic chunk keeps all of them
-under one fixed budget, so the peak does not grow with the sequence length. Torch-free: the
-memory planner uses the same arithmetic.
+under one fixed budget, so the peak does not grow with the sequence length. Torch-free, and
+imported by nothing heavier, so the memory planner (``planning/activations.py``) uses the same
+arithmetic without importing torch.
 """
 
 from __future__ import annotations

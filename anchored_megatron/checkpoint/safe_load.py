@@ -27,6 +27,8 @@ import pickle
 
 import torch
 
+from anchored_megatron.checkpoint.errors import CheckpointError
+
 _ALLOWED_MODULES = (
     "torch.distributed.checkpoint.metadata",
     "torch.distributed.checkpoint.planner",
@@ -46,11 +48,12 @@ _TRUE = ("1", "y", "yes", "true")  # the values torch.load treats as set
 _installed = False
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
-    pass
+class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
+    """A checkpoint's metadata refers to a class no such file holds (an unpickling error too, as
+    raised inside a pickle load)."""
 
 
-class UnsafeLoadSettingError(RuntimeError):
+class UnsafeLoadSettingError(CheckpointError):
     """The environment would make torch.load unpickle arbitrary objects."""
 
 
@@ -112,7 +115,7 @@ def install() -> None:
     from megatron.core.dist_checkpointing.strategies.torch import MCoreLoadPlanner
     from torch.distributed.checkpoint import filesystem
 
-    from anchored_megatron.platform.mcore_compat.checkpoint_format import load_common_state_weights_only
+    from anchored_megatron.checkpoint.mcore_format import load_common_state_weights_only
 
     filesystem.pickle = _PickleModule
     load_common_state_weights_only()

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     use.add_argument("iteration", type=int, help="the checkpoint's step number (iter_N)")
     args = parser.parse_args(argv)
 
-    from anchored_megatron.training import checkpoint as ckpt
+    from anchored_megatron.checkpoint import trainer_io as ckpt
 
     try:
         root = ckpt.find_root(args.output_dir)

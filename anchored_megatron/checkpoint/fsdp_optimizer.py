@@ -6,10 +6,10 @@ write ``fully_reshardable``: per parameter, the fp32 main weight and the two Ada
 whole tensors (per TP slice) keyed ``optimizer.state.<param|exp_avg|exp_avg_sq>.<model key>``,
 and the param groups (with Adam's step count) as common state. ``FsdpOptimizerState`` writes
 and reads exactly that from the FSDP shards, so a checkpoint moves between DDP and FSDP runs and
-between data-parallel sizes; it stands in for the optimizer in ``checkpoint.save_checkpoint`` /
+between data-parallel sizes; it stands in for the optimizer in ``trainer_io.save_checkpoint`` /
 ``load_checkpoint``. Each whole tensor is assembled (save) or cut (load) from this rank's slice
 of the parameter, one parameter at a time; the model weights must be gathered meanwhile
-(``sharding.gathered_weights``), as the keys come from the model's sharded state dict.
+(the trainer's ``sharding.gathered_weights``), as the keys come from the model's sharded state dict.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class FsdpOptimizerState:
-    """What ``checkpoint.py`` asks of an optimizer, for the Megatron-FSDP student ``wrapped``.
+    """What ``trainer_io`` asks of an optimizer, for the Megatron-FSDP student ``wrapped``.
     A load ends with ``finish_load()``, called once the gathered weights are released."""
 
     def __init__(self, optimizer, wrapped: list):
-        from anchored_megatron.training.sharding import megatron_fsdp
+        from anchored_megatron.models.layout import megatron_fsdp
 
         if len(wrapped) != 1:
             raise ValueError("FsdpOptimizerState: Megatron-FSDP runs hold one model chunk")
@@ -63,7 +63,7 @@ class FsdpOptimizerState:
         torch.distributed.all_reduce(flat, group=self._group())
         return flat.view(raw.shape)
 
-    # ---- save / load, as checkpoint.py calls them ----------------------------------------------
+    # ---- save / load, as trainer_io calls them ------------------------------------------------
     def sharded_state_dict(self, model_sharded_state_dict: dict, is_loading: bool = False, metadata: dict | None = None) -> dict:
         from megatron.core.dist_checkpointing.dict_utils import nested_values
         from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory

@@ -11,7 +11,7 @@ The checksum is XXH3-128 (the ``xxhash`` package, already a dependency of
 ``datasets``): it detects corruption, not tampering (whoever can rewrite a shard can
 rewrite the manifest), and at several GB/s per core it costs a fraction of writing
 or reading the bytes (figures in docs/benchmarks.md). This module is torch-free; the
-collective parts (who hashes which file) live in ``checkpoint.py``.
+collective parts (who hashes which file) live in ``trainer_io.py``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import os
 import re
 
 import xxhash
+
+from anchored_megatron.checkpoint.errors import CheckpointError
 
 MANIFEST = "manifest.json"
 ALGORITHM = "xxh3_128"
@@ -85,12 +87,9 @@ def write_manifest(directory: str, entries: dict[str, dict]) -> None:
         os.fsync(fh.fileno())
 
 
-class ManifestError(ValueError):
-    """The manifest itself cannot be used (unreadable, or of an unknown format)."""
-
-
 def read_manifest(directory: str) -> dict | None:
-    """The manifest's ``files`` table, or None when the directory has no manifest."""
+    """The manifest's ``files`` table, or None when the directory has no manifest; CheckpointError
+    when the manifest itself cannot be used (unreadable, or of an unknown format)."""
     path = os.path.join(directory, MANIFEST)
     if not os.path.exists(path):
         return None
@@ -99,12 +98,12 @@ def read_manifest(directory: str) -> dict | None:
             manifest = json.load(fh)
         files = manifest["files"]
         if manifest.get("format") != FORMAT or manifest.get("algorithm") != ALGORITHM:
-            raise ManifestError(f"format {manifest.get('format')!r} / algorithm {manifest.get('algorithm')!r}, expected {FORMAT} / {ALGORITHM!r}")
+            raise CheckpointError(f"format {manifest.get('format')!r} / algorithm {manifest.get('algorithm')!r}, expected {FORMAT} / {ALGORITHM!r}")
         return {name: {"size": int(e["size"]), "digest": str(e["digest"])} for name, e in files.items()}
-    except ManifestError as exc:
-        raise ManifestError(f"{MANIFEST}: {exc}") from None
+    except CheckpointError as exc:
+        raise CheckpointError(f"{MANIFEST}: {exc}") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ManifestError(f"{MANIFEST}: unreadable ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{MANIFEST}: unreadable ({type(exc).__name__}: {exc})") from None
 
 
 def listing_problems(directory: str, files: dict[str, dict]) -> list[str]:

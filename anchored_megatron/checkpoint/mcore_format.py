@@ -9,6 +9,11 @@ Reading the common state weights-only differs with it: up to 0.18 ``common.pt`` 
 load strategy registered for ``StrategyAction.LOAD_COMMON``; 0.19 has no such registry, reads
 the embedded state weights-only itself, and reads a legacy ``common.pt`` with
 ``serialization.load_common``.
+
+And from 0.18 the torch_dist writer runs in threads and drops a failed write's errno, which is
+kept aside (``keep_writer_errors``) so that a full disk can still be told apart. These are the
+checkpoint package's part of the differences between releases (``platform.mcore_compat`` holds
+the rest); ``checkpoint.install`` applies them.
 """
 
 from __future__ import annotations
@@ -18,14 +23,16 @@ import os
 
 import torch
 
+from anchored_megatron.checkpoint.errors import CheckpointError
+
 COMMON_STATE_FILE = "common.pt"
 METADATA_FILE = "metadata.json"
 # The first release that reads (and writes) the embedded common state.
 EMBEDDED_COMMON_STATE = (0, 19, 0)
 
 
-class CheckpointFormatError(RuntimeError):
-    pass
+class CheckpointFormatError(CheckpointError):
+    """The installed Megatron-Core cannot read this checkpoint's format."""
 
 
 def reads_embedded_common_state() -> bool:

@@ -1,11 +1,13 @@
 """Where trainer checkpoints live on disk, without torch: naming, the ``latest`` pointer, and
 turning what a user gives (a checkpoint, a trainer output directory, its ``checkpoints/``) into
-one checkpoint directory. Config validation, the trainer and the converters all use this."""
+one checkpoint directory. The preflight checks, the trainer and the converters all use this.
+A path given as an option's value that names no checkpoint is a ConfigError naming the option."""
 
 from __future__ import annotations
 
 import os
 
+from anchored_megatron.checkpoint.errors import CheckpointError
 from anchored_megatron.config.errors import ConfigError
 
 LATEST = "latest"
@@ -30,15 +32,34 @@ def latest_name(root: str) -> str | None:
         return fh.read().strip()
 
 
-def latest_checkpoint(root: str) -> str | None:
-    """The checkpoint ``root/latest`` names, or None when there is no pointer."""
+def _named_by_latest(root: str) -> tuple[str | None, bool]:
+    """(what ``root/latest`` says or None, whether that checkpoint exists)."""
     name = latest_name(root)
+    return name, bool(name) and os.path.isdir(os.path.join(root, name))
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The newest complete checkpoint under ``root`` (the one ``root/latest`` names), or None
+    when there is no pointer; CheckpointError when it names one that does not exist."""
+    name, exists = _named_by_latest(root)
     if name is None:
         return None
     path = os.path.join(root, name)
-    if not name or not os.path.isdir(path):
-        raise FileNotFoundError(f"{os.path.join(root, LATEST)}: points at {name!r}, which does not exist")
+    if not exists:
+        raise CheckpointError(
+            f"checkpoint {path}: '{os.path.join(root, LATEST)}' points at {name!r}, which does not exist\n{repoint_advice(path)}"
+        )
     return path
+
+
+def repoint_advice(path: str) -> str:
+    """How to go back to the checkpoint before ``path`` (the one command that does it)."""
+    root, name = os.path.split(os.path.abspath(path))
+    current = int(name[len("iter_"):]) if name.startswith("iter_") and name[len("iter_"):].isdigit() else None
+    earlier = [i for i in iterations(root) if current is None or i < current] if os.path.isdir(root) else []
+    if earlier:
+        return f"To resume from the previous checkpoint, point '{LATEST}' at it: anchored-checkpoint use {root} {earlier[-1]}"
+    return f"No earlier checkpoint is left in {root}: restore the file, or start the run over in a new output_dir."
 
 
 def previous_checkpoint(path: str) -> str | None:
@@ -63,10 +84,10 @@ def resolve_checkpoint_dir(path: str, key: str, iteration: int | None = None) ->
     if roots:
         root = roots[0]
         if iteration is None:
-            try:
-                return latest_checkpoint(root)
-            except FileNotFoundError as exc:
-                raise ConfigError(f"{key}: {exc}") from None
+            name, exists = _named_by_latest(root)
+            if not exists:
+                raise ConfigError(f"{key}: {os.path.join(root, LATEST)}: points at {name!r}, which does not exist")
+            return os.path.join(root, name)
         available = iterations(root)
         if iteration not in available:
             listed = ", ".join(str(n) for n in available) or "none"

@@ -9,7 +9,7 @@ Layout of ``<root>``::
 
 A trainer keeps this root at ``<output_dir>/checkpoints``. Every tool that takes a
 checkpoint path (the trainer's ``student.checkpoint``, ``anchored-convert --ckpt``) reads
-it through ``checkpoint_dirs.resolve_checkpoint_dir``.
+it through ``dirs.resolve_checkpoint_dir``.
 
 A save writes into ``iter_N.tmp``, all ranks meet at a barrier, the ranks checksum the
 files into ``manifest.json`` (each rank the files it wrote), then rank 0 renames the
@@ -30,22 +30,20 @@ import sys
 
 import torch
 
+from anchored_megatron.checkpoint import install, manifest
+from anchored_megatron.checkpoint.dirs import (
+    LATEST, RUN_CHECKPOINTS, checkpoint_name, iterations, latest_checkpoint, latest_name, repoint_advice,
+)
+from anchored_megatron.checkpoint.errors import CheckpointError
+from anchored_megatron.checkpoint.mcore_format import take_writer_errors
 from anchored_megatron.models.layout import unwrap
 from anchored_megatron.platform.files import fsync_dir, write_atomically
-from anchored_megatron.platform.mcore_compat.checkpoint_format import take_writer_errors
-from anchored_megatron.training import manifest
-from anchored_megatron.training import checkpoint_dirs
-from anchored_megatron.training.checkpoint_dirs import LATEST, RUN_CHECKPOINTS, checkpoint_name, iterations, latest_name
 
 # Only the distributed optimizer's fully reshardable format survives a change of TP/PP/DP.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 COMMON_STATE = "common.pt"  # Megatron's name for the state every rank shares
 # Kept in common.pt: tells a checkpoint whose manifest was deleted from one written before manifests.
 MANIFEST_MARKER = "manifest_format"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or damaged; the message says what to do."""
 
 
 def model_keys(num_chunks: int) -> list[str]:
@@ -96,16 +94,6 @@ def _rank_state_path(directory: str, rank: int) -> str:
 
 
 # ---- errors that say what to do ---------------------------------------------------------------
-def repoint_advice(path: str) -> str:
-    """How to go back to the checkpoint before ``path`` (the one command that does it)."""
-    root, name = os.path.split(os.path.abspath(path))
-    current = int(name[len("iter_"):]) if name.startswith("iter_") and name[len("iter_"):].isdigit() else None
-    earlier = [i for i in iterations(root) if current is None or i < current] if os.path.isdir(root) else []
-    if earlier:
-        return f"To resume from the previous checkpoint, point '{LATEST}' at it: anchored-checkpoint use {root} {earlier[-1]}"
-    return f"No earlier checkpoint is left in {root}: restore the file, or start the run over in a new output_dir."
-
-
 def _failure(path: str, problems: list[str], advice: str | None) -> CheckpointError:
     if len(problems) == 1:
         lines = [f"checkpoint {path}: {problems[0]}"]
@@ -123,8 +111,6 @@ def read_checkpoint_files(path: str, what: str, read, advice: str | None):
 
     try:
         return read()
-    except CheckpointError:
-        raise
     # torch.distributed.checkpoint reports a failed read as a BaseException holding each rank's error.
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - every read failure is reported with the checkpoint and file
         raise _failure(path, [f"{what}: cannot be read ({_cause(exc)})"], advice) from exc
@@ -172,7 +158,7 @@ def checkpoint_problems(path: str, checksums: bool = True) -> list[str] | None:
                     head = ([f"{manifest.MANIFEST}: missing (the save wrote one)"], {})
                 else:
                     head = ([], None)
-            except manifest.ManifestError as exc:
+            except CheckpointError as exc:
                 head = ([str(exc)], {})
     problems, files = _from_rank0(head)
     if files is None:
@@ -186,9 +172,7 @@ def checkpoint_problems(path: str, checksums: bool = True) -> list[str] | None:
 def _saved_with_manifest(path: str) -> bool:
     from megatron.core import dist_checkpointing
 
-    from anchored_megatron.platform import safe_load
-
-    safe_load.install()
+    install()
     try:  # common.pt up to megatron-core 0.18, inside the torch_dist files from 0.19
         common = dist_checkpointing.load_common_state_dict(path)
     except Exception:  # noqa: BLE001 - an unreadable common state is reported by the load, naming it
@@ -205,9 +189,36 @@ def verify_checkpoint(path: str, checksums: bool = True, advice: str | None = No
     return problems is not None
 
 
-def _disk_full(exc: BaseException) -> bool:
-    """Whether ENOSPC is behind ``exc``, also inside torch.distributed.checkpoint's per-rank failures
-    and the messages of Megatron's writer processes."""
+def check_before_load(path: str, checksums: bool = True, advice: str | None = None) -> bool:
+    """What every load does before it reads a byte: install the safe loading, refuse an unsafe
+    torch.load setting and a format this Megatron-Core cannot read, then ``verify_checkpoint``
+    (whose answer it returns)."""
+    from anchored_megatron.checkpoint import mcore_format, safe_load
+
+    install()
+    safe_load.refuse_unsafe_torch_load(path)
+    mcore_format.check_readable(path)
+    return verify_checkpoint(path, checksums, advice)
+
+
+# Below this much free space a failed save is put down to a full disk whatever the error says:
+# torch's own writer (common.pt, a rank's state) reports a short write as "unexpected pos N vs M",
+# with no errno to tell.
+NEARLY_FULL_BYTES = 16 * 2**20
+
+
+def _free_bytes(path: str) -> int | None:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _disk_full(exc: BaseException, free_bytes: int | None = None) -> bool:
+    """Whether a full disk is behind ``exc``: ENOSPC in it, in torch.distributed.checkpoint's per-rank
+    failures or in the messages of Megatron's writer processes, or less than NEARLY_FULL_BYTES free."""
+    if free_bytes is not None and free_bytes < NEARLY_FULL_BYTES:
+        return True
     import errno
 
     from torch.distributed.checkpoint.api import CheckpointException
@@ -241,6 +252,7 @@ def save_checkpoint(
     of the checkpoint (and of its manifest)."""
     from megatron.core import dist_checkpointing
 
+    install()  # before the save: the disk-full check reads the writer errors it keeps
     final_dir = os.path.join(root, checkpoint_name(iteration))
     tmp_dir = final_dir + ".tmp"
     if _rank() == 0:
@@ -265,12 +277,14 @@ def save_checkpoint(
         _barrier()
         write_manifest(tmp_dir)
     except BaseException as exc:
-        if not _disk_full(exc):
+        free = _free_bytes(root)
+        if not _disk_full(exc, free):
             raise
         shutil.rmtree(tmp_dir, ignore_errors=True)  # give the space back; the save never published
         previous = latest_name(root)
+        left = "" if free is None else f"; {free / 2**20:.1f} MiB were free there when it failed"
         raise CheckpointError(
-            f"saving checkpoint {checkpoint_name(iteration)} into {root}: the disk is full (No space left on device). "
+            f"saving checkpoint {checkpoint_name(iteration)} into {root}: the disk is full (No space left on device{left}). "
             + (f"'{LATEST}' still names the last complete checkpoint, {previous}: " if previous else "No checkpoint of this run is complete yet: ")
             + "free space on that filesystem and relaunch the same command to resume."
         ) from exc
@@ -281,16 +295,6 @@ def save_checkpoint(
         write_atomically(os.path.join(root, LATEST), checkpoint_name(iteration) + "\n")
     _barrier()
     return final_dir
-
-
-def latest_checkpoint(root: str) -> str | None:
-    """The newest complete checkpoint under ``root``, or None; CheckpointError when ``latest``
-    names one that does not exist."""
-    try:
-        return checkpoint_dirs.latest_checkpoint(root)
-    except FileNotFoundError:
-        name = latest_name(root)
-        raise _failure(os.path.join(root, name), [f"'{os.path.join(root, LATEST)}' points at {name!r}, which does not exist"], None) from None
 
 
 def load_checkpoint(
@@ -309,13 +313,7 @@ def load_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
-    from anchored_megatron.platform import safe_load
-    from anchored_megatron.platform.mcore_compat import checkpoint_format
-
-    safe_load.install()
-    safe_load.refuse_unsafe_torch_load(path)
-    checkpoint_format.check_readable(path)
-    if not verify_checkpoint(path, checksums, advice):
+    if not check_before_load(path, checksums, advice):
         _note(message, f"{path}: no {manifest.MANIFEST} (written before manifests): its files cannot be verified")
     common = read_checkpoint_files(path, COMMON_STATE, lambda: dist_checkpointing.load_common_state_dict(path), advice)
     if check_common is not None:
