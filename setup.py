@@ -30,8 +30,10 @@ setup(
     ],
     extras_require={
         "hf": ["transformers>=4.45", "safetensors"],
+        # `make real-model`: transformers reads the GGUF file of the registry's SmolLM2 with these two.
+        "real": ["transformers>=4.45", "safetensors", "gguf", "accelerate"],
         "plots": ["matplotlib"],
-        "test": ["pytest", "pytest-timeout", "transformers>=4.45", "safetensors", "matplotlib"],
+        "test": ["pytest", "pytest-timeout", "transformers>=4.45", "safetensors", "matplotlib", "gguf", "accelerate"],
         # apex has no wheel: build it from source (see docs/gpu.md).
         "gpu": ["transformer-engine[pytorch]"],
     },
