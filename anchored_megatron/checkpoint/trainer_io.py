@@ -37,6 +37,7 @@ from anchored_megatron.checkpoint.dirs import (
 from anchored_megatron.checkpoint.errors import CheckpointError
 from anchored_megatron.checkpoint.mcore_format import take_writer_errors
 from anchored_megatron.models.layout import unwrap
+from anchored_megatron.platform import collective_timeout
 from anchored_megatron.platform.files import fsync_dir, write_atomically
 
 # Only the distributed optimizer's fully reshardable format survives a change of TP/PP/DP.
@@ -216,7 +217,10 @@ def _free_bytes(path: str) -> int | None:
 
 def _disk_full(exc: BaseException, free_bytes: int | None = None) -> bool:
     """Whether a full disk is behind ``exc``: ENOSPC in it, in torch.distributed.checkpoint's per-rank
-    failures or in the messages of Megatron's writer processes, or less than NEARLY_FULL_BYTES free."""
+    failures or in the messages of Megatron's writer processes, or less than NEARLY_FULL_BYTES free.
+    A stop (Ctrl-C, SystemExit) or a timed-out collective inside the save is never put down to the disk."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)) or collective_timeout.is_timeout(exc):
+        return False
     if free_bytes is not None and free_bytes < NEARLY_FULL_BYTES:
         return True
     import errno

@@ -115,7 +115,6 @@ def _fsdp_turns_the_output_fusion_off(cfg: RunConfig) -> None:
         cfg.model = dataclasses.replace(cfg.model, fused_output_loss=False)
 
 
-# ---- data ------------------------------------------------------------------------------------
 # ---- checkpoints -----------------------------------------------------------------------------
 def _inside(path: str, directory: str) -> bool:
     path, directory = os.path.realpath(path), os.path.realpath(directory)

@@ -105,3 +105,18 @@ def test_torch_writer_failing_on_a_full_disk_is_named_too(tiny_run, small_disk, 
         f"CheckpointError: saving checkpoint iter_0000002 into {small_disk / 'run' / 'checkpoints'}: the disk is full "
         "(No space left on device; 0.0 MiB were free there when it failed)."), error
     assert (small_disk / "run" / "checkpoints" / "latest").read_text().strip() == "iter_0000001"
+
+
+@pytest.mark.parametrize("error, free, full", [
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"), 0, True),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"), 2**30, False),
+    (OSError(28, "No space left on device"), 2**30, True),
+    (KeyboardInterrupt(), 0, False),
+    (RuntimeError("Timed out waiting 15000ms for recv operation to complete"), 0, False),
+])
+def test_what_counts_as_a_full_disk(error, free, full):
+    """A failed write with (nearly) no space left, or ENOSPC at any free space; never a stop or a
+    timed-out collective, however full the disk."""
+    from anchored_megatron.checkpoint.trainer_io import _disk_full
+
+    assert _disk_full(error, free) is full
