@@ -4,6 +4,7 @@ package for its concern:
 - ``dirs``: where trainer checkpoints live (``iter_N``, ``latest``) and which one a path names
 - ``manifest``: ``manifest.json``, every file of a checkpoint with its size and checksum
 - ``trainer_io``: the trainer's checkpoints: atomic publication, verification, pruning, ``latest``
+- ``best``: a checkpoint's eval record (``eval.json``) and the best evaluated checkpoint of a run
 - ``fsdp_optimizer``: the Megatron-FSDP student's Adam state in the format DDP runs write
 - ``weights``: model-only checkpoints (converted ones, or a trainer checkpoint's weights)
 - ``model_config``: ``model_config.yaml`` and ``hf_config.json`` kept with a checkpoint

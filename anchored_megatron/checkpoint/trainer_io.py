@@ -3,7 +3,8 @@
 Layout of ``<root>``::
 
     iter_0000120/        one complete checkpoint (model, optimizer, trainer state,
-                         rank_state/rank_NNNNN.pt, manifest.json)
+                         rank_state/rank_NNNNN.pt, manifest.json; eval.json when the
+                         step was evaluated, see ``best``)
     iter_0000120.tmp/    a save in progress; never read
     latest               text file naming the newest complete checkpoint
 
@@ -347,17 +348,19 @@ def _note(message, text: str) -> None:
 
 
 # ---- the set of checkpoints under a root ------------------------------------------------------
-def prune(root: str, keep: int) -> None:
-    """Delete all but the ``keep`` newest complete checkpoints (and stale .tmp folders);
-    the one ``latest`` names is always kept."""
+def prune(root: str, keep: int, protect=()) -> None:
+    """Delete all but the ``keep`` newest complete checkpoints (and stale .tmp folders); the one
+    ``latest`` names and those in ``protect`` (paths, e.g. the best evaluated checkpoint) are kept
+    besides them."""
     current = latest_checkpoint(root)
+    kept = [p for p in (current, *protect) if p is not None and os.path.isdir(p)]
     for name in os.listdir(root):
         if name.startswith("iter_") and name.endswith(".tmp"):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     complete = iterations(root)
     for number in complete[: max(0, len(complete) - keep)]:
         path = os.path.join(root, checkpoint_name(number))
-        if current is None or not os.path.samefile(path, current):
+        if not any(os.path.samefile(path, p) for p in kept):
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -11,11 +11,11 @@ from anchored_megatron.config.model import ModelConfig
 from anchored_megatron.config.presets import PRESETS, apply_preset
 from anchored_megatron.config.run import RunConfig
 from anchored_megatron.config.sections import (
-    OBJECTIVES, AnchorConfig, CheckpointRef, OptimConfig, ParallelConfig, TrainConfig,
+    OBJECTIVES, AnchorConfig, CheckpointRef, EvalConfig, OptimConfig, ParallelConfig, TrainConfig,
 )
 
 __all__ = [
-    "OBJECTIVES", "PRESETS", "AnchorConfig", "CheckpointRef", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig",
+    "OBJECTIVES", "PRESETS", "AnchorConfig", "CheckpointRef", "ConfigError", "DataConfig", "EvalConfig", "ModelConfig", "OptimConfig",
     "ParallelConfig", "RunConfig", "TrainConfig", "apply_preset", "build", "load_run_config", "load_yaml",
     "merge_overrides", "parse_override",
 ]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from anchored_megatron.config.data import DataConfig
 from anchored_megatron.config.model import ModelConfig
 from anchored_megatron.config.sections import (
-    AnchorConfig, CheckpointRef, OptimConfig, ParallelConfig, TrainConfig,
+    AnchorConfig, CheckpointRef, EvalConfig, OptimConfig, ParallelConfig, TrainConfig,
 )
 
 
@@ -23,6 +23,7 @@ class RunConfig:
     anchor: AnchorConfig = field(default_factory=AnchorConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # Dotted keys the user set (filled by ``loader.build``): presets and checkpoints fill only the
     # rest, and an option the objective does not use is refused only when it was set.
     explicit_keys: frozenset = field(default_factory=frozenset, repr=False, compare=False, metadata={"internal": True})

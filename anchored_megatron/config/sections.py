@@ -7,7 +7,7 @@ world size or the files on disk live in ``validate.py``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from anchored_megatron.config.errors import require
 
@@ -168,6 +168,43 @@ class CheckpointRef:
     checkpoint: str | None = None
 
 
+KEEP_BEST_RULES = ("target_loss",)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during training: held-out target data and general data (what the model should
+    keep), evaluated at step 0, every ``interval`` steps, at each outer-iteration end and at the
+    run's end. Same formats and chat handling as ``data.paths`` (the data section's tokenizer,
+    template, sequence length and packing)."""
+
+    paths: list[str] = field(default_factory=list)  # held-out target data: its loss (CE on the responses)
+    # General data, e.g. prompts with the base's own answers: its loss and KL(p_base || p_theta),
+    # the forgetting monitor, where the base is student.checkpoint.
+    general_paths: list[str] = field(default_factory=list)
+    interval: int = 0  # steps between evaluations; 0 = only at step 0, outer-iteration ends and the run's end
+    max_sequences: int | None = None  # of each set, the first N sequences; None = all
+    at_start: bool = True  # evaluate before the first step of a fresh run (the base's figures)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.paths or self.general_paths)
+
+    def validate(self, prefix: str = "eval") -> None:
+        for name in ("paths", "general_paths"):
+            value = getattr(self, name)
+            require(isinstance(value, (list, tuple)), f"{prefix}.{name}", f"must be a list of local files, got {value!r}")
+            for i, path in enumerate(value):
+                require(isinstance(path, str) and path.endswith((".jsonl", ".json", ".parquet")), f"{prefix}.{name}[{i}]",
+                        f"must be a .jsonl, .json or .parquet file path, got {path!r}")
+        require(isinstance(self.interval, int) and not isinstance(self.interval, bool) and self.interval >= 0,
+                f"{prefix}.interval", f"must be an integer >= 0, got {self.interval!r}")
+        if self.max_sequences is not None:
+            require(isinstance(self.max_sequences, int) and self.max_sequences >= 1, f"{prefix}.max_sequences",
+                    f"must be an integer >= 1 or null, got {self.max_sequences!r}")
+        require(isinstance(self.at_start, bool), f"{prefix}.at_start", f"must be true or false, got {self.at_start!r}")
+
+
 @dataclass
 class TrainConfig:
     micro_batch_size: int = 1
@@ -190,6 +227,13 @@ class TrainConfig:
     # a rank that stops answering ends the run after this long. It also bounds start-up waits, such as
     # the other ranks waiting while global rank 0 tokenizes the data.
     collective_timeout_minutes: float = 30.0
+    # Besides the newest keep_checkpoints, keep the checkpoint with the best evaluation:
+    # "target_loss" = the lowest eval target loss (needs eval.paths). Every evaluation is then
+    # followed by a save, so that each evaluated step has its checkpoint.
+    keep_best: str | None = None
+    # With keep_best: only evaluations whose general KL to the base stays at or under this bound
+    # compete (needs eval.general_paths).
+    keep_best_max_general_kl: float | None = None
 
     def validate(self, prefix: str = "train") -> None:
         for name in ("micro_batch_size", "global_batch_size", "log_interval", "keep_checkpoints", "max_nonfinite_in_a_row"):
@@ -202,6 +246,13 @@ class TrainConfig:
         timeout = self.collective_timeout_minutes
         require(isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and math.isfinite(timeout) and timeout > 0,
                 f"{prefix}.collective_timeout_minutes", f"must be a number of minutes > 0, got {timeout!r}")
+        require(self.keep_best in (None, *KEEP_BEST_RULES), f"{prefix}.keep_best",
+                f"must be null or one of {', '.join(KEEP_BEST_RULES)}, got {self.keep_best!r}")
+        bound = self.keep_best_max_general_kl
+        if bound is not None:
+            require(isinstance(bound, (int, float)) and not isinstance(bound, bool) and math.isfinite(bound) and bound >= 0,
+                    f"{prefix}.keep_best_max_general_kl", f"must be a number >= 0 or null, got {bound!r}")
+            require(self.keep_best is not None, f"{prefix}.keep_best_max_general_kl", "is used only with train.keep_best; set both or neither")
 
     def num_microbatches(self, data_parallel_size: int, prefix: str = "train") -> int:
         per_step = self.micro_batch_size * data_parallel_size

@@ -43,6 +43,7 @@ def validate_run(cfg, world_size: int) -> None:
     cfg.optim.validate()
     cfg.train.validate()
     cfg.data.validate()
+    cfg.eval.validate()
     check_packing(cfg.model, cfg.data.packing)
     gold_microbatches = cfg.train.num_microbatches(cfg.parallel.data_parallel_size(world_size))
     if cfg.data.replay_paths:
@@ -53,6 +54,7 @@ def validate_run(cfg, world_size: int) -> None:
     _check_fsdp(cfg)
     _check_frozen_hidden_cache(cfg, cfg.parallel.data_parallel_size(world_size))
     _check_checkpoint_options(cfg)
+    _check_evaluation(cfg)
 
 
 def check_packing(model: ModelConfig, packing: bool) -> None:
@@ -184,3 +186,17 @@ def _check_checkpoint_options(cfg) -> None:
     if cfg.anchor.needs_base:
         require(cfg.student.checkpoint is not None, "anchor.base_kl_weight",
                 "needs student.checkpoint: the base the KL term holds the student to is the checkpoint the student starts from")
+
+
+def _check_evaluation(cfg) -> None:
+    """Evaluation options that need data, and keep_best's rule its figures."""
+    evaluation, train = cfg.eval, cfg.train
+    if not evaluation.enabled:
+        for key in ("eval.interval", "eval.max_sequences", "eval.at_start"):
+            if changed(cfg, key):
+                raise ConfigError(f"{key}: there is nothing to evaluate; set eval.paths (held-out target data) and/or "
+                                  "eval.general_paths (general data), or remove it")
+    if train.keep_best is not None and not evaluation.paths:
+        raise ConfigError(f"train.keep_best: {train.keep_best} needs the eval target loss; set eval.paths (held-out target data)")
+    if train.keep_best_max_general_kl is not None and not evaluation.general_paths:
+        raise ConfigError("train.keep_best_max_general_kl: bounds the general KL to the base, which needs eval.general_paths")

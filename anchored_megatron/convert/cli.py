@@ -2,7 +2,7 @@
 
 A Megatron checkpoint given to --ckpt is a checkpoint directory (converted, or one
 iter_N of a training run) or a trainer output_dir, whose newest checkpoint is used
-unless --iteration names another.
+unless --iteration names another or --best asks for the best evaluated one.
 """
 
 from __future__ import annotations
@@ -28,9 +28,23 @@ def _add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ckpt", required=True, metavar="PATH",
                         help="Megatron checkpoint: a checkpoint directory (converted, or one iter_N of a run), "
                              "or a trainer output_dir, read at its newest checkpoint (checkpoints/latest); required")
-    parser.add_argument("--iteration", type=int, default=None, metavar="N",
-                        help="with a trainer output_dir: the checkpoint saved at training step N (iter_000000N) "
-                             "instead of the newest (default: the newest)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--iteration", type=int, default=None, metavar="N",
+                       help="with a trainer output_dir: the checkpoint saved at training step N (iter_000000N) "
+                            "instead of the newest (default: the newest)")
+    which.add_argument("--best", action="store_true",
+                       help="with a trainer output_dir: the checkpoint with the lowest eval target_loss (its eval.json), "
+                            "under the run's train.keep_best_max_general_kl bound if its config.yaml sets one; "
+                            "not with --iteration")
+
+
+def _checkpoint(args) -> str:
+    """The checkpoint directory --ckpt names, at --iteration or at the --best step."""
+    from anchored_megatron.checkpoint.best import best_iteration
+    from anchored_megatron.checkpoint.dirs import resolve_checkpoint_dir
+
+    iteration = best_iteration(args.ckpt, "--best") if args.best else args.iteration
+    return resolve_checkpoint_dir(args.ckpt, "--ckpt", iteration)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -127,11 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             model = hf_to_megatron(args.hf, args.out, args.dtype, args.transformer_impl, target, not args.no_progress)
             print(f"wrote {args.out} ({model.num_layers} layers, vocab {model.vocab_size}, {args.dtype})")
         elif args.command == "megatron-to-hf":
-            from anchored_megatron.checkpoint.dirs import resolve_checkpoint_dir
             from anchored_megatron.checkpoint.model_config import kept_hf_config_file
             from anchored_megatron.convert.megatron_to_hf import megatron_to_hf
 
-            ckpt = resolve_checkpoint_dir(args.ckpt, "--ckpt", args.iteration)
+            ckpt = _checkpoint(args)
             files = megatron_to_hf(ckpt, args.out, args.dtype, args.hf_config, args.tokenizer, args.family,
                                    args.max_shard_size, not args.no_progress)
             print(f"wrote {args.out} from {ckpt}: {', '.join(files)}")
@@ -139,11 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"config.json: built from {ckpt}/model_config.yaml (no HF config is kept with it; --hf-config gives one)")
         else:
             from anchored_megatron.config import ParallelConfig
-            from anchored_megatron.checkpoint.dirs import resolve_checkpoint_dir
             from anchored_megatron.checkpoint.model_config import load_model_config
             from anchored_megatron.convert.compare import run_compare
 
-            ckpt = resolve_checkpoint_dir(args.ckpt, "--ckpt", args.iteration)
+            ckpt = _checkpoint(args)
             tokens = _tokens(args, load_model_config(ckpt).vocab_size)
             result = run_compare(args.hf, ckpt, ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep), tokens)
             if result is not None:

@@ -52,10 +52,18 @@ def check_run_files(cfg: RunConfig, check_files: bool = True) -> None:
         from anchored_megatron.data.files import check_data_files  # data/ imports torch; --dry-run without files does not need it
 
         check_data_files(cfg.data)
+        _check_eval_files(cfg)
     _check_checkpoints(cfg, check_files)
     if check_files:
         _check_tokenizers(cfg)
         _check_output_dir(cfg)
+
+
+def _check_eval_files(cfg: RunConfig) -> None:
+    """Present; whether they overlap the training data is read at set-up (``training.evaluation``)."""
+    for option in ("paths", "general_paths"):
+        for i, path in enumerate(getattr(cfg.eval, option)):
+            require(os.path.isfile(path), f"eval.{option}[{i}]", f"{path}: file not found")
 
 
 # ---- completion ------------------------------------------------------------------------------

@@ -172,12 +172,16 @@ def _stop(procs, outcomes) -> None:
 
 
 def _report(procs, outcomes, stack_dir: str) -> str:
-    report = []
+    """Each rank's outcome: first one line per rank (its exception's last line), because logs
+    that keep only the head or the tail of a long report would lose it, then the tracebacks."""
+    summary, report = [], []
     for rank, proc in enumerate(procs):
         status, value = outcomes.get(rank, (None, None))
         if status == "ok":
             report.append(f"--- rank {rank}: ok")
         elif status == "error":
+            last = next((line for line in reversed(str(value).strip().splitlines()) if line.strip()), "")
+            summary.append(f"rank {rank} raised: {last.strip()}")
             report.append(f"--- rank {rank}: raised\n{value}")
         else:
             stack = ""
@@ -186,5 +190,6 @@ def _report(procs, outcomes, stack_dir: str) -> str:
                 with open(path) as fh:
                     stack = fh.read().strip()
             why = f"exit code {proc.exitcode}" if proc.exitcode not in (None, -9) else "hung (killed)"
+            summary.append(f"rank {rank}: no result, {why}")
             report.append(f"--- rank {rank}: no result, {why}\n{stack or '(no stack dump)'}")
-    return "\n".join(report)
+    return "\n".join(summary + report)

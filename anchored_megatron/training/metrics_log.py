@@ -110,6 +110,20 @@ class MetricsLog:
         if line is not None:
             self.message(line)
 
+    def log_eval(self, record: dict, line: str) -> None:
+        """An evaluation's record (its "step" is the step it followed), TensorBoard scalars under
+        ``eval/`` and ``line``; the progress bar does not move."""
+        if not self.enabled:
+            return
+        record = {k: _clean(v) for k, v in record.items()}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for name, value in record.items():
+                if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._writer.add_scalar(f"eval/{name}", value, record["step"])
+        self.message(line)
+
     def message(self, text: str) -> None:
         if not self.enabled:
             return

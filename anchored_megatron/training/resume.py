@@ -17,6 +17,7 @@ import random
 import torch
 
 from anchored_megatron.checkpoint import trainer_io as ckpt
+from anchored_megatron.checkpoint.best import best_checkpoint, write_eval_record
 from anchored_megatron.checkpoint.dirs import checkpoint_name, iterations, latest_checkpoint, resolve_checkpoint_dir
 from anchored_megatron.checkpoint.manifest import metadata_digest
 from anchored_megatron.checkpoint.model_config import write_trainer_model_config
@@ -56,16 +57,23 @@ class RunCheckpoints:
         self.reference_identity = None
 
     # ---- the start of a run -------------------------------------------------------------------
-    def load_initial(self, scheduler) -> Progress:
+    def load_initial(self, scheduler, with_start_weights=None) -> Progress:
         """Resume from the run's latest checkpoint, else start from ``student.checkpoint``; the
         reference and the base are always loaded from their own checkpoints (the reference must
-        be the one the run was trained with)."""
+        be the one the run was trained with). ``with_start_weights()`` runs while the student
+        holds its starting weights (the base), on a resume too: they are loaded for it first."""
         cfg = self.cfg
         reference, base = self.frozen.get("reference"), self.frozen.get("base")
         self.reference_identity = self._reference_identity()
         if reference is not None and not cfg.reference.checkpoint:
             self.sharding.copy_student_to(reference)  # random-init runs (tests): reference = the initial student
         latest = latest_checkpoint(self.root) if os.path.isdir(self.root) else None
+        if latest is not None and with_start_weights is not None:
+            if not cfg.student.checkpoint:
+                raise ConfigError("eval.general_paths: a resumed run reads the base for the KL to the base from "
+                                  "student.checkpoint, and this run started from random weights; evaluate without eval.general_paths")
+            self._load_start_weights()
+            with_start_weights()
         progress = self._resume(latest, scheduler) if latest is not None else None
         if reference is not None and cfg.reference.checkpoint:
             self._load_weights(reference, cfg.reference.checkpoint, "reference.checkpoint")
@@ -73,10 +81,15 @@ class RunCheckpoints:
             self._load_weights(base, cfg.student.checkpoint, "student.checkpoint")
         if progress is not None:
             return progress
-        if cfg.student.checkpoint:
-            self._load_weights(self.student, cfg.student.checkpoint, "student.checkpoint")
-            self.sharding.after_student_load(self.optimizer)
+        self._load_start_weights()
+        if with_start_weights is not None:
+            with_start_weights()
         return Progress()
+
+    def _load_start_weights(self) -> None:
+        if self.cfg.student.checkpoint:
+            self._load_weights(self.student, self.cfg.student.checkpoint, "student.checkpoint")
+            self.sharding.after_student_load(self.optimizer)
 
     def _load_weights(self, chunks: list, path: str, key: str) -> None:
         with self.sharding.whole_weights(chunks, write=True):
@@ -160,8 +173,10 @@ class RunCheckpoints:
         self.message(f"train.allow_reference_change: resuming with another reference: {change}")
 
     # ---- saves -------------------------------------------------------------------------------
-    def save(self, progress: Progress, scheduler) -> str:
-        """The checkpoint of ``progress.step``, published atomically; then the older ones pruned."""
+    def save(self, progress: Progress, scheduler, evaluation: dict | None = None) -> str:
+        """The checkpoint of ``progress.step``, published atomically (with ``evaluation``, that
+        step's eval record as its ``eval.json``); then the older ones pruned, except the best
+        evaluated one under ``train.keep_best``."""
         progress.sampler = self.sampler.state_dict()
         progress.replay_sampler = None if self.replay_sampler is None else self.replay_sampler.state_dict()
         progress.scheduler = scheduler.state_dict()
@@ -170,10 +185,12 @@ class RunCheckpoints:
             path = ckpt.save_checkpoint(
                 self.root, progress.step, self.student, self.sharding.checkpointed_optimizer(self.optimizer), common,
                 rank_state=self._rank_state(),
-                add_files=lambda directory: write_trainer_model_config(directory, self.cfg.model, self.cfg.student.checkpoint),
+                add_files=lambda directory: self._add_files(directory, evaluation),
             )
         if self.runtime.rank == 0:
-            ckpt.prune(self.root, keep=self.cfg.train.keep_checkpoints)
+            train = self.cfg.train
+            best = None if train.keep_best is None else best_checkpoint(self.root, train.keep_best, train.keep_best_max_general_kl)
+            ckpt.prune(self.root, keep=train.keep_checkpoints, protect=() if best is None else (best,))
             if "snapshot" in self.frozen:
                 # A snapshot is needed while any kept checkpoint lies inside its iteration.
                 oldest = min(iterations(self.root))
@@ -181,6 +198,11 @@ class RunCheckpoints:
         torch.distributed.barrier()
         self.message(f"saved checkpoint {os.path.basename(path)} -> {path}")
         return path
+
+    def _add_files(self, directory: str, evaluation: dict | None) -> None:
+        write_trainer_model_config(directory, self.cfg.model, self.cfg.student.checkpoint)
+        if evaluation is not None:
+            write_eval_record(directory, evaluation)
 
     def save_snapshot(self, iteration: int) -> None:
         """The snapshot just refreshed for outer iteration ``iteration``, kept for resumes inside it."""

@@ -214,6 +214,9 @@ class Ddp:
     def after_resume(self, checkpointed_optimizer) -> None:
         """After ``checkpointed_optimizer`` was loaded from a trainer checkpoint: nothing left to do."""
 
+    def after_forward_only(self, chunks: list) -> None:
+        """After a forward without backward (an evaluation): nothing is left gathered."""
+
 
 class Fsdp:
     """Megatron-FSDP: the student and every frozen role sharded over the data-parallel group
@@ -249,6 +252,12 @@ class Fsdp:
     def after_resume(self, checkpointed_optimizer) -> None:
         """Once the gathered weights are released: the fp32 main weights as saved."""
         checkpointed_optimizer.finish_load()
+
+    def after_forward_only(self, chunks: list) -> None:
+        """A forward without backward leaves the embedding, output layer and final norm gathered
+        (the backward would release them): release them, as the frozen roles do after each forward."""
+        for chunk in chunks:
+            release_gathered(chunk)
 
 
 def choose(cfg: RunConfig) -> Ddp | Fsdp:

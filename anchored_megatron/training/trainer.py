@@ -27,6 +27,7 @@ from anchored_megatron.platform import initialize, shared_storage
 from anchored_megatron.platform.collective_timeout import Watch
 from anchored_megatron.platform.run_lock import hold_output_dir
 from anchored_megatron.training import batches, frozen_cache, sharding, step_metrics
+from anchored_megatron.training.evaluation import Evaluator
 from anchored_megatron.training.forward_step import make_forward_step
 from anchored_megatron.training.metrics_log import MetricsLog
 from anchored_megatron.training.objectives import iteration_loss
@@ -80,6 +81,8 @@ class Trainer:
         # max_steps stops the run early without changing the schedule (LR, outer iterations) it follows.
         self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
         self._build_roles()
+        self.evaluator = Evaluator(cfg, self.runtime, self.tokenizer, self.wrapped, self.sharding,
+                                   message=lambda line: self.log.message(line)) if cfg.eval.enabled else None
         self.checkpoints = RunCheckpoints(
             cfg, self.runtime, self.sharding, self.wrapped, self.optimizer, self.frozen, (self.sampler, self.replay_sampler),
             self.steps_per_iteration, message=lambda line: self.log.message(line),
@@ -161,11 +164,26 @@ class Trainer:
         """Resume from our own latest checkpoint, else start from the student checkpoint; the
         reference and the base are always re-loaded from their own checkpoints (the reference
         must be the one the run was trained with)."""
-        return self.checkpoints.load_initial(self.scheduler)
+        capture = self.evaluator.capture_base if self.evaluator is not None else None
+        return self.checkpoints.load_initial(self.scheduler, with_start_weights=capture)
 
-    def _save(self, progress: Progress) -> str:
-        """The checkpoint of ``progress.step``; returns its path."""
-        return self.checkpoints.save(progress, self.scheduler)
+    def _save(self, progress: Progress, evaluation: dict | None = None) -> str:
+        """The checkpoint of ``progress.step`` (with ``evaluation``, the record of the evaluation
+        at that step); returns its path."""
+        return self.checkpoints.save(progress, self.scheduler, evaluation)
+
+    # ---- evaluation (evaluation.py) -------------------------------------------------------------
+    def _should_evaluate(self, step: int) -> bool:
+        if self.evaluator is None:
+            return False
+        interval = self.cfg.eval.interval
+        return step == self.stop_step or step % self.steps_per_iteration == 0 or (interval > 0 and step % interval == 0)
+
+    def _evaluate(self, step: int) -> dict:
+        self.watch.phase = "an evaluation"
+        record = self.evaluator.evaluate(step)
+        self.log.log_eval(record, self.evaluator.line(record))
+        return record
 
     # ---- outer iterations -------------------------------------------------------------------
     def _begin_iteration(self, iteration: int, progress: Progress) -> None:
@@ -245,6 +263,8 @@ class Trainer:
         self.watch.phase = "loading the checkpoints"
         progress = self._load_initial_weights()
         self.log.start(progress.step, self.stop_step)
+        if self.evaluator is not None and progress.step == 0 and cfg.eval.at_start:
+            self._evaluate(0)  # the base's own figures (a resume already logged them)
         first_step, loop_started, saved = progress.step, time.perf_counter(), None
         current = {"loss": iteration_loss(cfg.anchor, progress.step // self.steps_per_iteration, progress.step, self.total_steps)}
         forward_step = make_forward_step(lambda: current["loss"], cfg.model.vocab_size)
@@ -270,9 +290,11 @@ class Trainer:
                 raise NonFiniteLossError(f"loss was not finite for {progress.nonfinite_in_a_row} steps in a row (train.max_nonfinite_in_a_row)")
             if not record["finite"]:
                 self.log.message(f"step {progress.step}: non-finite loss, update skipped ({progress.nonfinite_in_a_row} in a row)")
-            if self._should_save(progress.step):
+            evaluation = self._evaluate(progress.step) if self._should_evaluate(progress.step) else None
+            # keep_best compares evaluated checkpoints: every evaluation is followed by a save.
+            if self._should_save(progress.step) or (evaluation is not None and cfg.train.keep_best is not None):
                 self.watch.phase = "a checkpoint save"
-                saved = self._save(progress)
+                saved = self._save(progress, evaluation)
         self.log.close()
         self.log.message(self._summary(first_step, progress.step, time.perf_counter() - loop_started, last, saved))
         return last
