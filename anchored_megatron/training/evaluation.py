@@ -46,11 +46,13 @@ class HeldOutSet:
     microbatches: list[list[int | None]]
 
 
-def share(num_sequences: int, dp_rank: int, dp_size: int, micro_batch_size: int) -> list[list[int | None]]:
+def share(num_sequences: int, dp_rank: int, dp_size: int, micro_batch_size: int, microbatch_multiple: int = 1) -> list[list[int | None]]:
     """Sequences dp_rank, dp_rank + dp_size, ... in microbatches of ``micro_batch_size``, padded
-    with None to the count of the rank with the most."""
+    with None to the count of the rank with the most, rounded up to a multiple of ``microbatch_multiple``
+    (the interleaved schedule runs groups of pipeline-size microbatches)."""
     mine = list(range(dp_rank, num_sequences, dp_size))
-    per_rank = math.ceil(math.ceil(num_sequences / dp_size) / micro_batch_size) * micro_batch_size
+    microbatches = math.ceil(math.ceil(num_sequences / dp_size) / micro_batch_size)
+    per_rank = math.ceil(microbatches / microbatch_multiple) * microbatch_multiple * micro_batch_size
     mine += [None] * (per_rank - len(mine))
     return [mine[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
 
@@ -104,7 +106,8 @@ class Evaluator:
             dataset = build_sft_dataset(data, tokenizer, cfg.model.seq_length, seed=cfg.seed, rank=runtime.rank,
                                         world_size=runtime.world_size, barrier=torch.distributed.barrier)
             count = len(dataset) if cfg.eval.max_sequences is None else min(len(dataset), cfg.eval.max_sequences)
-            self.sets.append(HeldOutSet(name, dataset, share(count, dp_rank, dp_size, mbs)))
+            multiple = cfg.parallel.pp if len(wrapped) > 1 else 1
+            self.sets.append(HeldOutSet(name, dataset, share(count, dp_rank, dp_size, mbs, multiple)))
         self.base_hidden: list[torch.Tensor] = []  # per general microbatch, on the host (last stage only)
         self.base_weight = None  # the base's output-weight shard [V / tp, h] (last stage only)
 

@@ -290,9 +290,9 @@ def disk_full_rank(cfg_dict, full_at_step):
     filesystem_async._write_item = full_disk
     save = trainer_module.Trainer._save
 
-    def tracking_save(self, p):
+    def tracking_save(self, p, *rest):
         progress["step"] = p.step
-        return save(self, p)
+        return save(self, p, *rest)
 
     trainer_module.Trainer._save = tracking_save
     return train_error(cfg_dict)

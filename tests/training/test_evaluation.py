@@ -272,3 +272,27 @@ def test_a_tp2_cli_run_logs_eval_records_and_trains_as_without_evaluation(settin
     assert "eval at step 2: target_loss" in outputs["eval"]
     with_eval, without = records(tmp_path / "eval", "train"), records(tmp_path / "plain", "train")
     assert [r["loss"] for r in with_eval] == [r["loss"] for r in without]
+
+
+@pytest.mark.distributed
+def test_the_interleaved_pipeline_evaluates_like_one_process(setting, tmp_path, ranks):
+    """parallel.vpp (objective sft): 3 target microbatches per rank, not a multiple of the pipeline size."""
+    sft = dict(anchor__objective="sft", reference__checkpoint=None, model__num_layers=4, eval__max_sequences=6)
+    ranks(train_rank, 1, config(setting, tmp_path / "one", **sft))
+    ranks(train_rank, 2, config(setting, tmp_path / "vpp", parallel__pp=2, parallel__vpp=2, **sft))
+    mine, reference = records(tmp_path / "vpp", "eval"), records(tmp_path / "one", "eval")
+    assert [r["step"] for r in mine] == [r["step"] for r in reference] == [0, 1, 2, 3, 4]
+    for a, b in zip(mine, reference):
+        for name in ("target_loss", "general_loss", "general_kl_base"):
+            assert abs(a[name] - b[name]) <= 2e-5 + 1e-4 * abs(b[name]), (a["step"], name, a[name], b[name])
+
+
+@pytest.mark.parametrize("count, dp, mbs, multiple", [(9, 2, 2, 1), (5, 4, 1, 1), (3, 2, 1, 2), (16, 2, 4, 2), (1, 3, 2, 1)])
+def test_every_sequence_is_evaluated_once_and_every_rank_runs_as_many_microbatches(count, dp, mbs, multiple):
+    from anchored_megatron.training.evaluation import share
+
+    shares = [share(count, rank, dp, mbs, multiple) for rank in range(dp)]
+    assert len({len(s) for s in shares}) == 1 and len(shares[0]) % multiple == 0
+    assert all(len(mb) == mbs for s in shares for mb in s)
+    seen = sorted(i for s in shares for mb in s for i in mb if i is not None)
+    assert seen == list(range(count))

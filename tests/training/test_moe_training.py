@@ -1,6 +1,7 @@
 """MoE students and frozen MoE / dense roles in the anchored trainer: a run at expert parallel 2
 equals one at expert parallel 1, and the logged load-balancing loss equals one computed in
-float64 from transformers' router logits (an independent implementation of the same model)."""
+float64 from transformers' router logits (an independent implementation of the same model); its
+evaluations (eval.*) agree across the two and leave the load-balancing loss untouched."""
 
 import json
 import os
@@ -32,12 +33,19 @@ def moe_run(tiny_run, tmp_path_factory):
               "response": "six seven eight nine ten plus minus equals one two three four five six seven"}
     data = root / "same.jsonl"
     data.write_text((json.dumps(record) + "\n") * 16)
+    held_out = {"target": [{"prompt": "gamma delta", "response": "one two three four five six seven eight nine ten"}] * 3,
+                "general": [{"prompt": "red blue", "response": "green red blue alpha beta gamma"},
+                            {"prompt": "plus", "response": "minus equals two"}] * 2}
+    for name, rows in held_out.items():
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"root": root, "moe_hf": moe_hf, "tokenizer": tiny_run["tokenizer"], "data": str(data),
-            "moe": str(root / "moe"), "dense": str(root / "dense")}
+            "moe": str(root / "moe"), "dense": str(root / "dense"), "target": str(root / "target.jsonl"),
+            "general": str(root / "general.jsonl")}
 
 
-def _config(paths, output_dir, ep):
-    return {
+def _config(paths, output_dir, ep, evaluate=False):
+    evaluation = {"eval": {"paths": [paths["target"]], "general_paths": [paths["general"]], "interval": 1}} if evaluate else {}
+    return {**evaluation,
         "output_dir": str(output_dir), "seed": 3,
         "model": {"seq_length": SEQ, "moe_aux_loss_coeff": AUX_COEFF},
         "parallel": {"ep": ep},
@@ -59,9 +67,10 @@ def two_runs_rank(first, second):
     return True
 
 
-def _records(output_dir):
+def _records(output_dir, kind="train"):
     with open(os.path.join(output_dir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
+        rows = [json.loads(line) for line in fh]
+    return [r for r in rows if (r.get("record") == "eval") == (kind == "eval")]
 
 
 def _switch_loss(router_logits: torch.Tensor) -> torch.Tensor:
@@ -86,11 +95,17 @@ def _rows(paths):
 @pytest.mark.distributed
 def test_expert_parallel_run_equals_ep1_and_logs_the_load_balancing_loss(moe_run, tmp_path, ranks):
     ep1, ep2 = tmp_path / "ep1", tmp_path / "ep2"
-    ranks(two_runs_rank, 2, _config(moe_run, ep1, 1), _config(moe_run, ep2, 2), timeout=600)
+    ranks(two_runs_rank, 2, _config(moe_run, ep1, 1, evaluate=True), _config(moe_run, ep2, 2, evaluate=True), timeout=600)
     one, two = _records(ep1), _records(ep2)
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
     for a, b in zip(one, two):
         for name in ("loss", "kl_step", "kl_reference", "moe_aux_loss"):
+            assert abs(a[name] - b[name]) <= 1e-4, (a["step"], name, a[name], b[name])
+    evals = _records(ep1, "eval"), _records(ep2, "eval")
+    assert [r["step"] for r in evals[0]] == [r["step"] for r in evals[1]] == [0, 1, 2, 3]
+    assert abs(evals[0][0]["general_kl_base"]) <= 1e-6 and evals[0][-1]["general_kl_base"] > 1e-4
+    for a, b in zip(*evals):
+        for name in ("target_loss", "general_loss", "general_kl_base"):
             assert abs(a[name] - b[name]) <= 1e-4, (a["step"], name, a[name], b[name])
 
     # Every row holds the same unpadded tokens, so each microbatch's loss is that row's.
