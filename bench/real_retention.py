@@ -1,0 +1,81 @@
+"""Build the real-model study's general-retention suite (anchored_megatron/eval/retention.py) from
+what SmolLM2-135M-Instruct itself answers, greedy, through its chat template:
+
+1. every candidate item of the suite's version is asked; an item is kept only when the base's reply
+   passes its check, so the base scores 100% and a student's degradation reads directly as a
+   share of what the base could do;
+2. the general prompts' two halves are asked too: the first half's replies are the evaluation's
+   general data (the student's NLL of the base's answers, KL(p_base || p_theta) on them:
+   ``eval.general_paths``), the second half's the self-generated replay data (training data of the
+   replay methods, disjoint from everything evaluated).
+
+Writes bench/data/real/: retention_v{N}.jsonl (kept items with the base's reply),
+general_eval_v{N}.jsonl and general_replay_v{N}.jsonl ({"prompt", "response"} records), and prints
+how many candidates of each kind were kept.
+
+    .venv/bin/python bench/real_retention.py [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+OUT = os.path.join(ROOT, "bench", "data", "real")
+MAX_NEW = {"instruction": 64, "fact": 32, "general": 64}
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    from anchored_megatron.convert.fetch_smollm2 import fetch
+    from anchored_megatron.eval import retention
+    from anchored_megatron.eval.hf_chat import greedy_replies
+
+    hf_dir = fetch()
+    os.makedirs(OUT, exist_ok=True)
+    version = retention.VERSION
+    items = retention.candidates()
+    started = time.perf_counter()
+    kept = []
+    for kind in ("instruction", "fact"):
+        group = [item for item in items if item["kind"] == kind]
+        replies = greedy_replies(hf_dir, [item["prompt"] for item in group], MAX_NEW[kind], threads=args.threads)
+        kept += [dict(item, base_reply=reply) for item, reply in zip(group, replies) if retention.passes(item["check"], reply)]
+        print(f"{kind}: {len(group)} candidates asked in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    _write_jsonl(os.path.join(OUT, f"retention_v{version}.jsonl"), kept)
+
+    evaluation, replay = retention.general_prompts(exclude={item["prompt"] for item in items})
+    for name, prompts in (("eval", evaluation), ("replay", replay)):
+        replies = greedy_replies(hf_dir, prompts, MAX_NEW["general"], threads=args.threads)
+        _write_jsonl(os.path.join(OUT, f"general_{name}_v{version}.jsonl"),
+                     [{"prompt": p, "response": r} for p, r in zip(prompts, replies) if r])
+        print(f"general {name}: {len(prompts)} prompts answered in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+
+    asked = collections.Counter(item["check"].get("rule", item["id"].split("-")[0]) for item in items)
+    passed = collections.Counter(item["check"].get("rule", item["id"].split("-")[0]) for item in kept)
+    print(f"# real_retention v{version}: SmolLM2-135M-Instruct, greedy, chat template, fp32 CPU")
+    print(f"{'check':<14}{'asked':>7}{'kept':>6}")
+    for name in sorted(asked):
+        print(f"{name:<14}{asked[name]:>7}{passed[name]:>6}")
+    print(f"{'total':<14}{sum(asked.values()):>7}{len(kept):>6}")
+    print(f"general prompts: {len(evaluation)} for evaluation, {len(replay)} for replay; {time.perf_counter() - started:.0f} s in all")
+
+
+if __name__ == "__main__":
+    main()
