@@ -93,13 +93,7 @@ class MetricsLog:
         """Record every step; print ``line`` when given (the trainer thins it by log_interval)."""
         if not self.enabled:
             return
-        record = {k: _clean(v) for k, v in record.items()}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        if self._writer is not None:
-            for name, value in record.items():
-                if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._writer.add_scalar(name, value, record["step"])
+        self._write(record, scalar_prefix="")
         if self._bar is not None:
             self._bar.update(1)
             if self._bar.n >= self._bar.total:
@@ -115,14 +109,18 @@ class MetricsLog:
         ``eval/`` and ``line``; the progress bar does not move."""
         if not self.enabled:
             return
+        self._write(record, scalar_prefix="eval/")
+        self.message(line)
+
+    def _write(self, record: dict, scalar_prefix: str) -> None:
+        """One line of metrics.jsonl and a TensorBoard scalar per number (non-finite ones as null)."""
         record = {k: _clean(v) for k, v in record.items()}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._writer is not None:
             for name, value in record.items():
                 if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._writer.add_scalar(f"eval/{name}", value, record["step"])
-        self.message(line)
+                    self._writer.add_scalar(scalar_prefix + name, value, record["step"])
 
     def message(self, text: str) -> None:
         if not self.enabled:
