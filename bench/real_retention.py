@@ -9,11 +9,12 @@ what SmolLM2-135M-Instruct itself answers, greedy, through its chat template:
    ``eval.general_paths``), the second half's the self-generated replay data (training data of the
    replay methods, disjoint from everything evaluated).
 
-Writes bench/data/real/: retention_v{N}.jsonl (kept items with the base's reply),
+Writes bench/data/real/: candidates_v{N}.jsonl (every candidate with the base's reply, so that a
+revised check re-filters without asking again; reused when present), retention_v{N}.jsonl (the kept items),
 general_eval_v{N}.jsonl and general_replay_v{N}.jsonl ({"prompt", "response"} records), and prints
 how many candidates of each kind were kept.
 
-    .venv/bin/python bench/real_retention.py [--threads 2]
+    .venv/bin/python bench/real_retention.py [--threads 2] [--regenerate]
 """
 
 from __future__ import annotations
@@ -39,9 +40,22 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _stored_replies(path: str, items: list[dict]) -> dict | None:
+    """The base's stored reply per candidate id, when the file holds exactly these candidates."""
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        stored = [json.loads(line) for line in fh]
+    strip = lambda item: {k: v for k, v in item.items() if k != "base_reply"}  # noqa: E731
+    if [strip(s) for s in stored] != items:
+        return None
+    return {s["id"]: s["base_reply"] for s in stored}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--regenerate", action="store_true", help="ask the base again even where its replies are stored")
     args = parser.parse_args()
     from anchored_megatron.convert.fetch_smollm2 import fetch
     from anchored_megatron.eval import retention
@@ -52,16 +66,23 @@ def main() -> None:
     version = retention.VERSION
     items = retention.candidates()
     started = time.perf_counter()
-    kept = []
-    for kind in ("instruction", "fact"):
-        group = [item for item in items if item["kind"] == kind]
-        replies = greedy_replies(hf_dir, [item["prompt"] for item in group], MAX_NEW[kind], threads=args.threads)
-        kept += [dict(item, base_reply=reply) for item, reply in zip(group, replies) if retention.passes(item["check"], reply)]
-        print(f"{kind}: {len(group)} candidates asked in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    asked_path = os.path.join(OUT, f"candidates_v{version}.jsonl")
+    replies = None if args.regenerate else _stored_replies(asked_path, items)
+    if replies is None:
+        replies = {}
+        for kind in ("instruction", "fact"):
+            group = [item for item in items if item["kind"] == kind]
+            answers = greedy_replies(hf_dir, [item["prompt"] for item in group], MAX_NEW[kind], threads=args.threads)
+            replies.update({item["id"]: reply for item, reply in zip(group, answers)})
+            print(f"{kind}: {len(group)} candidates asked in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+        _write_jsonl(asked_path, [dict(item, base_reply=replies[item["id"]]) for item in items])
+    kept = [dict(item, base_reply=replies[item["id"]]) for item in items if retention.passes(item["check"], replies[item["id"]])]
     _write_jsonl(os.path.join(OUT, f"retention_v{version}.jsonl"), kept)
 
     evaluation, replay = retention.general_prompts(exclude={item["prompt"] for item in items})
     for name, prompts in (("eval", evaluation), ("replay", replay)):
+        if os.path.exists(os.path.join(OUT, f"general_{name}_v{version}.jsonl")) and not args.regenerate:
+            continue
         replies = greedy_replies(hf_dir, prompts, MAX_NEW["general"], threads=args.threads)
         _write_jsonl(os.path.join(OUT, f"general_{name}_v{version}.jsonl"),
                      [{"prompt": p, "response": r} for p, r in zip(prompts, replies) if r])

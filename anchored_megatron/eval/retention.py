@@ -6,8 +6,9 @@ Three kinds of items, each a dict ``{"id", "kind", "prompt", "check": {...}}``:
 - ``instruction``: a request with a verifiable constraint in the style of IFEval (all capitals, no
   commas, a required ending, valid JSON with given keys, N bullet points, ...); ``check`` names
   the constraint and its argument, and ``passes`` checks it.
-- ``fact``: a short factual or arithmetic question; ``check["answers"]`` are the accepted
-  answers, matched as whole words (case-insensitive) in the reply.
+- ``fact``: a short factual or arithmetic question; a factual one's ``check["answers"]`` are the
+  accepted answers, matched as whole words (case-insensitive) in the reply; an arithmetic one's
+  ``check["final_number"]`` must be the reply's last number (its operands appear in most replies).
 - the base's own answers to general prompts (``general_prompts``) are not scored here: the study
   measures the student's NLL of them and KL(p_base || p_theta) on them (``eval.general_paths``).
 
@@ -112,6 +113,9 @@ def _json_object(reply: str):
 def passes(check: dict, reply: str) -> bool:
     """Whether ``reply`` meets the item's check (an instruction's rule, or a fact's answers)."""
     text = reply.strip()
+    if "final_number" in check:
+        numbers = re.findall(r"-?\d+", text)
+        return bool(numbers) and numbers[-1] == check["final_number"]
     if "answers" in check:
         return any(re.search(rf"(?<![\w]){re.escape(answer)}(?![\w])", text, flags=re.I) for answer in check["answers"])
     rule = check["rule"]
@@ -160,7 +164,7 @@ def candidates(instructions: int = 400, arithmetic: int = 120) -> list[dict]:
             x, y = sorted((rng.randint(2, 30), rng.randint(2, 30)), reverse=True)
             value = x + y if op == "plus" else x - y
         items.append({"id": f"arithmetic-{i}", "kind": "fact", "prompt": f"What is {x} {op} {y}? Answer with the number.",
-                      "check": {"answers": [str(value)]}})
+                      "check": {"final_number": str(value)}})
     return items
 
 

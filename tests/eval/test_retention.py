@@ -20,6 +20,8 @@ CASES = [
     ({"answers": ["7", "seven"]}, "There are Seven days in a week.", "There are 17 days."),
     ({"answers": ["Mexico City"]}, "The capital is mexico city.", "The capital is Mexico."),
     ({"answers": ["4"]}, "2 plus 2 is 4.", "It is 14 or 40."),
+    ({"final_number": "8"}, "16 - 8 = 8", "16 - 8 = 12"),
+    ({"final_number": "8"}, "The answer is 8.", "8 and 8 make 16"),
 ]
 
 
@@ -42,7 +44,7 @@ def test_the_candidates_are_fixed_by_the_version_and_the_halves_disjoint():
         if item["id"].startswith("arithmetic-"):
             words = item["prompt"].split()
             x, op, y = int(words[2]), words[3], int(words[4].rstrip("?"))
-            assert item["check"]["answers"] == [str({"plus": x + y, "minus": x - y, "times": x * y}[op])]
+            assert item["check"] == {"final_number": str({"plus": x + y, "minus": x - y, "times": x * y}[op])}
     asked = {item["prompt"] for item in first}
     evaluation, replay = retention.general_prompts(exclude=asked)
     assert evaluation and replay and not set(evaluation) & set(replay) and not (set(evaluation) | set(replay)) & asked
