@@ -82,7 +82,7 @@ def find_overlap(eval_paths: dict[str, list[str]], train_paths: list[str]) -> st
             if found is not None:
                 option, location = found
                 return (f"{option}: {location} is also a training record ({item[0]}); held-out data must not overlap "
-                        "data.paths: remove the shared records from one side")
+                        "data.paths or data.replay_paths: remove the shared records from one side")
     return None
 
 
@@ -116,7 +116,8 @@ class Evaluator:
         cfg = self.cfg
         verdict = [None]
         if self.runtime.rank == 0:
-            verdict[0] = find_overlap({"eval.paths": cfg.eval.paths, "eval.general_paths": cfg.eval.general_paths}, cfg.data.paths)
+            verdict[0] = find_overlap({"eval.paths": cfg.eval.paths, "eval.general_paths": cfg.eval.general_paths},
+                                      [*cfg.data.paths, *cfg.data.replay_paths])
         torch.distributed.broadcast_object_list(verdict, src=0)
         if verdict[0] is not None:
             raise ConfigError(verdict[0])

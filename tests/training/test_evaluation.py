@@ -249,6 +249,16 @@ def test_held_out_data_that_overlaps_the_training_data_is_refused_with_both_plac
         assert f"train.jsonl:8" in error
 
 
+def test_general_data_that_overlaps_the_replay_data_is_refused(setting, tmp_path, ranks):
+    """Replay records are trained on too: a general set drawn from them is not held out."""
+    replay = tmp_path / "replay.jsonl"
+    general_lines = (setting / "general.jsonl").read_text().splitlines()
+    own = [json.dumps({"prompt": f"yes no {word}", "response": "maybe"}) for word in OTHER[:8]]
+    replay.write_text("\n".join([*own, general_lines[2]]) + "\n")
+    error = ranks(_setup_error, 1, config(setting, tmp_path / "out", data__replay_paths=[str(replay)], data__replay_fraction=0.5))[0]
+    assert error is not None and error.startswith(f"eval.general_paths[0]: {setting / 'general.jsonl'}:3 is also a training record ({replay}:9)")
+
+
 # ---- the command line ----------------------------------------------------------------------------
 @pytest.mark.distributed
 def test_a_tp2_cli_run_logs_eval_records_and_trains_as_without_evaluation(setting, tmp_path):
