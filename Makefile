@@ -35,7 +35,7 @@ needs_triton = $(if $(filter 0.16.% 0.17.%,$(1)),,yes)
 # 0.18+ run `git rev-parse` at import to stamp their version string with the enclosing repo's commit.
 export NO_VCS_VERSION := 1
 
-.PHONY: demo test test-fast setup clean real-model
+.PHONY: demo demo-real test test-fast setup clean real-model
 
 .venv/.installed: setup.py
 	$(PYTHON) -m venv .venv
@@ -70,6 +70,11 @@ test: .venv/.installed .venv-mcore-$(SECOND_MEGATRON_CORE)/.installed
 # (docs/real-model.md); prints its path, and does nothing more when it is already there.
 real-model: $(VENV)/.installed
 	$(PY) -m anchored_megatron.convert.fetch_smollm2
+
+# SFT and Anchored Learning on SmolLM2-135M-Instruct (fetched as above): target accuracy, general
+# retention, KL to the base and sample answers; about 20 minutes on 2 cores (bench/demo_real.py).
+demo-real: $(VENV)/.installed
+	$(PY) bench/demo_real.py
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not distributed" tests

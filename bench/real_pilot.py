@@ -108,33 +108,20 @@ def heldout_items(skill: str, items: int) -> list[tuple[str, str, dict]]:
 def skill_accuracy(model_dir: str, skills: list[str], items: int, batch: int = 20) -> list[dict]:
     """Exact match of the model in ``model_dir`` (a Hugging Face directory with its tokenizer) on
     the held-out items of each skill: greedy, the model's chat template, one thread."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from anchored_megatron.eval.hf_chat import greedy_replies
 
-    torch.set_num_threads(1)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.padding_side = "left"  # greedy batches: every prompt ends where generation starts
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     results = []
     for name in skills:
         _, score, max_new = CANDIDATES[name]
         cases = heldout_items(name, items)
         start = time.perf_counter()
-        replies = []
-        for first in range(0, items, batch):
-            chats = [[{"role": "user", "content": question}] for question, _, _ in cases[first:first + batch]]
-            texts = [tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) for chat in chats]
-            encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.no_grad():
-                out = model.generate(**encoded, max_new_tokens=max_new, do_sample=False,
-                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            replies += tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+        replies = greedy_replies(model_dir, [question for question, _, _ in cases], max_new, batch_size=batch, threads=1)
         seconds = time.perf_counter() - start
-        correct = [score(reply.strip(), answer) for reply, (_, answer, _) in zip(replies, cases)]
+        correct = [score(reply, answer) for reply, (_, answer, _) in zip(replies, cases)]
         row = {"skill": name, "items": items, "exact_match": sum(correct) / items, "seconds": seconds,
-               "examples": [{"question": q, "answer": a, "reply": r.strip()} for (q, a, _), r in list(zip(cases, replies))[:3]]}
+               "examples": [{"question": q, "answer": a, "reply": r} for (q, a, _), r in list(zip(cases, replies))[:3]]}
         if name == "igsm":
-            row["canonical"] = sum(r.strip() == extra["solution"] for r, (_, _, extra) in zip(replies, cases)) / items
+            row["canonical"] = sum(r == extra["solution"] for r, (_, _, extra) in zip(replies, cases)) / items
         results.append(row)
         print(f"{model_dir} {name}: exact match {100 * row['exact_match']:.0f}% in {seconds:.0f} s", file=sys.stderr, flush=True)
     return results
