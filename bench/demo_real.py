@@ -91,7 +91,13 @@ def main() -> None:
     parser.add_argument("--output-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "anchored_megatron", "demo-real"))
     args = parser.parse_args()
     from anchored_megatron.convert.fetch_smollm2 import fetch
+    from anchored_megatron.platform import warnings_filter
 
+    warnings_filter.install()  # this process imports Megatron for the conversions: its notices of missing TE/apex are not news
+    if not sys.stderr.isatty():  # progress bars on terminals only
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     started = time.perf_counter()
     work = args.output_dir
     os.makedirs(work, exist_ok=True)
