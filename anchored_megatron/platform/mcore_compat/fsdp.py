@@ -123,9 +123,38 @@ def _skip_hooks_on_frozen_parameters() -> bool:
     return True
 
 
+def _synchronous_param_gather_without_cuda() -> bool:
+    """Without CUDA, Megatron-FSDP's parameter all-gathers (prefetches included) complete before
+    they return. On a GPU they run on a side stream that CUDA events order against the compute; on
+    CPU those events are the shim's no-ops while gloo runs the collective in its own threads, so
+    nothing orders an in-flight gather against Megatron-FSDP's bucket bookkeeping. (With async
+    gathers a DP=2 rank died of SIGSEGV in 1 of 3 full CPU test runs, and once raised inside
+    ``wait_bucket_ready``; the race is the suspected cause, not a proven one.) With CUDA: untouched."""
+    import inspect
+
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    from megatron.core.distributed.fsdp.src.megatron_fsdp.param_and_grad_buffer import AllGatherPipeline
+
+    original = AllGatherPipeline.all_gather_params
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def all_gather_params(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments["async_param_gather"] = False
+        return original(*bound.args, **bound.kwargs)
+
+    AllGatherPipeline.all_gather_params = all_gather_params
+    return True
+
+
 def apply() -> dict[str, bool]:
     """Install the Megatron-FSDP patches this release needs; returns {name: applied}. Idempotent."""
     if not _applied:
         _applied["te_linear_isinstance"] = _replace_mock_te_linear()
         _applied["frozen_parameter_hooks"] = _skip_hooks_on_frozen_parameters()
+        _applied["synchronous_param_gather"] = _synchronous_param_gather_without_cuda()
     return dict(_applied)
