@@ -246,7 +246,7 @@ def test_held_out_data_that_overlaps_the_training_data_is_refused_with_both_plac
     target_lines = len((setting / "target.jsonl").read_text().splitlines())
     for error in errors:  # every rank refuses, alike
         assert error is not None and error.startswith(f"eval.paths[0]: {overlapping}:{target_lines + 1} is also a training record")
-        assert f"train.jsonl:8" in error
+        assert "train.jsonl:8" in error
 
 
 def test_general_data_that_overlaps_the_replay_data_is_refused(setting, tmp_path, ranks):
