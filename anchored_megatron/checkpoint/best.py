@@ -13,14 +13,13 @@ import json
 import math
 import os
 
-from anchored_megatron.checkpoint.dirs import LATEST, RUN_CHECKPOINTS, checkpoint_name, iterations
+from anchored_megatron.checkpoint.dirs import LATEST, RUN_CHECKPOINTS, RUN_CONFIG, checkpoint_name, iterations
 from anchored_megatron.checkpoint.errors import CheckpointError
 from anchored_megatron.config.errors import ConfigError
 from anchored_megatron.config.sections import KEEP_BEST_RULES
 
 EVAL_FILE = "eval.json"
 FIGURES = ("target_loss", "general_loss", "general_kl_base")  # the figures a record may hold, each a number or null
-RUN_CONFIG = "config.yaml"  # the resolved config a trainer writes into its output_dir
 
 
 def write_eval_record(directory: str, record: dict) -> None:

@@ -12,6 +12,7 @@ from anchored_megatron.config.errors import ConfigError
 
 LATEST = "latest"
 RUN_CHECKPOINTS = "checkpoints"  # the checkpoint root inside a trainer output_dir
+RUN_CONFIG = "config.yaml"  # the resolved config a trainer writes into its output_dir
 
 
 def checkpoint_name(iteration: int) -> str:

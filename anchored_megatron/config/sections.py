@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from anchored_megatron.config.data import SUPPORTED_SUFFIXES
 from anchored_megatron.config.errors import require
 
 
@@ -195,8 +196,8 @@ class EvalConfig:
             value = getattr(self, name)
             require(isinstance(value, (list, tuple)), f"{prefix}.{name}", f"must be a list of local files, got {value!r}")
             for i, path in enumerate(value):
-                require(isinstance(path, str) and path.endswith((".jsonl", ".json", ".parquet")), f"{prefix}.{name}[{i}]",
-                        f"must be a .jsonl, .json or .parquet file path, got {path!r}")
+                require(isinstance(path, str) and path.endswith(SUPPORTED_SUFFIXES), f"{prefix}.{name}[{i}]",
+                        f"must be a {', '.join(SUPPORTED_SUFFIXES)} file path, got {path!r}")
         require(isinstance(self.interval, int) and not isinstance(self.interval, bool) and self.interval >= 0,
                 f"{prefix}.interval", f"must be an integer >= 0, got {self.interval!r}")
         if self.max_sequences is not None:

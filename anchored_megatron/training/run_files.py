@@ -7,9 +7,10 @@ import contextlib
 import os
 import sys
 
+from anchored_megatron.checkpoint.dirs import RUN_CONFIG
 from anchored_megatron.platform.files import write_atomically
 
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = RUN_CONFIG
 TRAIN_LOG = "train.log"
 
 
