@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 
 import torch
@@ -39,6 +40,9 @@ def single_process_group():
         if torch.distributed.is_initialized():
             yield
             return
+        # init_process_group wraps sys.excepthook to prefix tracebacks with "[rank0]: " and
+        # nothing unwraps it: a process converting N times would print N prefixes per line.
+        excepthook = sys.excepthook
         with tempfile.TemporaryDirectory(prefix="convert-pg-") as tmp:
             store = torch.distributed.FileStore(os.path.join(tmp, "store"), 1)
             torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
@@ -46,6 +50,7 @@ def single_process_group():
                 yield
             finally:
                 torch.distributed.destroy_process_group()
+                sys.excepthook = excepthook
     finally:
         if shim_here:
             cpu_shim.uninstall()

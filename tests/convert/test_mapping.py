@@ -68,3 +68,17 @@ def test_every_local_spec_parameter_is_covered_with_its_sharded_key():
     assert set(named) == params
     for name, keys in named.items():
         assert {sharded[name].key} == keys, name
+
+
+def test_a_one_rank_group_leaves_the_exception_hook_as_it_found_it():
+    """torch's init_process_group wraps sys.excepthook with a "[rank0]: " prefix: a process that
+    converts twice must not print tracebacks with the prefix twice."""
+    import sys
+
+    from anchored_megatron.checkpoint.weights import single_process_group
+
+    hook = sys.excepthook
+    for _ in range(2):
+        with single_process_group():
+            pass
+    assert sys.excepthook is hook
