@@ -85,10 +85,15 @@ def layer_spec(model: ModelConfig):
         return te.te_layer_spec(model)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    return get_gpt_layer_local_spec(
+    spec = get_gpt_layer_local_spec(
         num_experts=model.num_moe_experts, moe_grouped_gemm=model.moe_grouped_gemm,
         qk_layernorm=model.qk_layernorm, normalization="RMSNorm",
     )
+    if not accelerators.has_cuda():
+        from anchored_megatron.models import cpu_attention
+
+        cpu_attention.use_on_this_machine(spec)
+    return spec
 
 
 def build_model_chunk(

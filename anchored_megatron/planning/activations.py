@@ -14,6 +14,9 @@ Local spec (``get_gpt_layer_local_spec``, torch RMSNorm, unfused attention):
                                               fp16/bf16, 0 for fp32)
               + b s^2                         the boolean attention mask
     with t_sp = t under sequence parallelism, else 1.
+    This is Megatron-Core's local spec as a GPU machine runs it. Without CUDA the builder swaps its
+    core attention for PyTorch's SDPA (models/cpu_attention.py), which keeps a log-sum-exp per row
+    instead of the probabilities: there the estimate is high by b (a / t) s^2 (4 + beta').
     Calibrated against ``torch.autograd.graph.saved_tensors_hooks`` measurements on CPU (fp32
     and bf16, t = 1 and 2): the TP-split part matched exactly, the rest within 2%;
     tests/planning checks it on another shape.
@@ -104,8 +107,8 @@ def fused_loss_bytes(model: ModelConfig, parallel: ParallelConfig, micro_batch_s
     beta = PARAM_BYTES[model.params_dtype]
     vocab_local = model.padded_vocab_size(parallel.tp) // parallel.tp
     h = model.hidden_size
-    chunk = model.fused_output_chunk_tokens or loss_chunks.auto_chunk_tokens(vocab_local, num_roles, beta, compiled=False)
-    temporaries = min(tokens, chunk) * loss_chunks.bytes_per_token(vocab_local, num_roles, beta, compiled=False)
+    chunk = model.fused_output_chunk_tokens or loss_chunks.auto_chunk_tokens(vocab_local, num_roles, beta, compiled=False, hidden_size=h)
+    temporaries = min(tokens, chunk) * loss_chunks.bytes_per_token(vocab_local, num_roles, beta, compiled=False, hidden_size=h)
     weight_grad = vocab_local * h * 4
     if beta < 4:
         weight_grad += min(vocab_local, loss_chunks.weight_grad_block_rows(h, beta)) * h * beta

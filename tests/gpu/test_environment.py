@@ -171,13 +171,27 @@ def test_te_spec_is_megatrons_te_layer_with_norms_fused_into_the_linears(machine
     assert (attention.q_layernorm is _StandIn.Norm) == qk_layernorm
 
 
-def test_local_spec_is_unchanged_on_cpu():
+def test_local_spec_is_megatrons_own_with_cuda_and_takes_sdpa_attention_only_without(machine):
+    """A CPU-only choice never reaches a GPU machine: with CUDA (faked) the local spec is exactly
+    the one Megatron-Core builds, class by class; without it only the core attention differs."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    spec = builder.layer_spec(ModelConfig())
-    attention = spec.submodules.self_attention.submodules
-    assert attention.linear_qkv is ColumnParallelLinear and attention.core_attention is DotProductAttention
+    from anchored_megatron.models.cpu_attention import SdpaDotProductAttention
+
+    for model in (ModelConfig(), ModelConfig(qk_layernorm=True), ModelConfig(num_moe_experts=4, moe_ffn_hidden_size=48)):
+        megatrons = get_gpt_layer_local_spec(num_experts=model.num_moe_experts, moe_grouped_gemm=model.moe_grouped_gemm,
+                                             qk_layernorm=model.qk_layernorm, normalization="RMSNorm")
+        machine(cuda=True, te=True, apex=True)
+        assert repr(builder.layer_spec(model)) == repr(megatrons)
+        machine(cuda=False)
+        spec = builder.layer_spec(model)
+        attention = spec.submodules.self_attention.submodules
+        assert attention.linear_qkv is ColumnParallelLinear and attention.core_attention is SdpaDotProductAttention
+        assert issubclass(SdpaDotProductAttention, DotProductAttention)
+        attention.core_attention = DotProductAttention
+        assert repr(spec) == repr(megatrons)
 
 
 def test_te_names_are_what_the_converters_write():

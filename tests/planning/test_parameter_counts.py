@@ -56,10 +56,14 @@ def measure_rank():
     """On 4 ranks: per-rank parameter counts of every (variant, layout), then saved bytes."""
     from megatron.core import parallel_state
 
+    from anchored_megatron.models import cpu_attention
     from anchored_megatron.models.builder import build_model_chunks
     from anchored_megatron.platform import initialize
     from anchored_megatron.training.roles import unwrap
 
+    # The planner estimates Megatron-Core's own local spec, what a GPU machine runs; without CUDA
+    # the builder swaps in SDPA core attention, which saves no s^2 probabilities (this rank only).
+    cpu_attention.use_on_this_machine = lambda spec: None
     counts, activations = {}, {}
     for index, parallel in enumerate(LAYOUTS):  # one process-group set-up per layout: they are slow
         initialize(parallel, seed=1)
