@@ -17,23 +17,36 @@ CHUNK_BUDGET_BYTES = 256 * 2**20
 
 # Compute-dtype [chunk, V_local] scratch buffers the loss passes hold at once besides the
 # gradient: the eager passes' widest option set (prob / JSD with metrics, tau != 1, bf16
-# logits; tests/anchor/test_fused_output.py counts them), and the compiled kernels' one.
+# logits; tests/anchor/test_fused_output.py counts them), and the compiled kernels' one. A call
+# sizes its chunks by what its own options take (``token_loss.eager_scratch_buffers``: none for
+# plain SFT, four for distillation), so that the budget is spent on rows, not on buffers it never
+# allocates; the planner keeps the bound.
 EAGER_SCRATCH_BUFFERS = 20
 COMPILED_SCRATCH_BUFFERS = 1
 
 
-def bytes_per_token(local_vocab: int, num_roles: int, logits_bytes: int, compiled: bool, compute_bytes: int = 4) -> int:
-    """Bytes of chunk temporaries per token of the chunk."""
-    scratch = COMPILED_SCRATCH_BUFFERS if compiled else EAGER_SCRATCH_BUFFERS
+# Per-token values of the row statistics, losses and metrics a chunk holds besides its [chunk, V]
+# tensors (the widest plan keeps about twenty; the rest is headroom).
+ROW_VALUES = 64
+
+
+def bytes_per_token(local_vocab: int, num_roles: int, logits_bytes: int, compiled: bool, compute_bytes: int = 4,
+                    scratch_buffers: int | None = None, hidden_size: int = 0) -> int:
+    """Bytes of chunk temporaries per token of the chunk. ``scratch_buffers``: what the call's
+    passes allocate (``token_loss.eager_scratch_buffers``), else the bound for ``compiled``.
+    ``hidden_size``: each role's hidden rows are cast to the weights' dtype chunk by chunk."""
+    scratch = scratch_buffers if scratch_buffers is not None else COMPILED_SCRATCH_BUFFERS if compiled else EAGER_SCRATCH_BUFFERS
     per_column = num_roles * logits_bytes + compute_bytes + scratch * compute_bytes
     if logits_bytes != compute_bytes:
         per_column += logits_bytes  # the gradient cast for the GEMMs
-    return local_vocab * per_column
+    return local_vocab * per_column + num_roles * hidden_size * logits_bytes + ROW_VALUES * compute_bytes
 
 
-def auto_chunk_tokens(local_vocab: int, num_roles: int, logits_bytes: int, compiled: bool, compute_bytes: int = 4) -> int:
+def auto_chunk_tokens(local_vocab: int, num_roles: int, logits_bytes: int, compiled: bool, compute_bytes: int = 4,
+                      scratch_buffers: int | None = None, hidden_size: int = 0) -> int:
     """Tokens per chunk so that the temporaries fit ``CHUNK_BUDGET_BYTES`` (at least one)."""
-    return max(1, CHUNK_BUDGET_BYTES // bytes_per_token(local_vocab, num_roles, logits_bytes, compiled, compute_bytes))
+    per_token = bytes_per_token(local_vocab, num_roles, logits_bytes, compiled, compute_bytes, scratch_buffers, hidden_size)
+    return max(1, CHUNK_BUDGET_BYTES // per_token)
 
 
 # The output weight's gradient is summed over chunks in fp32; with lower-precision weights each

@@ -34,7 +34,7 @@ from anchored_megatron.anchor import chunks, fused_passes
 from anchored_megatron.anchor.loss import (
     METRIC_NAMES, build_spec, check_chunk_tokens, check_label_range, resolve_group, shard_layout,
 )
-from anchored_megatron.anchor.token_loss import compute_dtype, token_loss
+from anchored_megatron.anchor.token_loss import compute_dtype, eager_scratch_buffers, token_loss
 from anchored_megatron.anchor.vocab_passes import LossSpec, ShardLayout, Workspace, chunk_rows
 
 
@@ -282,8 +282,13 @@ def fused_output_anchored_loss(
     fused = fused_passes.applies(spec, layout)
     if chunk_tokens is None:
         roles = 1 + (reference_hidden is not None) + (anchor_hidden is not None)
-        compute_bytes = torch.empty((), dtype=compute_dtype(student_weight, reference_weight, anchor_weight)).element_size()
-        chunk_tokens = chunks.auto_chunk_tokens(local_vocab, roles, student_weight.element_size(), fused, compute_bytes)
+        dtype = compute_dtype(student_weight, reference_weight, anchor_weight)
+        role_dtypes = tuple(None if h is None else w.dtype for h, w in ((student_hidden, student_weight), (reference_hidden, reference_weight),
+                                                                           (anchor_hidden, anchor_weight)))
+        scratch = None if fused else eager_scratch_buffers(spec, role_dtypes, dtype)
+        compute_bytes = torch.empty((), dtype=dtype).element_size()
+        chunk_tokens = chunks.auto_chunk_tokens(local_vocab, roles, student_weight.element_size(), fused, compute_bytes, scratch,
+                                                hidden_size=student_hidden.shape[-1])
     if loss_mask is None:
         loss_mask = torch.ones(gathered, dtype=torch.float32, device=student_hidden.device)
     call = _Call(spec=spec, layout=layout, loss_scale=float(loss_scale), chunk_tokens=int(chunk_tokens), fused=fused,

@@ -9,6 +9,7 @@ the tensor-parallel group and turns them into the loss and the metrics.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -105,3 +106,22 @@ def token_loss(sources: dict, spec: LossSpec, layout: ShardLayout, work: Workspa
         entropy = log_z("u") - mean("u", "u")
         metrics = (kl_step, kl_bound, kl_reference, entropy)
     return TokenLoss(loss, metrics, fused)
+
+
+@functools.lru_cache(maxsize=None)
+def eager_scratch_buffers(spec: LossSpec, role_dtypes: tuple, dtype: torch.dtype) -> int:
+    """How many chunk-sized workspace buffers the eager passes allocate for ``spec`` with the
+    logits dtypes of (student, reference, anchor) (None: the role is absent) and compute dtype
+    ``dtype``: the divisor of the chunk memory budget (``anchor/chunks.py``). Counted by running
+    the passes on a two-token, four-column problem on one rank: which buffers a call takes depends
+    on its options and dtypes, never on its sizes or tensor-parallel layout (plain SFT takes none,
+    the widest option set twenty)."""
+    rows, cols = 2, 4
+    generator = torch.Generator().manual_seed(0)
+    sources = {role: torch.randn(rows, cols, generator=generator, dtype=torch.float64).to(role_dtype)
+               for role, role_dtype in zip(("student", "reference", "anchor"), role_dtypes) if role_dtype is not None}
+    sources["labels"] = torch.zeros(rows, dtype=torch.long) if spec.need_ce else None
+    layout = ShardLayout(group=None, rank=0, size=1, local_vocab=cols, valid_local=cols, vocab_start=0)
+    work = Workspace(rows, cols, dtype, torch.device("cpu"))
+    token_loss(sources, spec, layout, work, rows, fused=False, grad=torch.empty(rows, cols, dtype=dtype))
+    return len(work._buffers)

@@ -228,6 +228,47 @@ def test_auto_chunk_fills_the_budget_whatever_the_sequence():
     assert loss_chunks.auto_chunk_tokens(10**9, 3, 4, compiled=False) == 1
 
 
+# (options, live anchor, weights dtype): plain SFT, distillation, the anchored loss on the eager
+# passes (prob interpolation) with a snapshot, and the compiled-kernel case run eagerly in bf16.
+AUTO_CHUNK_CASES = [
+    (dict(alpha=0.0, ce_weight=1.0), True, torch.float32, False),
+    (dict(alpha=1.0), True, torch.float32, True),
+    (dict(alpha=0.5, interpolation="prob"), False, torch.float32, True),
+    (dict(alpha=0.5), False, torch.bfloat16, True),
+]
+
+
+@pytest.mark.parametrize("options, live, dtype, with_reference", AUTO_CHUNK_CASES)
+def test_auto_chunks_sized_by_the_calls_own_buffers_keep_the_temporaries_within_the_budget(monkeypatch, options, live, dtype, with_reference):
+    """Chunks are sized by the buffers a call's options take, not the widest set's: the measured
+    peak beyond what any chunking holds (the fp32 weight gradient, the hidden-state gradient)
+    stays within the budget, and the chunks are larger than the widest set's would be."""
+    monkeypatch.setenv("ANCHORED_FUSED_LOSS", "0")
+    budget, vocab, hidden_size, seq = 4 * 2**20, 4096, 16, 1024
+    monkeypatch.setattr(loss_chunks, "CHUNK_BUDGET_BYTES", budget)
+    g = torch.Generator().manual_seed(0)
+    hidden = [torch.randn(1, seq, hidden_size, generator=g).to(dtype) for _ in range(3)]
+    weights = [(torch.randn(vocab, hidden_size, generator=g) * 0.3).to(dtype) for _ in range(3)]
+    labels = torch.randint(0, vocab, (1, seq), generator=g)
+    h, w = hidden[0].clone().requires_grad_(True), weights[0].clone().requires_grad_(True)
+    roles = [(hidden[1], weights[1]) if with_reference else (None, None), (None, None) if live else (hidden[2], weights[2])]
+    chunk_sizes = []
+    original = Workspace.__init__
+
+    def recording_init(self, rows, cols, dtype, device):
+        chunk_sizes.append(rows)
+        original(self, rows, cols, dtype, device)
+
+    monkeypatch.setattr(Workspace, "__init__", recording_init)
+    with LiveBytes() as meter:
+        loss = fused_output_anchored_loss(h, w, *roles[0], *roles[1], labels=labels, **options)
+        loss.backward()
+    outside_chunks = vocab * hidden_size * 4 + 2 * seq * hidden_size * 4 + vocab * hidden_size * w.element_size()
+    assert meter.peak <= budget + outside_chunks + 2**16, (meter.peak, budget + outside_chunks)
+    widest = loss_chunks.auto_chunk_tokens(vocab, 1 + with_reference + (not live), w.element_size(), compiled=False)
+    assert chunk_sizes and chunk_sizes[-1] > widest, (chunk_sizes, widest)  # the last: the call's own, after the count
+
+
 # ---- tensor parallel (and sequence parallel) over gloo ranks -----------------------------------
 TP_CASES = [(0, False), (9, True), (17, False), (23, True)]  # (option index, sequence parallel)
 
