@@ -33,6 +33,8 @@ setup(
         # `make real-model`: transformers reads the GGUF file of the registry's SmolLM2 with these two.
         "real": ["transformers>=4.45", "safetensors", "gguf", "accelerate"],
         "plots": ["matplotlib"],
+        # bench/peer_bench.py's TRL columns (SFTTrainer, GKDTrainer); without it they are left out, said so.
+        "peer": ["trl==1.16.0"],
         "test": ["pytest", "pytest-timeout", "transformers>=4.45", "safetensors", "matplotlib", "gguf", "accelerate"],
         # apex has no wheel: build it from source (see docs/gpu.md).
         "gpu": ["transformer-engine[pytorch]"],
