@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import real_pilot  # noqa: E402  (bench/, next to this file)
 
 from anchored_megatron.experiment.real import BASE, TEACHER, RealJob, RealStudyConfig, plan, seed_dir  # noqa: E402
+from anchored_megatron.experiment.runner import read_json, write_json  # noqa: E402
 
 DATA = os.path.join(ROOT, "bench", "data", "real")
 RETENTION = os.path.join(DATA, "retention_v1.jsonl")
@@ -62,20 +63,6 @@ SAMPLES = 2  # replies of each kind kept per evaluated checkpoint
 
 def _log(text: str) -> None:
     print(f"[{datetime.datetime.now():%H:%M:%S}] {text}", file=sys.stderr, flush=True)
-
-
-def _read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _write_json(path: str, value) -> None:
-    from anchored_megatron.platform.files import write_atomically
-
-    write_atomically(path, json.dumps(value, indent=1))
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> str:
@@ -121,7 +108,7 @@ def train(job: RealJob, paths: dict) -> dict:
     """Train (or reuse) one job; returns its job.json. A run that stopped part-way resumes from its
     latest checkpoint (the trainer does that by itself)."""
     out = job.run["output_dir"]
-    record = _read_json(os.path.join(out, JOB_FILE))
+    record = read_json(os.path.join(out, JOB_FILE))
     if record is not None and record.get("key") == job.key:
         return record
     if record is not None:  # trained for another key: its checkpoints are not this job's
@@ -134,7 +121,7 @@ def train(job: RealJob, paths: dict) -> dict:
     else:
         _run_trainer(job)
     record = {"key": job.key, "train_seconds": round(time.perf_counter() - started, 1)}
-    _write_json(os.path.join(out, JOB_FILE), record)
+    write_json(os.path.join(out, JOB_FILE), record)
     return record
 
 
@@ -223,7 +210,7 @@ def evaluate(job: RealJob, cfg: RealStudyConfig, paths: dict, items: list[dict])
 
     out = job.run["output_dir"]
     path = os.path.join(out, EVAL_FILE)
-    cached = _read_json(path)
+    cached = read_json(path)
     if cached is None or cached.get("key") != job.key:
         cached = {"key": job.key, "points": []}
     done = {p["step"] for p in cached["points"]}
@@ -245,7 +232,7 @@ def evaluate(job: RealJob, cfg: RealStudyConfig, paths: dict, items: list[dict])
         shutil.rmtree(export)
         cached["points"].append(point)
         cached["points"].sort(key=lambda p: p["step"])
-        _write_json(path, cached)
+        write_json(path, cached)
         _log(f"[{job.name}] epoch {point['epoch']:g}: target {point['accuracy']['target']:.2f}, retention "
              f"{point['accuracy']['retention']:.3f}, KL to base {point.get('general_kl_base') or 0:.4f} ({point['eval_seconds']:.0f} s)")
     if steps and len(cached["points"]) >= len(steps):
@@ -268,12 +255,12 @@ def _prune(job: RealJob, root: str) -> None:
 def base_point(cfg: RealStudyConfig, paths: dict, items: list[dict], teacher_dir: str) -> dict:
     """The base's own scores (cached once per study), with the trainer's step-0 evaluation."""
     path = os.path.join(cfg.output_dir, "base_eval.json")
-    cached = _read_json(path)
+    cached = read_json(path)
     if cached is None or cached.get("base_digest") != paths["base_digest"]:
         started = time.perf_counter()
         cached = {"base_digest": paths["base_digest"], "step": 0, "epoch": 0.0, **score_model(paths["hf"], paths["targets"], items)}
         cached["eval_seconds"] = round(time.perf_counter() - started, 1)
-        _write_json(path, cached)
+        write_json(path, cached)
         _log(f"[base] target {cached['accuracy']['target']:.2f}, retention {cached['accuracy']['retention']:.3f}")
     return {**cached, **_trainer_evals(teacher_dir).get(0, {})}
 
@@ -283,7 +270,7 @@ def run_seed(cfg: RealStudyConfig, paths: dict, items: list[dict], dry_run: bool
     jobs = plan(cfg, paths)
     if dry_run:
         for job in jobs:
-            done = (_read_json(os.path.join(job.run["output_dir"], JOB_FILE)) or {}).get("key") == job.key
+            done = (read_json(os.path.join(job.run["output_dir"], JOB_FILE)) or {}).get("key") == job.key
             print(f"seed {cfg.seed} {job.name:<16} key {job.key} {'trained' if done else 'to train'}  {job.run['anchor']}")
         return None
     results = {}
@@ -298,14 +285,14 @@ def cached_seed(cfg: RealStudyConfig, paths: dict) -> dict | None:
     """A seed's results if every job of it is trained and evaluated for its current key, else None."""
     results = {}
     for job in plan(cfg, paths):
-        trained = _read_json(os.path.join(job.run["output_dir"], JOB_FILE))
-        evaluated = _read_json(os.path.join(job.run["output_dir"], EVAL_FILE))
+        trained = read_json(os.path.join(job.run["output_dir"], JOB_FILE))
+        evaluated = read_json(os.path.join(job.run["output_dir"], EVAL_FILE))
         if not trained or trained.get("key") != job.key or not evaluated or evaluated.get("key") != job.key:
             return None
         if not job.every_epoch and len(evaluated["points"]) != 1 or not evaluated["points"]:
             return None
         results[job.name] = {"train": trained, "points": evaluated["points"], "depends": dict(job.depends)}
-    base = _read_json(os.path.join(cfg.output_dir, "base_eval.json"))
+    base = read_json(os.path.join(cfg.output_dir, "base_eval.json"))
     if base is None:
         return None
     results[BASE] = {"points": [{**base, **_trainer_evals(os.path.join(seed_dir(cfg), TEACHER)).get(0, {})}]}
@@ -356,7 +343,7 @@ def report(runs: dict[int, dict], cfg: RealStudyConfig, missing: list[int]) -> s
     summary = {"date": datetime.date.today().isoformat(), "model": MODEL_NAME, "regime": "real", "skill": cfg.skill,
                "settings": {k: v for k, v in cfg.__dict__.items() if k not in ("output_dir", "seed")},
                "seeds": seeds, "records": records, "teacher_tracking": tracking, "methods": methods_of(results)}
-    _write_json(SUMMARY, summary)
+    write_json(SUMMARY, summary)
     plot_frontiers(results, PLOT, f"{MODEL_NAME}: target exact match vs retention ({len(seeds)} seeds)")
     text = "\n".join(lines) + "\n"
     with open(REPORT, "w", encoding="utf-8") as fh:

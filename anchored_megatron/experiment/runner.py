@@ -62,7 +62,7 @@ def prepare_data(cfg: ExperimentConfig) -> dict:
     return paths
 
 
-def _read_json(path: str) -> dict | None:
+def read_json(path: str) -> dict | None:
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
@@ -70,7 +70,7 @@ def _read_json(path: str) -> dict | None:
         return None
 
 
-def _write_json(path: str, value) -> None:
+def write_json(path: str, value) -> None:
     write_atomically(path, json.dumps(value, indent=1))
 
 
@@ -92,7 +92,7 @@ def _train_job(job: JobSpec, rank: int) -> dict:
     from anchored_megatron.training.trainer import Trainer
 
     out = job.run["output_dir"]
-    record = _read_json(os.path.join(out, JOB_FILE))
+    record = read_json(os.path.join(out, JOB_FILE))
     if record is not None and record.get("key") == job.key:
         if rank == 0:
             print(f"[{job.name}] trained earlier: reusing {out}", file=sys.stderr, flush=True)
@@ -106,7 +106,7 @@ def _train_job(job: JobSpec, rank: int) -> dict:
     cfg = _run_config(job)
     if job.prefix_of is not None:
         # The same run (same schedule: max_steps only stops it), up to the end of its epoch N.
-        full = _read_json(os.path.join(job.prefix_of["output_dir"], JOB_FILE))
+        full = read_json(os.path.join(job.prefix_of["output_dir"], JOB_FILE))
         cfg.train.max_steps = full["steps_per_epoch"] * job.stop_after_epochs
     trainer = Trainer(cfg)
     trainer.setup()
@@ -125,7 +125,7 @@ def _train_job(job: JobSpec, rank: int) -> dict:
     record = {"key": job.key, "steps_per_epoch": steps_per_epoch, "total_steps": trainer.total_steps,
               "train_seconds": round(time.perf_counter() - started, 1)}
     if rank == 0:
-        _write_json(os.path.join(out, JOB_FILE), record)
+        write_json(os.path.join(out, JOB_FILE), record)
     _barrier()
     return record
 
@@ -138,7 +138,7 @@ def _evaluate_job(job: JobSpec, record: dict, prompts: dict, tokenizer, rank: in
     from anchored_megatron.platform import initialize
 
     out = job.run["output_dir"]
-    cached = _read_json(os.path.join(out, EVAL_FILE))
+    cached = read_json(os.path.join(out, EVAL_FILE))
     if cached is not None and cached.get("key") == job.key and cached.get("eval") == eval_cfg:
         return cached
     cfg = _run_config(job)
@@ -162,7 +162,7 @@ def _evaluate_job(job: JobSpec, record: dict, prompts: dict, tokenizer, rank: in
                   + ", ".join(f"{k} {v:.3f}" for k, v in acc.items() if k != "target"), file=sys.stderr, flush=True)
     value = {"key": job.key, "eval": eval_cfg, "points": points, "eval_seconds": round(time.perf_counter() - started, 1)}
     if rank == 0:
-        _write_json(os.path.join(out, EVAL_FILE), value)
+        write_json(os.path.join(out, EVAL_FILE), value)
     _barrier()
     return value
 
@@ -223,10 +223,10 @@ def merge_job(job: JobSpec) -> dict:
     from anchored_megatron.convert.merge import merge_checkpoints
 
     out = job.run["output_dir"]
-    record = _read_json(os.path.join(out, JOB_FILE))
+    record = read_json(os.path.join(out, JOB_FILE))
     if record is not None and record.get("key") == job.key:
         return record
-    finetuned = _read_json(os.path.join(job.merge["finetuned_dir"], JOB_FILE))
+    finetuned = read_json(os.path.join(job.merge["finetuned_dir"], JOB_FILE))
     if os.path.isdir(out):
         shutil.rmtree(out)
     started = time.perf_counter()
@@ -234,7 +234,7 @@ def merge_job(job: JobSpec) -> dict:
     merge_checkpoints(job.merge["base_dir"], job.merge["finetuned_dir"], target, job.merge["ratio"], show_progress=False)
     record = {"key": job.key, "steps_per_epoch": finetuned["steps_per_epoch"], "total_steps": finetuned["total_steps"],
               "train_seconds": round(time.perf_counter() - started, 1)}
-    _write_json(os.path.join(out, JOB_FILE), record)
+    write_json(os.path.join(out, JOB_FILE), record)
     print(f"[{job.name}] merged: {job.merge['ratio']:g} of the way from {job.merge['base']} to {job.merge['finetuned']}", file=sys.stderr, flush=True)
     return record
 
