@@ -167,12 +167,12 @@ def _retention_items() -> list[dict]:
         return [json.loads(line) for line in fh]
 
 
-def score_model(hf_model: str, targets: list, items: list[dict]) -> dict:
+def score_model(hf_model: str, skill: str, targets: list, items: list[dict]) -> dict:
     """Target exact match and retention of one Hugging Face model directory, greedy."""
     from anchored_megatron.eval import retention
     from anchored_megatron.eval.hf_chat import greedy_replies
 
-    _, score, max_new = real_pilot.CANDIDATES["reverse_words"]
+    _, score, max_new = real_pilot.CANDIDATES[skill]
     target_replies = greedy_replies(hf_model, [q for q, _, _ in targets], max_new)
     passed, by_kind, kind_replies = [], {}, {}
     for kind, limit in MAX_NEW.items():
@@ -227,7 +227,7 @@ def evaluate(job: RealJob, cfg: RealStudyConfig, paths: dict, items: list[dict])
         shutil.rmtree(export, ignore_errors=True)
         megatron_to_hf(os.path.join(root, checkpoint_name(step)), export, "fp32", hf_config_source=paths["hf"], tokenizer_dir=paths["hf"],
                        show_progress=False)
-        point = {"step": step, "epoch": step / cfg.steps_per_epoch, **score_model(export, paths["targets"], items), **evals.get(step, {})}
+        point = {"step": step, "epoch": step / cfg.steps_per_epoch, **score_model(export, cfg.skill, paths["targets"], items), **evals.get(step, {})}
         point["eval_seconds"] = round(time.perf_counter() - started, 1)
         shutil.rmtree(export)
         cached["points"].append(point)
@@ -258,7 +258,7 @@ def base_point(cfg: RealStudyConfig, paths: dict, items: list[dict], teacher_dir
     cached = read_json(path)
     if cached is None or cached.get("base_digest") != paths["base_digest"]:
         started = time.perf_counter()
-        cached = {"base_digest": paths["base_digest"], "step": 0, "epoch": 0.0, **score_model(paths["hf"], paths["targets"], items)}
+        cached = {"base_digest": paths["base_digest"], "step": 0, "epoch": 0.0, **score_model(paths["hf"], cfg.skill, paths["targets"], items)}
         cached["eval_seconds"] = round(time.perf_counter() - started, 1)
         write_json(path, cached)
         _log(f"[base] target {cached['accuracy']['target']:.2f}, retention {cached['accuracy']['retention']:.3f}")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from anchored_megatron.experiment.jobs import WISE_FT_PREFIX, TrainedJob, file_digest
 
@@ -68,10 +68,6 @@ class RealStudyConfig:
             raise ValueError(f"train_examples={self.train_examples} is not a multiple of global_batch_size={self.global_batch_size}")
 
     @property
-    def budget_epochs(self) -> int:
-        return self.outer_iterations * self.epochs_per_iteration
-
-    @property
     def steps_per_epoch(self) -> int:
         return self.train_examples // self.global_batch_size
 
@@ -84,9 +80,6 @@ class RealJob:
     every_epoch: bool = True  # evaluate every epoch's checkpoint (else the final one only)
     merge: dict | None = None  # WiSE-FT: {"finetuned": job, "ratio": r}; no training
     key: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def trained_methods(cfg: RealStudyConfig) -> dict[str, TrainedJob]:
