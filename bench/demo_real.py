@@ -39,12 +39,6 @@ HELD_OUT, RETENTION_SAMPLE = 40, 60
 DATA = os.path.join(ROOT, "bench", "data", "real")
 
 
-def _write_jsonl(path: str, rows: list[dict]) -> str:
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(row) + "\n" for row in rows)
-    return path
-
-
 def _train(name: str, work: str, hf_dir: str, mg_dir: str, data: dict, settings: list[str]) -> dict:
     out = os.path.join(work, name)
     if os.path.exists(os.path.join(out, "checkpoints", "latest")) and os.path.exists(os.path.join(out, "done")):
@@ -74,11 +68,12 @@ def _export(run_dir: str, hf_dir: str) -> str:
 
 def _score(model_dir: str, targets: list[tuple], retention_items: list[dict]) -> dict:
     from anchored_megatron.eval import retention
-    from anchored_megatron.eval.hf_chat import greedy_replies
+    from anchored_megatron.eval.hf_chat import ChatModel
 
     _, score, max_new = real_pilot.CANDIDATES[SKILL]
-    target_replies = greedy_replies(model_dir, [q for q, _, _ in targets], max_new, threads=2)
-    kept_replies = greedy_replies(model_dir, [item["prompt"] for item in retention_items], 64, threads=2)
+    chat = ChatModel(model_dir, threads=2)
+    target_replies = chat.greedy([q for q, _, _ in targets], max_new)
+    kept_replies = chat.greedy([item["prompt"] for item in retention_items], 64)
     return {
         "target": sum(score(r, a) for r, (_, a, _) in zip(target_replies, targets)) / len(targets),
         "retention": sum(retention.passes(item["check"], r) for item, r in zip(retention_items, kept_replies)) / len(retention_items),
@@ -91,6 +86,7 @@ def main() -> None:
     parser.add_argument("--output-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "anchored_megatron", "demo-real"))
     args = parser.parse_args()
     from anchored_megatron.convert.fetch_smollm2 import fetch
+    from anchored_megatron.data.synthetic import write_jsonl
     from anchored_megatron.platform import warnings_filter
 
     warnings_filter.install()  # this process imports Megatron for the conversions: its notices of missing TE/apex are not news
@@ -110,8 +106,8 @@ def main() -> None:
     targets = real_pilot.heldout_items(SKILL, HELD_OUT)
     examples, _ = real_pilot.training_examples(SKILL, EXAMPLES, f"{real_pilot.SEED}-sft-{SKILL}", {q for q, _, _ in targets})
     data = {
-        "train": _write_jsonl(os.path.join(work, "train.jsonl"), [{"prompt": q, "response": a} for q, a in examples]),
-        "target": _write_jsonl(os.path.join(work, "heldout.jsonl"), [{"prompt": q, "response": a} for q, a, _ in targets]),
+        "train": write_jsonl([{"prompt": q, "response": a} for q, a in examples], os.path.join(work, "train.jsonl")),
+        "target": write_jsonl([{"prompt": q, "response": a} for q, a, _ in targets], os.path.join(work, "heldout.jsonl")),
         "general": os.path.join(DATA, "general_eval_v1.jsonl"),
     }
     with open(os.path.join(DATA, "retention_v1.jsonl"), encoding="utf-8") as fh:

@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import real_pilot  # noqa: E402  (bench/, next to this file)
 
 from anchored_megatron.experiment.real import BASE, TEACHER, RealJob, RealStudyConfig, plan, seed_dir  # noqa: E402
+from anchored_megatron.data.synthetic import write_jsonl  # noqa: E402
 from anchored_megatron.experiment.runner import read_json, write_json  # noqa: E402
 
 DATA = os.path.join(ROOT, "bench", "data", "real")
@@ -63,13 +64,6 @@ SAMPLES = 2  # replies of each kind kept per evaluated checkpoint
 
 def _log(text: str) -> None:
     print(f"[{datetime.datetime.now():%H:%M:%S}] {text}", file=sys.stderr, flush=True)
-
-
-def _write_jsonl(path: str, rows: list[dict]) -> str:
-    from anchored_megatron.platform.files import write_atomically
-
-    write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 def prepare(cfg: RealStudyConfig) -> dict:
@@ -93,8 +87,8 @@ def prepare(cfg: RealStudyConfig) -> dict:
         "hf": hf_dir, "base": base,
         # The base stands for what it was made from: the GGUF file's digest and the converter's versions.
         "base_digest": file_digest(os.path.join(hf_dir, SOURCE_FILE)),
-        "train": _write_jsonl(os.path.join(data_dir, "train.jsonl"), [{"prompt": q, "response": a} for q, a in examples]),
-        "heldout": _write_jsonl(os.path.join(data_dir, "heldout.jsonl"), [{"prompt": q, "response": a} for q, a, _ in targets]),
+        "train": write_jsonl([{"prompt": q, "response": a} for q, a in examples], os.path.join(data_dir, "train.jsonl")),
+        "heldout": write_jsonl([{"prompt": q, "response": a} for q, a, _ in targets], os.path.join(data_dir, "heldout.jsonl")),
         "general_eval": os.path.join(DATA, "general_eval_v1.jsonl"),
         "replay": os.path.join(DATA, "general_replay_v1.jsonl"),
         "targets": targets,
@@ -170,14 +164,15 @@ def _retention_items() -> list[dict]:
 def score_model(hf_model: str, skill: str, targets: list, items: list[dict]) -> dict:
     """Target exact match and retention of one Hugging Face model directory, greedy."""
     from anchored_megatron.eval import retention
-    from anchored_megatron.eval.hf_chat import greedy_replies
+    from anchored_megatron.eval.hf_chat import ChatModel
 
     _, score, max_new = real_pilot.CANDIDATES[skill]
-    target_replies = greedy_replies(hf_model, [q for q, _, _ in targets], max_new)
+    chat = ChatModel(hf_model)
+    target_replies = chat.greedy([q for q, _, _ in targets], max_new)
     passed, by_kind, kind_replies = [], {}, {}
     for kind, limit in MAX_NEW.items():
         group = [item for item in items if item["kind"] == kind]
-        replies = greedy_replies(hf_model, [item["prompt"] for item in group], limit)
+        replies = chat.greedy([item["prompt"] for item in group], limit)
         kind_passed = [retention.passes(item["check"], reply) for item, reply in zip(group, replies)]
         by_kind[kind] = sum(kind_passed) / len(group)
         passed += kind_passed
@@ -252,8 +247,8 @@ def _prune(job: RealJob, root: str) -> None:
     shutil.rmtree(os.path.join(job.run["output_dir"], "snapshots"), ignore_errors=True)
 
 
-def base_point(cfg: RealStudyConfig, paths: dict, items: list[dict], teacher_dir: str) -> dict:
-    """The base's own scores (cached once per study), with the trainer's step-0 evaluation."""
+def score_base(cfg: RealStudyConfig, paths: dict, items: list[dict]) -> None:
+    """The base's own scores, cached once per study in base_eval.json."""
     path = os.path.join(cfg.output_dir, "base_eval.json")
     cached = read_json(path)
     if cached is None or cached.get("base_digest") != paths["base_digest"]:
@@ -262,7 +257,6 @@ def base_point(cfg: RealStudyConfig, paths: dict, items: list[dict], teacher_dir
         cached["eval_seconds"] = round(time.perf_counter() - started, 1)
         write_json(path, cached)
         _log(f"[base] target {cached['accuracy']['target']:.2f}, retention {cached['accuracy']['retention']:.3f}")
-    return {**cached, **_trainer_evals(teacher_dir).get(0, {})}
 
 
 def run_seed(cfg: RealStudyConfig, paths: dict, items: list[dict], dry_run: bool = False) -> dict | None:
@@ -273,11 +267,13 @@ def run_seed(cfg: RealStudyConfig, paths: dict, items: list[dict], dry_run: bool
             done = (read_json(os.path.join(job.run["output_dir"], JOB_FILE)) or {}).get("key") == job.key
             print(f"seed {cfg.seed} {job.name:<16} key {job.key} {'trained' if done else 'to train'}  {job.run['anchor']}")
         return None
-    results = {}
     for job in jobs:
-        record = train(job, paths)
-        results[job.name] = {"train": record, "points": evaluate(job, cfg, paths, items)["points"], "depends": dict(job.depends)}
-    results[BASE] = {"points": [base_point(cfg, paths, items, jobs[0].run["output_dir"])]}
+        train(job, paths)
+        evaluate(job, cfg, paths, items)
+    score_base(cfg, paths, items)
+    results = cached_seed(cfg, paths)
+    if results is None:
+        raise RuntimeError(f"seed {cfg.seed}: every job trained and evaluated, yet its results in {seed_dir(cfg)} are incomplete")
     return results
 
 
@@ -293,7 +289,7 @@ def cached_seed(cfg: RealStudyConfig, paths: dict) -> dict | None:
             return None
         results[job.name] = {"train": trained, "points": evaluated["points"], "depends": dict(job.depends)}
     base = read_json(os.path.join(cfg.output_dir, "base_eval.json"))
-    if base is None:
+    if base is None or base.get("base_digest") != paths["base_digest"]:
         return None
     results[BASE] = {"points": [{**base, **_trainer_evals(os.path.join(seed_dir(cfg), TEACHER)).get(0, {})}]}
     return results

@@ -178,18 +178,14 @@ def model_dir(args: argparse.Namespace, work: str) -> tuple[str, str]:
     return directory, "a random-initialised Llama of SmolLM2-135M's shape, word-level tokenizer"
 
 
-def _write_jsonl(path: str, records: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(record) + "\n" for record in records)
-
-
 def _token_counts(records: list[dict], tokenizer_dir: str, work: str) -> list[int]:
     """Each record's length in tokens as the trainer tokenises it (its template, its encoder)."""
     from anchored_megatron.data import chat_template, load_tokenizer
     from anchored_megatron.data.preprocess import tokenize_files
+    from anchored_megatron.data.synthetic import write_jsonl
 
     path = os.path.join(work, "measure.jsonl")
-    _write_jsonl(path, records)
+    write_jsonl(records, path)
     tokenizer = load_tokenizer(tokenizer_dir)
     template = chat_template.resolve(None, tokenizer.chat_template)
     docs = tokenize_files([path], tokenizer, template, 10 ** 9, "error", False)
@@ -199,13 +195,15 @@ def _token_counts(records: list[dict], tokenizer_dir: str, work: str) -> list[in
 def write_records(path: str, tokenizer_dir: str, work: str) -> None:
     """GLOBAL_BATCH records of exactly SEQ_LENGTH tokens: random words from a string seed, then the
     prompt trimmed (each word is at least one token) or filled with FILLER until the length is exact."""
+    from anchored_megatron.data.synthetic import write_jsonl
+
     rng = random.Random(SEED)
     records = [{"prompt": " ".join(rng.choice(WORDS) for _ in range(SEQ_LENGTH - RESPONSE_WORDS)),
                 "response": " ".join(rng.choice(WORDS) for _ in range(RESPONSE_WORDS))} for _ in range(GLOBAL_BATCH)]
     for _ in range(6):
         counts = _token_counts(records, tokenizer_dir, work)
         if all(count == SEQ_LENGTH for count in counts):
-            _write_jsonl(path, records)
+            write_jsonl(records, path)
             return
         for record, count in zip(records, counts):
             words = record["prompt"].split(" ")

@@ -108,14 +108,15 @@ def heldout_items(skill: str, items: int) -> list[tuple[str, str, dict]]:
 def skill_accuracy(model_dir: str, skills: list[str], items: int, batch: int = 20) -> list[dict]:
     """Exact match of the model in ``model_dir`` (a Hugging Face directory with its tokenizer) on
     the held-out items of each skill: greedy, the model's chat template, one thread."""
-    from anchored_megatron.eval.hf_chat import greedy_replies
+    from anchored_megatron.eval.hf_chat import ChatModel
 
+    chat = ChatModel(model_dir, threads=1)
     results = []
     for name in skills:
         _, score, max_new = CANDIDATES[name]
         cases = heldout_items(name, items)
         start = time.perf_counter()
-        replies = greedy_replies(model_dir, [question for question, _, _ in cases], max_new, batch_size=batch, threads=1)
+        replies = chat.greedy([question for question, _, _ in cases], max_new, batch_size=batch)
         seconds = time.perf_counter() - start
         correct = [score(reply, answer) for reply, (_, answer, _) in zip(replies, cases)]
         row = {"skill": name, "items": items, "exact_match": sum(correct) / items, "seconds": seconds,

@@ -59,9 +59,10 @@ def main() -> None:
     args = parser.parse_args()
     from anchored_megatron.convert.fetch_smollm2 import fetch
     from anchored_megatron.eval import retention
-    from anchored_megatron.eval.hf_chat import greedy_replies
+    from anchored_megatron.eval.hf_chat import ChatModel
 
     hf_dir = fetch()
+    chat = ChatModel(hf_dir, threads=args.threads)
     os.makedirs(OUT, exist_ok=True)
     version = retention.VERSION
     items = retention.candidates()
@@ -72,7 +73,7 @@ def main() -> None:
         replies = {}
         for kind in ("instruction", "fact"):
             group = [item for item in items if item["kind"] == kind]
-            answers = greedy_replies(hf_dir, [item["prompt"] for item in group], MAX_NEW[kind], threads=args.threads)
+            answers = chat.greedy([item["prompt"] for item in group], MAX_NEW[kind])
             replies.update({item["id"]: reply for item, reply in zip(group, answers)})
             print(f"{kind}: {len(group)} candidates asked in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         _write_jsonl(asked_path, [dict(item, base_reply=replies[item["id"]]) for item in items])
@@ -83,7 +84,7 @@ def main() -> None:
     for name, prompts in (("eval", evaluation), ("replay", replay)):
         if os.path.exists(os.path.join(OUT, f"general_{name}_v{version}.jsonl")) and not args.regenerate:
             continue
-        replies = greedy_replies(hf_dir, prompts, MAX_NEW["general"], threads=args.threads)
+        replies = chat.greedy(prompts, MAX_NEW["general"])
         _write_jsonl(os.path.join(OUT, f"general_{name}_v{version}.jsonl"),
                      [{"prompt": p, "response": r} for p, r in zip(prompts, replies) if r])
         print(f"general {name}: {len(prompts)} prompts answered in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
