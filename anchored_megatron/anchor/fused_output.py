@@ -13,7 +13,9 @@ the whole gradient in forward:
     d W       += G^T hidden              this rank's vocabulary rows
 
 and backward only scales both by the incoming scalar (the pipeline's loss scale or 1 / number of
-microbatches). The weight gradient goes back through autograd, so Megatron's DDP hook adds it
+microbatches). Given ``token_rows`` (the tokens with a nonzero loss mask, known to the data pipeline
+on the host), only those rows are computed: prompt and padding tokens, often half of an SFT batch,
+then cost neither output-layer GEMMs nor vocabulary passes, and their hidden-state gradient is zero. The weight gradient goes back through autograd, so Megatron's DDP hook adds it
 into ``main_grad`` as it would the output layer's own (accumulation across microbatches and the
 tied-embedding sum included). It is accumulated over chunks in fp32 and handed over in the
 weight's dtype, like the unfused layer's.
@@ -95,12 +97,19 @@ class _FusedOutputLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, reference_hidden, reference_weight, anchor_hidden, anchor_weight,
-                labels, loss_mask, call: _Call):
+                labels, loss_mask, token_rows, call: _Call):
         spec, layout = call.spec, call.layout
         valid = layout.valid_local
         hidden = _token_rows(student_hidden, call)
         frozen = {"reference": (_token_rows(reference_hidden, call), reference_weight),
                   "anchor": (_token_rows(anchor_hidden, call), anchor_weight)}
+        all_tokens = hidden.shape[0]
+        mask = loss_mask.reshape(-1)
+        flat_labels = None if labels is None else labels.reshape(-1)
+        if token_rows is not None:
+            select = lambda rows: None if rows is None else rows.index_select(0, token_rows)  # noqa: E731
+            hidden, mask, flat_labels = select(hidden), select(mask), select(flat_labels)
+            frozen = {name: (select(rows), role_weight) for name, (rows, role_weight) in frozen.items()}
         num_tokens, device = hidden.shape[0], hidden.device
         dtype = compute_dtype(student_weight, reference_weight, anchor_weight)
         chunk = max(1, min(call.chunk_tokens, num_tokens))
@@ -118,9 +127,8 @@ class _FusedOutputLoss(torch.autograd.Function):
         grad_hidden = torch.empty(num_tokens, hidden.shape[1], dtype=weight.dtype, device=device) if want_hidden_grad else None
         grad_weight = torch.zeros(student_weight.shape, dtype=dtype, device=device) if want_weight_grad else None
 
-        mask = loss_mask.reshape(-1).to(dtype)
+        mask = mask.to(dtype)
         token_weight = mask * call.loss_scale
-        flat_labels = None if labels is None else labels.reshape(-1)
         loss_sum = torch.zeros((), dtype=dtype, device=device)
         metric_sums = torch.zeros(len(METRIC_NAMES), dtype=dtype, device=device) if spec.with_metrics else None
         fused = call.fused
@@ -154,6 +162,8 @@ class _FusedOutputLoss(torch.autograd.Function):
                 _add_weight_grad(grad_weight[:valid], scaled, chunk_hidden)
 
         ctx.call = call
+        ctx.token_rows = token_rows
+        ctx.all_tokens = all_tokens
         ctx.grad_hidden = grad_hidden
         ctx.grad_weight = grad_weight
         ctx.hidden_shape = student_hidden.shape
@@ -174,6 +184,8 @@ class _FusedOutputLoss(torch.autograd.Function):
         grad_hidden = grad_weight = None
         if ctx.grad_hidden is not None:
             partial = ctx.grad_hidden.mul_(grad_loss.to(ctx.grad_hidden.dtype))
+            if ctx.token_rows is not None:  # the rows left out have no loss: zero gradient
+                partial = partial.new_zeros(ctx.all_tokens, partial.shape[1]).index_copy_(0, ctx.token_rows, partial)
             if call.sequence_parallel and layout.size > 1:
                 batch, local, hidden = ctx.hidden_shape[-3:]
                 grad_hidden = _reduce_scatter_sequence(partial.view(batch, local * layout.size, hidden), layout)
@@ -184,8 +196,8 @@ class _FusedOutputLoss(torch.autograd.Function):
             grad_hidden = grad_hidden.view(ctx.hidden_shape).to(ctx.hidden_dtype)
         if ctx.grad_weight is not None:
             grad_weight = ctx.grad_weight.mul_(grad_loss.to(ctx.grad_weight.dtype)).to(ctx.weight_dtype)
-        ctx.grad_hidden = ctx.grad_weight = None
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        ctx.grad_hidden = ctx.grad_weight = ctx.token_rows = None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 def _check_role(name: str, hidden, weight, student_hidden, student_weight) -> None:
@@ -204,6 +216,20 @@ def _check_role(name: str, hidden, weight, student_hidden, student_weight) -> No
         raise ValueError(f"{name}_weight shape {tuple(weight.shape)} does not match student_weight shape {tuple(student_weight.shape)}")
     if hidden.dim() < 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"{name}_hidden shape {tuple(hidden.shape)} does not end in the weight's hidden size {weight.shape[1]}")
+
+
+def _check_token_rows(token_rows, tokens: tuple, device) -> None:
+    # Their range is index_select's to check: here it would sync the host with the device.
+    count = 1
+    for size in tokens:
+        count *= size
+    if not isinstance(token_rows, torch.Tensor) or token_rows.dtype != torch.long or token_rows.dim() != 1:
+        raise ValueError(f"token_rows must be a 1-D int64 tensor of token indices, got "
+                         f"{getattr(token_rows, 'dtype', type(token_rows).__name__)} {tuple(getattr(token_rows, 'shape', ()))}")
+    if token_rows.numel() > count:
+        raise ValueError(f"token_rows has {token_rows.numel()} indices for {count} tokens")
+    if token_rows.device != device:
+        raise ValueError(f"token_rows is on {token_rows.device}, the hidden states on {device}")
 
 
 def fused_output_anchored_loss(
@@ -231,6 +257,7 @@ def fused_output_anchored_loss(
     chunk_tokens: int | None = None,
     check_labels: bool = True,
     label_prob_weight: bool = False,
+    token_rows: torch.Tensor | None = None,
 ):
     """``loss_scale * sum_t loss_mask_t * loss_t`` of the anchored loss, from final hidden states.
 
@@ -248,7 +275,12 @@ def fused_output_anchored_loss(
     ``anchor/chunks.py``' memory budget). ``label_prob_weight``: each token's CE (``ce_weight``
     must be 1) is further weighted by the probability of its label, held constant (Dynamic
     Fine-Tuning's ``-sg(p_theta(y)) log p_theta(y)``); the weights exist only chunk by chunk, which
-    is why this is an option here rather than the caller's ``loss_mask``.
+    is why this is an option here rather than the caller's ``loss_mask``. ``token_rows``: int64
+    indices into the flattened tokens (``labels.reshape(-1)``'s order, the sequence gathered under
+    ``sequence_parallel``) of the only tokens to compute; every other token counts as ``loss_mask``
+    0. Passing the rows where the mask is nonzero gives the same loss and gradients with the
+    prompt and padding tokens skipped; build them where the mask is on the host (the trainer's
+    collate does), as deriving them from a device mask would sync the host with the device.
     """
     _check_role("student", student_hidden, student_weight, None, None)
     _check_role("reference", reference_hidden, reference_weight, student_hidden, student_weight)
@@ -279,6 +311,8 @@ def fused_output_anchored_loss(
     check_chunk_tokens(chunk_tokens)
     if labels is not None and check_labels:
         check_label_range(labels, vocab_size, spec.ignore_index)
+    if token_rows is not None:
+        _check_token_rows(token_rows, gathered, student_hidden.device)
     fused = fused_passes.applies(spec, layout)
     if chunk_tokens is None:
         roles = 1 + (reference_hidden is not None) + (anchor_hidden is not None)
@@ -296,7 +330,7 @@ def fused_output_anchored_loss(
     detach = lambda x: None if x is None else x.detach()  # noqa: E731 - no gradient reaches a frozen role
     outputs = _FusedOutputLoss.apply(
         student_hidden, student_weight, detach(reference_hidden), detach(reference_weight), detach(anchor_hidden),
-        detach(anchor_weight), None if labels is None else labels.detach().long(), loss_mask.detach(), call,
+        detach(anchor_weight), None if labels is None else labels.detach().long(), loss_mask.detach(), token_rows, call,
     )
     if not return_metrics:
         return outputs

@@ -243,6 +243,7 @@ class Evaluator:
             result = fused_output_anchored_loss(
                 output, weight, **roles, alpha=1.0, labels=batch["labels"], ce_weight=1.0, loss_mask=mask, vocab_size=vocab_size,
                 sequence_parallel=bool(self.cfg.parallel.sequence_parallel), return_metrics=base is not None, check_labels=False,
+                token_rows=batch.get("loss_rows"),
             )
             loss_sum, kl_sum = (result[0], result[1]["kl_reference"]) if base is not None else (result, None)
         else:

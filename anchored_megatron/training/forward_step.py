@@ -100,6 +100,7 @@ def _fused_term(student_hidden, frozen_hidden, batch: dict, terms: IterationLoss
         chunk_tokens=fused.chunk_tokens,
         check_labels=False,
         label_prob_weight=terms.label_prob_weight,
+        token_rows=batch.get("loss_rows"),
         **terms.loss_kwargs(),
     )
     if not with_metrics:

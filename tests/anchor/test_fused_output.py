@@ -117,6 +117,29 @@ def test_plain_sft_needs_no_reference_and_matches_cross_entropy():
     assert relative_error(loss, expected) <= 1e-12 and relative_error(h.grad, h2.grad) <= 1e-12
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_token_rows_compute_only_those_tokens_as_if_the_others_were_masked_out(monkeypatch, compiled):
+    # The reference computes every token; token_rows equal to the nonzero mask changes nothing,
+    # a subset of it zeroes the mask elsewhere, none at all gives a zero loss and gradients.
+    monkeypatch.setenv("ANCHORED_FUSED_LOSS", "1" if compiled else "0")
+    for index in (0, 9, 23):
+        if compiled and OPTION_GRID[index][:2] != ("logit", "forward_kl"):
+            continue
+        options, live = _options(index)
+        hidden, weights, labels, mask = _inputs(300 + index, vocab_size=50)
+        flat = mask.reshape(-1)
+        nonzero = flat.nonzero().squeeze(1)
+        subset = nonzero[::2]
+        subset_mask = torch.zeros_like(flat).index_fill_(0, subset, 1.0).view_as(mask) * mask
+        for rows, expected_mask in ((nonzero, mask), (subset, subset_mask), (nonzero[:0], torch.zeros_like(mask))):
+            got = _fused(hidden, weights, labels, mask, options, live, 50, 1.3, upstream=0.37, chunk_tokens=3, token_rows=rows)
+            expected = _expected(hidden, weights, labels, expected_mask, options, live, 50, 1.3, upstream=0.37)
+            errors = _errors(got, expected)
+            assert max(errors.values()) <= 1e-10, (OPTION_GRID[index], rows.numel(), errors)
+            dropped = torch.ones_like(flat, dtype=torch.bool).index_fill_(0, rows, False).view_as(mask)
+            assert torch.all(got[1][dropped] == 0), "a token outside token_rows got a hidden-state gradient"
+
+
 def test_weight_gradient_accumulates_over_calls_and_with_a_tied_embedding():
     # Two microbatches, and the output weight also used as an input embedding (tied): autograd
     # sums every contribution into .grad, which is what Megatron's DDP hook adds to main_grad.
@@ -172,6 +195,9 @@ def _call(**overrides):
     (dict(vocab_size=65), "vocab_size must be .* padded vocabulary 64.* got 65"),
     (dict(chunk_tokens=0), "chunk_tokens must be an integer >= 1 or None, got 0"),
     (dict(labels=torch.full((BATCH, SEQ), 50), vocab_size=50), "labels must be in \\[0, vocab_size=50\\).* got 50"),
+    (dict(token_rows=torch.tensor([0, 3], dtype=torch.int32)), "token_rows must be a 1-D int64 tensor of token indices, got torch.int32"),
+    (dict(token_rows=torch.zeros(2, 2, dtype=torch.long)), "token_rows must be a 1-D int64 tensor .* \\(2, 2\\)"),
+    (dict(token_rows=torch.arange(BATCH * SEQ + 1)), "token_rows has 17 indices for 16 tokens"),
 ])
 def test_bad_input_raises_value_error_naming_the_argument(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -271,6 +297,7 @@ def test_auto_chunks_sized_by_the_calls_own_buffers_keep_the_temporaries_within_
 
 # ---- tensor parallel (and sequence parallel) over gloo ranks -----------------------------------
 TP_CASES = [(0, False), (9, True), (17, False), (23, True)]  # (option index, sequence parallel)
+TOKEN_ROWS_CASES = (9, 17)
 
 
 def _rank_cases(tp: int, vocab_size: int):
@@ -292,8 +319,10 @@ def _rank_cases(tp: int, vocab_size: int):
             local_hidden = [x[:, rank * span:(rank + 1) * span].clone() for x in hidden]
         else:
             local_hidden = hidden
+        # Two cases compute only the masked-in tokens (all of them, so the reference is unchanged).
+        token_rows = mask.reshape(-1).nonzero().squeeze(1) if index in TOKEN_ROWS_CASES else None
         got = _fused(local_hidden, local_weights, labels, mask, options, live, vocab_size, 0.9, upstream=1.7, chunk_tokens=5,
-                     sequence_parallel=sequence_parallel)
+                     sequence_parallel=sequence_parallel, token_rows=token_rows)
         results.append(dict(loss=got[0], grad_hidden=got[1], grad_weight=got[2], sums={k: v.detach() for k, v in got[3].items()}))
     buffer = io.BytesIO()
     torch.save(results, buffer)

@@ -107,6 +107,9 @@ def test_collate_stacks_items_and_masks_across_documents(tmp_path, sp_dir):
         assert batch[key].shape == (3, 32) and torch.equal(batch[key][1], items[1][key])
     assert batch["attention_mask"].dtype == torch.bool
     assert torch.equal(batch["attention_mask"], reference_attention_mask(batch["document_ids"]))
+    # the flat indices of the response tokens, written out plainly
+    expected_rows = [row * 32 + col for row in range(3) for col in range(32) if float(items[row]["loss_mask"][col]) != 0.0]
+    assert batch["loss_rows"].dtype == torch.long and batch["loss_rows"].tolist() == expected_rows and expected_rows
 
 
 def test_mixture_weights_repeat_and_subsample(tmp_path, sp_dir):
