@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from anchored_megatron.config import ParallelConfig
-from anchored_megatron.platform import cpu_shim, mcore_compat, warnings_filter
+from anchored_megatron.platform import cpu_shim, cpu_single_rank, mcore_compat, warnings_filter
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,8 @@ def initialize(
     and binds no port, so single-process runs never collide on a shared machine. With
     CUDA: NCCL on GPU LOCAL_RANK. Without CUDA: gloo on CPU, after the CPU shim
     (``cpu_shim``) maps Megatron-Core's CUDA placements, streams, events and RNG tracker to
-    CPU. Either way the workarounds this Megatron-Core release needs are installed
+    CPU, and ``cpu_single_rank`` drops the one-rank collectives' and gradient clipping's
+    self-copies Megatron makes there every step. Either way the workarounds this Megatron-Core release needs are installed
     (``mcore_compat``: e.g. the distributed optimizer's checkpoint-load fixes for torch AdamW,
     applied only when Megatron runs without apex and Transformer Engine), and the known
     third-party warnings are filtered (``warnings_filter``); the checkpoint package installs its
@@ -59,6 +60,8 @@ def initialize(
     from megatron.core import parallel_state
 
     shim_active = cpu_shim.install()
+    if shim_active:
+        cpu_single_rank.install()
     mcore_compat.apply()
 
     rank = _env_int("RANK", 0)
