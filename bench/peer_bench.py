@@ -33,9 +33,12 @@ random-initialised Llama of its shape (30 layers, hidden 576, 9 heads, 3 KV head
 49152, tied embeddings) with a small word-level tokenizer.
 
 Measurement: ``--rounds`` interleaved rounds (each round runs every selected engine and row once,
-``--steps`` steps each, one after the other, so that load drifts hit all of them); the step time is
-the median over all rounds of each run's steps after its first two (which hold compilation and
-warm-up; with 2 steps, the last step); the peak RSS is the sum over the engine's process tree
+``--steps`` steps each: row by row, the engines of a row back to back, in reverse order every other
+round, so that a drift of the machine's speed hits the runs compared with each other alike); the
+step time is the median over all rounds of each run's steps after its first two (which hold
+compilation and warm-up; with 2 steps, the last step), and under the table each round's own ratio
+to the plain loop's run of that round is listed (the paired figure: on a shared machine a round's
+speed can differ from the next one's by a third); the peak RSS is the sum over the engine's process tree
 (torchrun's agent, every rank and their helpers, such as Inductor's compile workers; pages shared
 between processes count once per process), sampled every 0.2 s from the start to the end of its
 last step (for our trainer: until ``metrics.jsonl`` holds it, so its closing checkpoint save is
@@ -524,6 +527,30 @@ def table(runs: list[dict], columns: list[str], rows: list[str]) -> list[str]:
     return lines
 
 
+def paired_ratios(runs: list[dict], columns: list[str], rows: list[str]) -> list[str]:
+    """Per row and engine, each round's step time over the plain loop's in the same round."""
+    def steady(column, row, round_index):
+        found = [run for run in runs if run["column"] == column and run["row"] == row and run["round"] == round_index]
+        return steady_step(found) if found else None
+
+    lines = []
+    rounds = sorted({run["round"] for run in runs})
+    for row in rows:
+        for column in columns:
+            if column == "plain":
+                continue
+            ratios = []
+            for round_index in rounds:
+                mine, base = steady(column, row, round_index), steady("plain", ROWS[row].family, round_index)
+                if mine is not None and base:
+                    ratios.append(mine / base)
+            if ratios:
+                spread = f" (median {statistics.median(ratios):.2f}x)" if len(ratios) > 1 else ""
+                lines.append(f"- {ROWS[row].label}, {COLUMNS[column].label}: "
+                             + ", ".join(f"{ratio:.2f}x" for ratio in ratios) + spread)
+    return ["", "step time over the plain loop's, round by round:", *lines] if lines else []
+
+
 def _load() -> str:
     with open("/proc/loadavg") as fh:
         return " ".join(fh.read().split()[:3])
@@ -548,7 +575,7 @@ def report(runs: list[dict], setup: dict, args: argparse.Namespace, columns: lis
              f"left out; peak RSS of each engine's process tree (the largest over the rounds); (Nx): to the plain loop's "
              "SFT step (SFT rows) or its distillation step (distill and anchored rows)",
              "TRL: SFTTrainer (SFT), GKDTrainer lmbda=0 beta=0 (distill); ours: python -m anchored_megatron.train, "
-             "DP=2 and PP=2 under torchrun", "", *table(runs, columns, rows)]
+             "DP=2 and PP=2 under torchrun", "", *table(runs, columns, rows), *paired_ratios(runs, columns, rows)]
     if setup.get("trl_missing"):
         lines += ["", TRL_MISSING]
     return "\n".join(lines) + "\n"
@@ -622,7 +649,8 @@ def main(argv: list[str] | None = None) -> None:
         setup = dict(prepare(args, work), trl_missing=trl_missing)
         start_load = _load()
         runs = [run_one(setup, column, row, r, args.timeout)
-                for r in range(args.rounds) for column in columns for row in rows if row in COLUMNS[column].rows]
+                for r in range(args.rounds) for row in rows for column in (columns if r % 2 == 0 else columns[::-1])
+                if row in COLUMNS[column].rows]
         text = report(runs, setup, args, columns, rows, (start_load, _load()))
     finally:
         if not args.work_dir:

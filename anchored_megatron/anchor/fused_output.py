@@ -79,12 +79,18 @@ def _token_rows(hidden: torch.Tensor | None, call: _Call):
     return hidden.reshape(-1, hidden.shape[-1])
 
 
-def _add_weight_grad(grad_weight: torch.Tensor, scaled: torch.Tensor, rows: torch.Tensor) -> None:
-    """grad_weight += scaled^T rows: one GEMM when the dtypes agree, else per block of
-    vocabulary rows in the GEMM dtype (a bounded temporary) summed in the accumulator's."""
+def _add_weight_grad(grad_weight: torch.Tensor, scaled: torch.Tensor, rows: torch.Tensor, first: bool) -> None:
+    """grad_weight += scaled^T rows (``first``: grad_weight = ..., its contents unset): one GEMM
+    when the dtypes agree, else per block of vocabulary rows in the GEMM dtype (a bounded
+    temporary) summed in the accumulator's."""
     if scaled.dtype == grad_weight.dtype:
-        grad_weight.addmm_(scaled.t(), rows)
+        if first:  # written, not accumulated: no zero-fill of the [V, h] accumulator first
+            torch.mm(scaled.t(), rows, out=grad_weight)
+        else:
+            grad_weight.addmm_(scaled.t(), rows)
         return
+    if first:
+        grad_weight.zero_()
     block = chunks.weight_grad_block_rows(rows.shape[1], rows.element_size())
     for start in range(0, grad_weight.shape[0], block):
         stop = min(start + block, grad_weight.shape[0])
@@ -125,7 +131,9 @@ class _FusedOutputLoss(torch.autograd.Function):
         # d loss / d logits in the weights' dtype for the GEMMs, as the unfused layer's backward sees it.
         cast = torch.empty(chunk, valid, dtype=weight.dtype, device=device) if grad is not None and weight.dtype != dtype else None
         grad_hidden = torch.empty(num_tokens, hidden.shape[1], dtype=weight.dtype, device=device) if want_hidden_grad else None
-        grad_weight = torch.zeros(student_weight.shape, dtype=dtype, device=device) if want_weight_grad else None
+        grad_weight = torch.empty(student_weight.shape, dtype=dtype, device=device) if want_weight_grad else None
+        if grad_weight is not None:
+            grad_weight[valid:].zero_()  # padded vocabulary rows; the others are written by the first chunk
 
         mask = mask.to(dtype)
         token_weight = mask * call.loss_scale
@@ -159,8 +167,10 @@ class _FusedOutputLoss(torch.autograd.Function):
             if grad_hidden is not None:
                 torch.mm(scaled, weight, out=grad_hidden[rows])
             if grad_weight is not None:
-                _add_weight_grad(grad_weight[:valid], scaled, chunk_hidden)
+                _add_weight_grad(grad_weight[:valid], scaled, chunk_hidden, first=rows.start == 0)
 
+        if grad_weight is not None and num_tokens == 0:
+            grad_weight.zero_()  # no chunk ran
         ctx.call = call
         ctx.token_rows = token_rows
         ctx.all_tokens = all_tokens

@@ -7,9 +7,10 @@ keeps every intermediate in registers and writes only what leaves the pass (the 
 statistics and, once, the weights kept for the gradient); Inductor emits C++/OpenMP on
 CPU and Triton on GPU from the same source.
 
-Covered: ``interpolation="logit"``, ``divergence="forward_kl"``, 0 < alpha < 1, with or
-without metrics, live or snapshot anchor, any temperature, and the cross-entropy term at
-temperature 1 (where its softmax is p itself). Everything else keeps the eager passes.
+Covered: ``interpolation="logit"``, ``divergence="forward_kl"``, 0 < alpha <= 1 (alpha 1 is
+distillation: q is the reference's softmax), with or without metrics, live or snapshot anchor, any
+temperature, and the cross-entropy term at temperature 1 (where its softmax is p itself).
+Everything else keeps the eager passes (alpha 0, where q is the anchor alone, among them).
 The kernels produce exactly the eager layouts (``StatsPlan`` columns; the gradient
 buffer), so merging across ranks and the loss assembly are shared.
 
@@ -46,7 +47,7 @@ def applies(spec: LossSpec, layout: ShardLayout) -> bool:
         return False
     if layout.valid_local == 0:  # a rank holding only padding has nothing to compute
         return False
-    return (spec.interpolation == "logit" and spec.divergence == "forward_kl" and 0.0 < spec.alpha < 1.0
+    return (spec.interpolation == "logit" and spec.divergence == "forward_kl" and 0.0 < spec.alpha <= 1.0
             and spec.need_divergence and not (spec.need_ce and spec.temperature != 1.0))
 
 

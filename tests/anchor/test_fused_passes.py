@@ -9,8 +9,11 @@ import torch
 from anchored_megatron.anchor import fused_passes, vocab_parallel_anchored_loss
 from tests.anchor.reference import reference_loss_and_grad, relative_error
 
-# (live anchor, temperature, ce_weight, metrics): the fused path's options, tau=1 where CE is on.
-COVERED = [(True, 1.0, 0.0, True), (False, 1.0, 0.0, False), (False, 1.7, 0.0, True), (True, 1.0, 0.3, False), (False, 1.0, 0.3, True)]
+# (live anchor, temperature, ce_weight, metrics, alpha): the fused path's options, tau=1 where CE is
+# on; alpha 1 is distillation (q = the reference's softmax) and, with CE, SFT + KL.
+COVERED = [(True, 1.0, 0.0, True, 0.4), (False, 1.0, 0.0, False, 0.4), (False, 1.7, 0.0, True, 0.4), (True, 1.0, 0.3, False, 0.4),
+           (False, 1.0, 0.3, True, 0.4), (True, 1.0, 0.0, True, 1.0), (True, 2.0, 0.0, False, 1.0), (True, 1.0, 0.5, True, 1.0),
+           (False, 1.0, 0.0, True, 1.0)]
 
 
 def _logits(shape, seed, dtype):
@@ -19,13 +22,13 @@ def _logits(shape, seed, dtype):
     return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
 
 
-def _run(monkeypatch, fused: bool, dtype, live, temperature, ce_weight, metrics, seed):
+def _run(monkeypatch, fused: bool, dtype, live, temperature, ce_weight, metrics, alpha, seed):
     monkeypatch.setenv("ANCHORED_FUSED_LOSS", "1" if fused else "0")
     shape = (3, 7, 45)  # 21 tokens in chunks of 4: a short last chunk
     student, reference, anchor = (_logits(shape, seed + i, dtype) for i in range(3))
     labels = torch.randint(0, 41, shape[:-1], generator=torch.Generator().manual_seed(seed))
     labels[0, 2] = -100
-    options = dict(alpha=0.4, temperature=temperature, ce_weight=ce_weight)
+    options = dict(alpha=alpha, temperature=temperature, ce_weight=ce_weight)
     leaf = student.clone().requires_grad_(True)
     out = vocab_parallel_anchored_loss(leaf, reference, None if live else anchor, labels=labels, vocab_size=41,
                                        chunk_tokens=4, return_metrics=metrics, **options)
@@ -67,6 +70,9 @@ def test_default_call_runs_the_compiled_kernels(monkeypatch):
     student = _logits((4, 30), 1, torch.float32).requires_grad_(True)
     vocab_parallel_anchored_loss(student, _logits((4, 30), 2, torch.float32), alpha=0.5).sum().backward()
     assert calls == ["stats", "gradient"]
+    calls.clear()
+    vocab_parallel_anchored_loss(student, _logits((4, 30), 2, torch.float32), alpha=1.0, temperature=2.0).sum().backward()
+    assert calls == ["stats", "gradient"]  # distillation
     calls.clear()
     vocab_parallel_anchored_loss(student, _logits((4, 30), 2, torch.float32), alpha=0.5, divergence="jsd").sum().backward()
     assert calls == []  # not covered: the eager passes

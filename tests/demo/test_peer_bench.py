@@ -91,3 +91,8 @@ def test_the_table_has_the_selected_columns_rows_and_ratios_to_the_plain_loop(be
     assert by_label["distill, train.frozen_hidden_cache=true"][0] == ""
     assert all(cell.endswith(" s") for cell in by_label["distill, train.frozen_hidden_cache=true"][-2:])
     assert "machine: " in table and " cores, load average " in table and "torch " in table
+    # One round of 2 steps: each engine's paired ratio is its last SFT step over the plain loop's.
+    last = {run["column"]: run["step_times"][-1] for run in bench["runs"] if run["row"] == "sft"}
+    labels = {"trl": "TRL", "ours-tp1": "ours TP=1", "ours-dp2": "ours DP=2"}
+    expected = [f"- SFT, {labels[column]}: {last[column] / last['plain']:.2f}x" for column in labels if column in last]
+    assert [line for line in table.splitlines() if line.startswith("- ")] == expected
