@@ -15,10 +15,11 @@ the whole gradient in forward:
 and backward only scales both by the incoming scalar (the pipeline's loss scale or 1 / number of
 microbatches). Given ``token_rows`` (the tokens with a nonzero loss mask, known to the data pipeline
 on the host), only those rows are computed: prompt and padding tokens, often half of an SFT batch,
-then cost neither output-layer GEMMs nor vocabulary passes, and their hidden-state gradient is zero. The weight gradient goes back through autograd, so Megatron's DDP hook adds it
-into ``main_grad`` as it would the output layer's own (accumulation across microbatches and the
-tied-embedding sum included). It is accumulated over chunks in fp32 and handed over in the
-weight's dtype, like the unfused layer's.
+then cost neither output-layer GEMMs nor vocabulary passes, and their hidden-state gradient is zero.
+The weight gradient goes back through autograd, so Megatron's DDP hook adds it into ``main_grad`` as
+it would the output layer's own (accumulation across microbatches and the tied-embedding sum
+included). It is accumulated over chunks in fp32 and handed over in the weight's dtype, like the
+unfused layer's.
 
 Sequence parallelism: the hidden states arrive split along the sequence ([b, s / tp, h]); they are
 gathered first and their gradient is reduce-scattered back.

@@ -45,11 +45,11 @@ def initialize(
     CUDA: NCCL on GPU LOCAL_RANK. Without CUDA: gloo on CPU, after the CPU shim
     (``cpu_shim``) maps Megatron-Core's CUDA placements, streams, events and RNG tracker to
     CPU, and ``cpu_single_rank`` drops the one-rank collectives' and gradient clipping's
-    self-copies Megatron makes there every step. Either way the workarounds this Megatron-Core release needs are installed
-    (``mcore_compat``: e.g. the distributed optimizer's checkpoint-load fixes for torch AdamW,
-    applied only when Megatron runs without apex and Transformer Engine), and the known
-    third-party warnings are filtered (``warnings_filter``); the checkpoint package installs its
-    restricted unpickling itself (``checkpoint.install``). An existing process group is kept;
+    self-copies Megatron makes there every step. Either way the workarounds this Megatron-Core
+    release needs are installed (``mcore_compat``: e.g. the distributed optimizer's checkpoint-load
+    fixes for torch AdamW, applied only when Megatron runs without apex and Transformer Engine),
+    and the known third-party warnings are filtered (``warnings_filter``); the checkpoint package
+    installs its restricted unpickling itself (``checkpoint.install``). An existing process group is kept;
     Megatron's parallel state is rebuilt on every call. ``timeout_minutes`` is the timeout for
     collectives, of the default process group and of Megatron's groups alike. Returns this
     process's RuntimeInfo (rank, device, backend, data-parallel size); raises ConfigError when
