@@ -6,7 +6,7 @@ import pytest
 import torch
 
 
-def _collectives(tag: str):
+def _collectives():
     import torch.distributed as dist
     from megatron.core.distributed import param_and_grad_buffer as buffers
     from megatron.core.optimizer import clip_grads
@@ -51,7 +51,7 @@ def _collectives(tag: str):
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [1, 2])
 def test_one_rank_self_copies_are_skipped_and_everything_else_reaches_gloo(ranks, world):
-    for result in ranks(_collectives, world, "case"):
+    for result in ranks(_collectives, world):
         assert result["installed"] == (True, True, True) and result["restored"]
         rank = result["rank"]
         if world == 1:
