@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import sys
@@ -62,7 +63,8 @@ def main() -> None:
     from anchored_megatron.eval.hf_chat import ChatModel
 
     hf_dir = fetch()
-    chat = ChatModel(hf_dir, threads=args.threads)
+    # Loaded on the first question: when every file is stored already, nothing is asked.
+    chat = functools.cache(lambda: ChatModel(hf_dir, threads=args.threads))
     os.makedirs(OUT, exist_ok=True)
     version = retention.VERSION
     items = retention.candidates()
@@ -73,7 +75,7 @@ def main() -> None:
         replies = {}
         for kind in ("instruction", "fact"):
             group = [item for item in items if item["kind"] == kind]
-            answers = chat.greedy([item["prompt"] for item in group], MAX_NEW[kind])
+            answers = chat().greedy([item["prompt"] for item in group], MAX_NEW[kind])
             replies.update({item["id"]: reply for item, reply in zip(group, answers)})
             print(f"{kind}: {len(group)} candidates asked in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         _write_jsonl(asked_path, [dict(item, base_reply=replies[item["id"]]) for item in items])
@@ -84,7 +86,7 @@ def main() -> None:
     for name, prompts in (("eval", evaluation), ("replay", replay)):
         if os.path.exists(os.path.join(OUT, f"general_{name}_v{version}.jsonl")) and not args.regenerate:
             continue
-        replies = chat.greedy(prompts, MAX_NEW["general"])
+        replies = chat().greedy(prompts, MAX_NEW["general"])
         _write_jsonl(os.path.join(OUT, f"general_{name}_v{version}.jsonl"),
                      [{"prompt": p, "response": r} for p, r in zip(prompts, replies) if r])
         print(f"general {name}: {len(prompts)} prompts answered in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
